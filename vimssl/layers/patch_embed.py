@@ -27,9 +27,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         # x: (B, C, H, W) -> tokens (B, M, D) with M = gh * gw, and the grid (gh, gw)
         if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         grid = grid_size((x.shape[2], x.shape[3]), self.patch_size, self.stride)
         x = self.proj(x)  # (B, D, gh, gw)
         return x.flatten(2).transpose(1, 2), grid  # (B, gh*gw, D)

@@ -40,9 +40,7 @@ def resample_pos_embed(
         raise ValueError(f"pos_embed must have shape (1, M + 1, D), got {tuple(pos_embed.shape)}")
     gh, gw = old_grid
     if pos_embed.shape[1] != gh * gw + 1:
-        raise ValueError(
-            f"pos_embed has {pos_embed.shape[1]} slots but grid {gh}x{gw} needs {gh * gw + 1}"
-        )
+        raise ValueError(f"pos_embed has {pos_embed.shape[1]} slots but grid {gh}x{gw} needs {gh * gw + 1}")
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
     cls, patches = split_pos_embed(pos_embed)

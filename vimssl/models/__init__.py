@@ -4,4 +4,12 @@ from vimssl.models.mixer import BiMambaMixer
 from vimssl.models.registry import MODEL_SIZES, create_model, list_models, model_defaults
 from vimssl.models.vim import Block, VisionMamba
 
-__all__ = ["MODEL_SIZES", "BiMambaMixer", "Block", "VisionMamba", "create_model", "list_models", "model_defaults"]
+__all__ = [
+    "MODEL_SIZES",
+    "BiMambaMixer",
+    "Block",
+    "VisionMamba",
+    "create_model",
+    "list_models",
+    "model_defaults",
+]

@@ -60,7 +60,7 @@ class BiMambaMixer(nn.Module):
         e, n = self.d_inner, self.d_state
         for s in ("", "_b"):
             dt_proj: nn.Linear = getattr(self, f"dt_proj{s}")
-            nn.init.uniform_(dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+            nn.init.uniform_(dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
             dt = torch.exp(torch.rand(e) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
             dt = dt.clamp(min=floor)
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus

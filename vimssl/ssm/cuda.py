@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
 
 class CudaKernelsUnavailable(ImportError):
     pass

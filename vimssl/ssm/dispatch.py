@@ -5,8 +5,8 @@ reference). The choice ``auto`` makes is logged once per device type."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

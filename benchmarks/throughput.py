@@ -1,0 +1,143 @@
+"""Training and inference throughput and peak memory of Vim kernel paths and DeiT, on one GPU.
+
+    python benchmarks/throughput.py --models vim_small_patch16_224 --img-sizes 224 512 1024 \
+        --paths cuda torch deit --out benchmarks/results/h100.json
+
+Training = forward + backward of a cross-entropy loss under bf16 autocast (no optimizer step);
+inference = forward under bf16 autocast and ``torch.inference_mode``. Timed with CUDA events after
+warm-up, median of several timed windows. DeiT is timm's ViT of the same width with
+scaled-dot-product attention, measured in the same run. Writes one JSON record per
+(model, img_size, batch, path) with the fields model, img_size, batch, path, train_img_s,
+infer_img_s, train_peak_gib, gpu, date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import vimssl
+
+DEIT = {192: "deit_tiny_patch16_224", 384: "deit_small_patch16_224", 768: "deit_base_patch16_224"}
+# default batch per image size (tokens per image grow 4x per doubling of the side)
+BATCH = {224: 128, 512: 32, 1024: 8}
+
+
+def build(name: str, path: str, img: int) -> torch.nn.Module:
+    if path == "deit":
+        import timm
+
+        width = vimssl.models.model_defaults(name)["embed_dim"]
+        if width not in DEIT:
+            raise SystemExit(f"no DeiT of width {width} to compare {name} with")
+        return timm.create_model(DEIT[width], img_size=img, num_classes=1000)
+    return vimssl.create_model(name, img_size=img, num_classes=1000, backend=path)
+
+
+def time_fn(fn, warmup: int, iters: int, windows: int = 3) -> float:
+    """Median seconds per call over ``windows`` windows of ``iters`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(windows):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / iters)
+    return statistics.median(times)
+
+
+def measure(name: str, path: str, img: int, batch: int, iters: int) -> dict:
+    torch.manual_seed(0)
+    model = build(name, path, img).cuda()
+    x = torch.randn(batch, 3, img, img, device="cuda")
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+
+    def train_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    def infer_step():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x)
+
+    model.train()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    train_s = time_fn(train_step, warmup=2, iters=iters)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    model.eval()
+    infer_s = time_fn(infer_step, warmup=2, iters=iters)
+    torch.cuda.empty_cache()
+    return dict(
+        model=name, img_size=img, batch=batch, path=path,
+        train_img_s=round(batch / train_s, 1), infer_img_s=round(batch / infer_s, 1),
+        train_peak_gib=round(peak, 2), gpu=torch.cuda.get_device_name(0),
+        date=dt.date.today().isoformat(),
+    )  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=["vim_tiny_patch16_224", "vim_small_patch16_224", "vim_base_patch16_224"],
+    )
+    ap.add_argument("--img-sizes", nargs="+", type=int, default=[224, 512, 1024])
+    ap.add_argument("--paths", nargs="+", default=["cuda", "deit", "torch"])
+    ap.add_argument("--batch", type=int, default=None, help="override the per-size default batch")
+    ap.add_argument("--iters", type=int, default=5, help="calls per timed window")
+    ap.add_argument(
+        "--torch-max-img", type=int, default=224, help="skip the slow reference path above this size"
+    )
+    ap.add_argument("--out", type=Path, default=None, help="JSON file for the records")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+
+    records = []
+    for name in args.models:
+        for img in args.img_sizes:
+            for path in args.paths:
+                if path == "torch" and img > args.torch_max_img:
+                    continue
+                batch = args.batch or BATCH.get(img, 8)
+                iters = 2 if path == "torch" else args.iters
+                try:
+                    rec = measure(name, path, img, batch, iters)
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    rec = dict(model=name, img_size=img, batch=batch, path=path, error="out of memory")
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(records, indent=1) + "\n")
+    print("\n| model | px | batch | path | train img/s | infer img/s | train peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in records:
+        if "error" in r:
+            print(f"| {r['model']} | {r['img_size']} | {r['batch']} | {r['path']} | {r['error']} | | |")
+        else:
+            print(
+                f"| {r['model']} | {r['img_size']} | {r['batch']} | {r['path']} | {r['train_img_s']:,.0f} "
+                f"| {r['infer_img_s']:,.0f} | {r['train_peak_gib']:.1f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
