@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument(
         "--torch-max-img", type=int, default=224, help="skip the slow reference path above this size"
     )
+    ap.add_argument("--torch-batch", type=int, default=16, help="batch of the reference path (it keeps every state)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the records")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -116,6 +117,8 @@ def main() -> None:
                 if path == "torch" and img > args.torch_max_img:
                     continue
                 batch = args.batch or BATCH.get(img, 8)
+                if path == "torch":
+                    batch = min(batch, args.torch_batch)
                 iters = 2 if path == "torch" else args.iters
                 try:
                     rec = measure(name, path, img, batch, iters)

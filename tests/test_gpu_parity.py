@@ -18,8 +18,8 @@ pytestmark = [
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    a, b = a.double(), b.double()  # an all-zero reference (e.g. dA when L = 1) compares absolutely
+    return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
 
 
 # shapes: (batch, channels, length, groups); odd lengths, batch 1, long sequences
@@ -47,7 +47,7 @@ def test_selective_scan_parity(shape, dtype):
     for fn in (selective_scan_ref, cuda.selective_scan):
         out = fn(u, delta, A, B, C, D, delta_bias=bias, delta_softplus=True)
         g = torch.randn_like(out, dtype=torch.float32) if g is None else g
-        grads.append(torch.autograd.grad(out.float(), inputs, g))
+        grads.append(torch.autograd.grad(out.float(), inputs, g, allow_unused=True, materialize_grads=True))
         outs.append(out)
     tol = 2e-4 if dtype == torch.float32 else 2e-2
     assert rel_err(outs[1], outs[0]) < tol

@@ -63,7 +63,7 @@ def causal_conv1d(x, weight, bias=None, activation=None):
     _, conv, _ = _kernels()
     if x.stride(-1) != 1 and x.stride(1) != 1:
         x = x.contiguous()
-    return conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), activation)
+    return conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), activation=activation)
 
 
 def add_rms_norm(x, residual, norm):

@@ -51,8 +51,8 @@ def selective_scan_ref(
     if delta_softplus:
         delta = F.softplus(delta)
     # time-major slices: (L, B, G, H) for delta and delta*u, (L, B, G, 1, N) / (L, B, G, N, 1) for B, C
-    delta_t = delta.view(bsz, groups, per, seqlen).permute(3, 0, 1, 2)
-    du_t = (delta * u).view(bsz, groups, per, seqlen).permute(3, 0, 1, 2)
+    delta_t = delta.reshape(bsz, groups, per, seqlen).permute(3, 0, 1, 2)
+    du_t = (delta * u).reshape(bsz, groups, per, seqlen).permute(3, 0, 1, 2)
     B_t = B.to(f).permute(3, 0, 1, 2).unsqueeze(3)
     C_t = C.to(f).permute(3, 0, 1, 2).unsqueeze(-1)
     A_g = A.to(f).view(groups, per, d_state)  # (G, H, N)
