@@ -1,0 +1,43 @@
+"""``vimssl`` / ``python cli.py``: LightningCLI with OmegaConf-interpolated, composable configs.
+
+    python cli.py fit --config configs/quickstart.yaml
+    python cli.py fit --config configs/trainer/gpu.yaml --config configs/data/cifar10.yaml \
+        --config configs/pretrain/mae_vim_small.yaml
+
+Runs write to ``checkpoints/`` by default (``trainer.default_root_dir``): checkpoints, metrics and
+the resolved ``config.yaml`` of each run side by side in ``checkpoints/<logger>/version_N``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+
+class VimsslCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # the data's image size is the model's: typed once
+        parser.link_arguments("data.init_args.image_size", "model.init_args.img_size")
+
+
+def main(args: list[str] | None = None, run: bool = True) -> VimsslCLI:
+    import vimssl.callbacks  # noqa: F401  (importable by short class_path names)
+    import vimssl.data  # noqa: F401
+    import vimssl.pretrain  # noqa: F401
+
+    return VimsslCLI(
+        model_class=None,
+        datamodule_class=None,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf", "default_config_files": []},
+        trainer_defaults={"default_root_dir": "checkpoints"},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or None)
