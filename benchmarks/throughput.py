@@ -104,7 +104,9 @@ def main() -> None:
     ap.add_argument(
         "--torch-max-img", type=int, default=224, help="skip the slow reference path above this size"
     )
-    ap.add_argument("--torch-batch", type=int, default=16, help="batch of the reference path (it keeps every state)")
+    ap.add_argument(
+        "--torch-batch", type=int, default=16, help="batch of the reference path (it keeps every state)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the records")
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -134,14 +134,24 @@ def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, 
 
 
 def load_released_checkpoint(path: str | os.PathLike, which: str = "auto") -> dict[str, torch.Tensor]:
-    """State dict of a released hustvl/Vim ``.pth`` file (or any file in the same format).
+    """State dict of a released hustvl/Vim ``.pth`` file (or any file in the same format, or a bare
+    state dict in a ``.pth`` / ``.safetensors`` file), wrapper prefixes stripped.
 
     Safe to call on untrusted files (see :func:`read_checkpoint`). Dropped keys are named in a
     warning.
     """
-    sd, dropped = clean_state_dict(select_state_dict(read_checkpoint(path), which))
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        if which == "model_ema":
+            raise KeyError(f"{path} holds a single state dict: there are no model_ema weights to pick")
+        raw = load_file(path)
+    else:
+        raw = select_state_dict(read_checkpoint(path), which)
+    sd, dropped = clean_state_dict(raw)
     if dropped:
-        warnings.warn(f"dropped non-parameter entries from {os.fspath(path)}: {', '.join(dropped)}", stacklevel=2)
+        warnings.warn(f"dropped non-parameter entries from {path}: {', '.join(dropped)}", stacklevel=2)
     return sd
 
 
@@ -209,14 +219,16 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], img_size: int = 224) ->
         config["expand"] = state_dict[mixer + "in_proj.weight"].shape[0] // (2 * embed_dim)
         config["d_conv"] = state_dict[mixer + "conv1d.weight"].shape[-1]
         if inner != config["expand"] * embed_dim:
-            raise NotAVimCheckpointError(f"A_log has {inner} rows, in_proj says {config['expand'] * embed_dim}")
+            raise NotAVimCheckpointError(
+                f"A_log has {inner} rows, in_proj says {config['expand'] * embed_dim}"
+            )
     return {k: int(v) for k, v in config.items()}
 
 
 def match_registry(config: Mapping) -> str | None:
     """The registered size whose architecture (not head or regularisation) equals ``config``."""
     defaults = {k: p.default for k, p in _CONSTRUCTOR_ARGS.items() if k != "self"}
-    keys = ("patch_size", "stride", "in_chans", "embed_dim", "depth", "d_state", "d_conv", "expand", "img_size")
+    keys = "patch_size stride in_chans embed_dim depth d_state d_conv expand img_size".split()
 
     def norm(args: Mapping) -> dict:
         full = {**defaults, **args}
@@ -230,6 +242,10 @@ def match_registry(config: Mapping) -> str | None:
 
 
 # ------------------------------------------------------------------------------ conversion, loading
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def convert_checkpoint(
     state_dict: Mapping[str, torch.Tensor], new_img_size: int | tuple[int, int], config: Mapping | None = None
 ) -> dict[str, torch.Tensor]:
@@ -238,9 +254,8 @@ def convert_checkpoint(
     config = dict(config) if config is not None else infer_config(state_dict)
     patch = config.get("patch_size", 16)
     stride = config.get("stride") or patch
-    as_pair = lambda s: (s, s) if isinstance(s, int) else tuple(s)  # noqa: E731
-    old_grid = grid_size(as_pair(config.get("img_size", 224)), patch, stride)
-    new_grid = grid_size(as_pair(new_img_size), patch, stride)
+    old_grid = grid_size(_pair(config.get("img_size", 224)), patch, stride)
+    new_grid = grid_size(_pair(new_img_size), patch, stride)
     sd = dict(state_dict)
     sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], old_grid, new_grid)
     return sd
@@ -257,8 +272,8 @@ def load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) 
         if k in own and v.shape != own[k].shape
     ]
     if missing or unexpected or shapes:
-        parts = [f"{len(x)} {what}: {_preview(x, 4)}" for what, x in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if x]  # fmt: skip
+        found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        parts = [f"{len(x)} {what}: {_preview(x, 4)}" for what, x in found if x]
         raise NotAVimCheckpointError(f"the weights do not fit {type(model).__name__}: {'; '.join(parts)}")
     model.load_state_dict(state_dict, strict=True)
 
@@ -283,7 +298,9 @@ def build_model(
     config = dict(config) if config is not None else infer_config(state_dict)
     unknown = sorted(set(overrides) - set(_CONSTRUCTOR_ARGS))
     if unknown:
-        raise TypeError(f"unknown override(s) {', '.join(unknown)}; valid: {', '.join(list(_CONSTRUCTOR_ARGS)[1:])}")
+        raise TypeError(
+            f"unknown override(s) {', '.join(unknown)}; valid: {', '.join(list(_CONSTRUCTOR_ARGS)[1:])}"
+        )
     num_classes = overrides.pop("num_classes", None)
     sd = dict(state_dict)
     if "img_size" in overrides:
