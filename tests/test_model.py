@@ -70,7 +70,7 @@ def test_released_format_state_dict_loads_strictly():
 
 def test_registry_lists_all_sizes_and_rejects_unknown():
     names = vimssl.list_models()
-    for name in [*RELEASED, "vim_large_patch16_224", "vim_test"]:
+    for name in [*RELEASED, "vim_large_patch16_224", "vim_test", "vim_quickstart"]:
         assert name in names
     assert names == sorted(MODEL_SIZES)
     with pytest.raises(KeyError, match="vim_tiny_patch16_224"):

@@ -19,10 +19,18 @@ class VimsslCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # the data's image size is the model's: typed once
         parser.link_arguments("data.init_args.image_size", "model.init_args.img_size")
+        parser.link_arguments(
+            "data", "model.init_args.num_classes", compute_fn=_num_classes, apply_on="instantiate"
+        )
+
+
+def _num_classes(data) -> int:
+    return data.num_classes
 
 
 def main(args: list[str] | None = None, run: bool = True) -> VimsslCLI:
     import vimssl.callbacks  # noqa: F401  (importable by short class_path names)
+    import vimssl.classify  # noqa: F401
     import vimssl.data  # noqa: F401
     import vimssl.pretrain  # noqa: F401
 

@@ -69,6 +69,23 @@ def build_adamw(
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
+def effective_batch_size(trainer) -> int:
+    """Images per optimiser step: the data module's batch_size x processes x accumulation."""
+    batch = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+    if batch is None:
+        raise ValueError("cannot scale base_lr without the data module's batch_size; set model.lr instead")
+    return batch * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def schedule_steps(trainer, warmup_epochs: float, warmup_steps: int | None) -> tuple[int, int]:
+    """(warm-up steps, total optimiser steps) of the run the trainer will do."""
+    total = int(trainer.estimated_stepping_batches)
+    if warmup_steps is None:
+        epochs = max(1, trainer.max_epochs or 1)
+        warmup_steps = int(warmup_epochs * total / epochs)
+    return min(warmup_steps, max(total - 1, 0)), total
+
+
 def warmup_cosine_scheduler(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr: float = 0.0
 ) -> torch.optim.lr_scheduler.LambdaLR:

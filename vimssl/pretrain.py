@@ -36,7 +36,13 @@ from vimssl.mim import (
     unpatchify,
 )
 from vimssl.models import create_model
-from vimssl.optim import build_adamw, param_groups, warmup_cosine_scheduler
+from vimssl.optim import (
+    build_adamw,
+    effective_batch_size,
+    param_groups,
+    schedule_steps,
+    warmup_cosine_scheduler,
+)
 
 log = logging.getLogger("vimssl")
 
@@ -181,31 +187,16 @@ class MaskedPretraining(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=imgs.shape[0])
 
     # -------------------------------------------------------------- optimiser
-    def effective_batch_size(self) -> int:
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        batch = getattr(dm, "batch_size", None)
-        if batch is None:
-            raise ValueError(
-                "cannot scale base_lr without the data module's batch_size; set model.lr instead"
-            )
-        return batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
-
     def configure_optimizers(self):
         hp = self.hparams
-        lr = hp.lr if hp.lr is not None else hp.base_lr * self.effective_batch_size() / 256
+        lr = hp.lr if hp.lr is not None else hp.base_lr * effective_batch_size(self.trainer) / 256
         no_decay = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
         no_decay |= {f"decoder.{n}" for n in getattr(self.decoder, "no_weight_decay", set)()}
         no_decay |= {"mask_token"}
         opt = build_adamw(
             param_groups(self.named_parameters(), hp.weight_decay, no_decay), lr, tuple(hp.betas)
         )
-        total = int(self.trainer.estimated_stepping_batches)
-        if hp.warmup_steps is not None:
-            warmup = hp.warmup_steps
-        else:
-            epochs = max(1, self.trainer.max_epochs or 1)
-            warmup = int(hp.warmup_epochs * total / epochs)
-        warmup = min(warmup, max(total - 1, 0))
+        warmup, total = schedule_steps(self.trainer, hp.warmup_epochs, hp.warmup_steps)
         sched = warmup_cosine_scheduler(opt, warmup, total, hp.min_lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -206,6 +206,9 @@ class ImageDataModule(L.LightningDataModule):
         crop_scale: ``RandomResizedCrop`` area range for training.
         crop_ratio: ``RandomResizedCrop`` aspect-ratio range for training.
         hflip_prob: probability of a horizontal flip in training (0 disables it).
+        randaugment_magnitude: RandAugment magnitude for training (e.g. 9, fine-tuning recipes);
+            None disables it. randaugment_num_ops: operations per image.
+        random_erasing: probability of random erasing after normalisation in training (e.g. 0.25).
         crop_pct: evaluation resizes the shorter side to ``int(image_size / crop_pct)`` and
             centre-crops ``image_size``.
         interpolation: resampling filter for resizing.
@@ -246,6 +249,9 @@ class ImageDataModule(L.LightningDataModule):
         crop_scale: tuple[float, float] = (0.2, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip_prob: float = 0.5,
+        randaugment_magnitude: int | None = None,
+        randaugment_num_ops: int = 2,
+        random_erasing: float = 0.0,
         crop_pct: float = 0.875,
         interpolation: Literal["bilinear", "bicubic"] = "bicubic",
         mean: tuple[float, float, float] | None = None,
@@ -288,6 +294,11 @@ class ImageDataModule(L.LightningDataModule):
         self.crop_scale = tuple(crop_scale)
         self.crop_ratio = tuple(crop_ratio)
         self.hflip_prob = hflip_prob
+        self.randaugment_magnitude = randaugment_magnitude
+        self.randaugment_num_ops = randaugment_num_ops
+        if not 0.0 <= random_erasing <= 1.0:
+            raise DataError(f"random_erasing is a probability in [0, 1], got {random_erasing}")
+        self.random_erasing = random_erasing
         self.crop_pct = crop_pct
         self.interpolation = interpolation
         quickstart = dataset.strip().lower() == QUICKSTART_NAME
@@ -550,10 +561,10 @@ class ImageDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- setup / loaders
 
-    def _make_split(self, role: str) -> ImageSplitDataset:
+    def _make_split(self, role: str, augment: bool | None = None) -> ImageSplitDataset:
         info = self._resolve()
         split = info["splits"][role]
-        if role == "train":
+        if augment if augment is not None else role == "train":
             transform = build_train_transform(
                 self.image_size,
                 scale=self.crop_scale,
@@ -562,6 +573,9 @@ class ImageDataModule(L.LightningDataModule):
                 mean=self.mean,
                 std=self.std,
                 interpolation=self.interpolation,
+                randaugment_magnitude=self.randaugment_magnitude,
+                randaugment_num_ops=self.randaugment_num_ops,
+                random_erasing=self.random_erasing,
             )
         else:
             transform = build_eval_transform(
@@ -674,6 +688,14 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(
             ds, self.eval_batch_size, shuffle=False, drop_last=False, sampler=self._eval_sampler(ds)
         )
+
+    def feature_dataloader(self, role: str = "train") -> DataLoader:
+        """A loader over ``role``'s split with the *evaluation* transform, in order, nothing dropped:
+        for feature extraction (kNN, frozen features). Not sharded across processes."""
+        if role not in self._resolve()["splits"]:
+            raise DataError(f"dataset {self.dataset!r} has no {role} data")
+        ds = self._make_split(role, augment=False)
+        return self._loader(ds, self.eval_batch_size, shuffle=False, drop_last=False)
 
     def predict_dataloader(self) -> DataLoader:
         ds = self._require("predict")

@@ -129,8 +129,12 @@ def build_train_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     interpolation: str = "bicubic",
+    randaugment_magnitude: int | None = None,
+    randaugment_num_ops: int = 2,
+    random_erasing: float = 0.0,
 ) -> v2.Compose:
-    """RandomResizedCrop(image_size, scale, ratio) -> RandomHorizontalFlip(hflip) -> float tensor -> Normalize."""
+    """RandomResizedCrop(image_size, scale, ratio) -> RandomHorizontalFlip(hflip) -> [RandAugment]
+    -> float tensor -> Normalize -> [RandomErasing(p=random_erasing)]."""
     ops: list[v2.Transform] = [
         v2.RandomResizedCrop(
             image_size, scale=tuple(scale), ratio=tuple(ratio), interpolation=_interp(interpolation)
@@ -138,7 +142,16 @@ def build_train_transform(
     ]
     if hflip > 0:
         ops.append(v2.RandomHorizontalFlip(p=hflip))
-    return v2.Compose(ops + _tail(mean, std))
+    if randaugment_magnitude is not None:
+        ops.append(
+            v2.RandAugment(
+                num_ops=randaugment_num_ops, magnitude=randaugment_magnitude, interpolation=_interp(interpolation)
+            )
+        )
+    ops += _tail(mean, std)
+    if random_erasing > 0:
+        ops.append(v2.RandomErasing(p=random_erasing, value=0))
+    return v2.Compose(ops)
 
 
 def build_eval_transform(

@@ -18,7 +18,8 @@ MODEL_SIZES: dict[str, dict] = {
     "vim_base_patch16_224": dict(embed_dim=768, depth=24, drop_path_rate=0.1),
     # NOTE: no released weights; width and depth of Mamba-R's large (arXiv 2405.14858)
     "vim_large_patch16_224": dict(embed_dim=1024, depth=48, drop_path_rate=0.2),
-    # very small, for fast CPU tests and the quickstart: 32 px, 8x8 grid of 4 px patches
+    # small sizes for 32 px images (8x8 grid of 4 px patches): the quickstart and fast CPU tests
+    "vim_quickstart": dict(embed_dim=64, depth=4, patch_size=4, img_size=32, num_classes=10),
     "vim_test": dict(embed_dim=32, depth=2, patch_size=4, img_size=32, num_classes=10),
 }
 
