@@ -36,12 +36,13 @@ from vimssl.optim import (
     schedule_steps,
     warmup_cosine_scheduler,
 )
+from vimssl.throughput import ImagesPerSecond
 from vimssl.transfer import load_encoder
 
 log = logging.getLogger("vimssl")
 
 
-class ImageClassifier(L.LightningModule):
+class ImageClassifier(ImagesPerSecond, L.LightningModule):
     def __init__(
         self,
         encoder: str = "vim_tiny_patch16_224",
@@ -174,6 +175,7 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         if self.ema is not None:
             self.ema.update_parameters(self.model)
 

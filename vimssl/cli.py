@@ -3,6 +3,7 @@
     python cli.py fit --config configs/quickstart.yaml
     python cli.py fit --config configs/trainer/gpu.yaml --config configs/data/cifar10.yaml \
         --config configs/pretrain/mae_vim_small.yaml
+    python cli.py export checkpoints/.../last.ckpt exported/ [--push-to-hub user/repo]
 
 Runs write to ``checkpoints/`` by default (``trainer.default_root_dir``): checkpoints, metrics and
 the resolved ``config.yaml`` of each run side by side in ``checkpoints/<logger>/version_N``.
@@ -29,6 +30,13 @@ def _num_classes(data) -> int:
 
 
 def main(args: list[str] | None = None, run: bool = True) -> VimsslCLI:
+    """Run the CLI on ``args`` (default: the command line). ``export`` turns a training checkpoint
+    into the Hub format (:mod:`vimssl.export`); everything else is LightningCLI."""
+    args = sys.argv[1:] if args is None else list(args)
+    if args and args[0] == "export":
+        from vimssl import export
+
+        raise SystemExit(export.main(args[1:]))
     import vimssl.callbacks  # noqa: F401  (importable by short class_path names)
     import vimssl.classify  # noqa: F401
     import vimssl.data  # noqa: F401
@@ -41,11 +49,11 @@ def main(args: list[str] | None = None, run: bool = True) -> VimsslCLI:
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf", "default_config_files": []},
         trainer_defaults={"default_root_dir": "checkpoints"},
-        args=args,
+        args=args or None,
         run=run,
         auto_configure_optimizers=False,
     )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or None)
+    main()

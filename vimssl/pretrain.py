@@ -16,7 +16,6 @@ normalised (default) or raw pixels, MSE on masked patches only. The pure pieces 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Literal
 
 import lightning as L
@@ -43,11 +42,12 @@ from vimssl.optim import (
     schedule_steps,
     warmup_cosine_scheduler,
 )
+from vimssl.throughput import ImagesPerSecond
 
 log = logging.getLogger("vimssl")
 
 
-class MaskedPretraining(L.LightningModule):
+class MaskedPretraining(ImagesPerSecond, L.LightningModule):
     """MAE- or SimMIM-style pretraining of ``vimssl.create_model(model_name, ...)``.
 
     The learning rate is ``lr`` if given, else ``base_lr * effective_batch / 256`` (MAE's rule),
@@ -104,7 +104,6 @@ class MaskedPretraining(L.LightningModule):
             self.mask_token = nn.Parameter(torch.zeros(1, 1, self.encoder.embed_dim))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.skipped_steps = 0
-        self._t_last: float | None = None
 
     # ------------------------------------------------------------------ model
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -166,16 +165,6 @@ class MaskedPretraining(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=imgs.shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=imgs.shape[0])
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._t_last is not None:  # wall time between batches: data, compute and step
-            rate = batch[0].shape[0] * self.trainer.world_size / max(now - self._t_last, 1e-9)
-            self.log("train/images_per_sec", rate, prog_bar=True, batch_size=batch[0].shape[0])
-        self._t_last = now
-
-    def on_train_epoch_start(self) -> None:
-        self._t_last = None
 
     def validation_step(self, batch, batch_idx: int) -> None:
         imgs = batch[0]
