@@ -29,14 +29,15 @@ def _num_classes(data) -> int:
     return data.num_classes
 
 
-def main(args: list[str] | None = None, run: bool = True) -> VimsslCLI:
-    """Run the CLI on ``args`` (default: the command line). ``export`` turns a training checkpoint
-    into the Hub format (:mod:`vimssl.export`); everything else is LightningCLI."""
+def main(args: list[str] | None = None, run: bool = True) -> VimsslCLI | int:
+    """Run the CLI on ``args`` (default: the command line) and return the LightningCLI object;
+    ``export`` turns a training checkpoint into the Hub format (:mod:`vimssl.export`) and returns
+    its exit status."""
     args = sys.argv[1:] if args is None else list(args)
     if args and args[0] == "export":
         from vimssl import export
 
-        raise SystemExit(export.main(args[1:]))
+        return export.main(args[1:])
     import vimssl.callbacks  # noqa: F401  (importable by short class_path names)
     import vimssl.classify  # noqa: F401
     import vimssl.data  # noqa: F401
@@ -55,5 +56,11 @@ def main(args: list[str] | None = None, run: bool = True) -> VimsslCLI:
     )
 
 
+def console() -> None:
+    """The ``vimssl`` console command."""
+    status = main()
+    sys.exit(status if isinstance(status, int) else 0)
+
+
 if __name__ == "__main__":
-    main()
+    console()
