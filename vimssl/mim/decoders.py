@@ -29,9 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 from vimssl.layers.norm import RMSNorm
 from vimssl.layers.pos_embed import join_pos_embed, resample_pos_embed
-from vimssl.models.mixer import BiMambaMixer
-from vimssl.models.vim import Block
-from vimssl.ssm.dispatch import check_backend, get_ops, resolve_backend
+from vimssl.models.blocks import build_blocks, init_blocks, run_blocks, set_blocks_backend
+from vimssl.ssm.dispatch import check_backend
 
 POS_EMBED_KINDS = ("sincos", "learned")
 DECODER_KINDS = ("mamba", "transformer")
@@ -162,15 +161,8 @@ class MambaDecoder(nn.Module):
         self.depth = depth
         self.backend = check_backend(backend)
         self.embed = DecoderEmbed(encoder_dim, decoder_dim, grid, pos_embed)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.layers = nn.ModuleList(
-            Block(
-                decoder_dim,
-                BiMambaMixer(decoder_dim, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend),
-                drop_path=rates[i],
-                norm_eps=norm_eps,
-            )
-            for i in range(depth)
+        self.layers = build_blocks(
+            decoder_dim, depth, drop_path_rate, d_state, d_conv, expand, norm_eps, backend
         )
         self.norm_f = RMSNorm(decoder_dim, eps=norm_eps)
         self.pred = nn.Linear(decoder_dim, patch_dim)
@@ -181,13 +173,7 @@ class MambaDecoder(nn.Module):
     def init_weights(self) -> None:
         """As the encoder: zero Linear biases (but dt_proj's), out_proj kaiming-uniform / sqrt(depth),
         SSM parameters keep the mixer's init; xavier-uniform prediction layer."""
-        for module in self.layers.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                if not getattr(module.bias, "_keep_init", False):
-                    nn.init.zeros_(module.bias)
-        for blk in self.layers:
-            nn.init.kaiming_uniform_(blk.mixer.out_proj.weight, a=math.sqrt(5))
-            blk.mixer.out_proj.weight /= math.sqrt(max(self.depth, 1))
+        init_blocks(self.layers)
         nn.init.xavier_uniform_(self.pred.weight)
         nn.init.zeros_(self.pred.bias)
 
@@ -199,9 +185,8 @@ class MambaDecoder(nn.Module):
 
     def set_backend(self, backend: str) -> None:
         """Switch the kernel path of every mixer (the parameters stay the same)."""
-        self.backend = check_backend(backend)
-        for blk in self.layers:
-            blk.mixer.backend = backend
+        set_blocks_backend(self.layers, backend)
+        self.backend = backend
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -210,14 +195,9 @@ class MambaDecoder(nn.Module):
         self, visible_feats: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int] | None = None
     ) -> torch.Tensor:
         residual = self.embed(visible_feats, ids_restore, grid)  # (B, M + 1, Dd)
-        hidden = None
-        for blk in self.layers:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                hidden, residual = checkpoint(blk, hidden, residual, use_reentrant=False)
-            else:
-                hidden, residual = blk(hidden, residual)
-        ops = get_ops(resolve_backend(self.backend, residual.device))
-        x, _ = ops.add_rms_norm(hidden, residual, self.norm_f)  # (B, M + 1, Dd)
+        x = run_blocks(
+            self.layers, residual, self.norm_f, self.backend, self.grad_checkpointing
+        )  # (B, M + 1, Dd)
         return self.pred(_drop_middle(x))  # (B, M, patch_dim)
 
 

@@ -16,38 +16,12 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from vimssl.layers.drop_path import DropPath
 from vimssl.layers.norm import RMSNorm
 from vimssl.layers.patch_embed import PatchEmbed, grid_size
 from vimssl.layers.pos_embed import resample_pos_embed, split_pos_embed
-from vimssl.models.mixer import BiMambaMixer
-from vimssl.ssm.dispatch import check_backend, get_ops, resolve_backend
-
-
-class Block(nn.Module):
-    """Mamba-style pre-norm residual block: ``residual += x; out = mixer(norm(residual))``.
-
-    Takes the previous block's (drop-pathed) mixer output and the residual stream, returns its own
-    so that the add and the norm can be fused on the CUDA path.
-    NOTE: the released code applies block i's drop-path rate to block i-1's output (and the
-    model-wide rate to the last block's); we drop each block's own output with its own rate.
-    """
-
-    def __init__(self, dim: int, mixer: BiMambaMixer, drop_path: float = 0.0, norm_eps: float = 1e-5):
-        super().__init__()
-        self.norm = RMSNorm(dim, eps=norm_eps)
-        self.mixer = mixer
-        self.drop_path = DropPath(drop_path)
-
-    def forward(
-        self, hidden: torch.Tensor | None, residual: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # hidden: (B, L, D) or None for the first block; residual: (B, L, D), float32
-        ops = get_ops(resolve_backend(self.mixer.backend, residual.device))
-        normed, residual = ops.add_rms_norm(hidden, residual, self.norm)
-        return self.drop_path(self.mixer(normed)), residual
+from vimssl.models.blocks import build_blocks, init_blocks, run_blocks, set_blocks_backend
+from vimssl.ssm.dispatch import check_backend
 
 
 class VisionMamba(nn.Module):
@@ -97,15 +71,8 @@ class VisionMamba(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.layers = nn.ModuleList(
-            Block(
-                embed_dim,
-                BiMambaMixer(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend),
-                drop_path=rates[i],
-                norm_eps=norm_eps,
-            )
-            for i in range(depth)
+        self.layers = build_blocks(
+            embed_dim, depth, drop_path_rate, d_state, d_conv, expand, norm_eps, backend
         )
         self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -125,13 +92,7 @@ class VisionMamba(nn.Module):
         # lecun normal: truncated normal with variance 1/fan_in (0.8796 corrects the truncation)
         nn.init.trunc_normal_(w, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)
         nn.init.zeros_(self.patch_embed.proj.bias)
-        for module in self.layers.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                if not getattr(module.bias, "_keep_init", False):
-                    nn.init.zeros_(module.bias)
-        for blk in self.layers:
-            nn.init.kaiming_uniform_(blk.mixer.out_proj.weight, a=math.sqrt(5))
-            blk.mixer.out_proj.weight /= math.sqrt(self.depth)  # pre-norm residual rescale
+        init_blocks(self.layers)
         self._init_head()
 
     def _init_head(self) -> None:
@@ -165,9 +126,8 @@ class VisionMamba(nn.Module):
 
     def set_backend(self, backend: str) -> None:
         """Switch the kernel path of every mixer (the parameters stay the same)."""
-        self.backend = check_backend(backend)
-        for blk in self.layers:
-            blk.mixer.backend = backend
+        set_blocks_backend(self.layers, backend)
+        self.backend = backend
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -214,16 +174,7 @@ class VisionMamba(nn.Module):
         (B, 1, D) inserted at index K // 2; returns normalised features (B, K + 1, D)."""
         mid = tokens.shape[1] // 2
         x = torch.cat([tokens[:, :mid], cls, tokens[:, mid:]], dim=1)  # (B, K+1, D)
-        residual = self.pos_drop(x)
-        hidden = None
-        for blk in self.layers:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                hidden, residual = checkpoint(blk, hidden, residual, use_reentrant=False)
-            else:
-                hidden, residual = blk(hidden, residual)
-        ops = get_ops(resolve_backend(self.backend, residual.device))
-        out, _ = ops.add_rms_norm(hidden, residual, self.norm_f)
-        return out
+        return run_blocks(self.layers, self.pos_drop(x), self.norm_f, self.backend, self.grad_checkpointing)
 
     def forward_features(
         self,
