@@ -145,7 +145,9 @@ def build_train_transform(
     if randaugment_magnitude is not None:
         ops.append(
             v2.RandAugment(
-                num_ops=randaugment_num_ops, magnitude=randaugment_magnitude, interpolation=_interp(interpolation)
+                num_ops=randaugment_num_ops,
+                magnitude=randaugment_magnitude,
+                interpolation=_interp(interpolation),
             )
         )
     ops += _tail(mean, std)
