@@ -226,3 +226,24 @@ def test_missing_label_column_is_a_clear_error(tmp_path):
     dm = ImageDataModule(dataset=str(tmp_path / "unlabelled"), image_size=32, num_workers=0)
     with pytest.raises(DataError):
         dm.require_class_names()
+
+
+def test_low_label_benchmark_pipeline_runs_with_a_tiny_budget():
+    """The benchmark script end to end with a budget far too small to mean anything: it must run,
+    evaluate all four models and print its JSON line. (The real comparison is in docs/.)"""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable, str(ROOT / "benchmarks/low_label.py"), "--pretrain-epochs", "1",
+            "--finetune-epochs", "1", "--linear-epochs", "1", "--label-fraction", "0.05",
+        ],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("finetune_pretrained", "finetune_scratch", "linear_pretrained", "linear_random"):
+        assert 0.0 <= result[key] <= 1.0
+    assert "| fine-tune" in proc.stdout and "| linear probe" in proc.stdout
