@@ -153,7 +153,11 @@ class MaskedPretraining(ImagesPerSecond, L.LightningModule):
     def training_step(self, batch, batch_idx: int):
         imgs = batch[0]
         loss = self(imgs)["loss"]
-        if not torch.isfinite(loss):
+        bad = not bool(torch.isfinite(loss))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # every process must take the same decision, or DDP's gradient all-reduce would hang
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
             msg = f"non-finite loss ({loss.item()}) at global step {self.global_step} (epoch {self.current_epoch})"
             if self.hparams.nonfinite_loss == "raise":
                 raise FloatingPointError(
