@@ -10,7 +10,8 @@ dataset is opened, ``datasets``.
 * :class:`DataError`: the ``ValueError`` raised for bad data input.
 """
 
-from vimssl.data.datamodule import ImageDataModule, ImageSplitDataset, SkipBadCollate
+from vimssl.data.datamodule import ImageDataModule
+from vimssl.data.dataset import ImageSplitDataset, SkipBadCollate
 from vimssl.data.errors import DataError
 from vimssl.data.quickstart import QUICKSTART_MEAN, QUICKSTART_STD, load_quickstart
 from vimssl.data.sources import is_saved_dataset, open_dataset, split_indices
