@@ -205,7 +205,10 @@ class KNNEvaluation(L.LightningModule):
         pool: Literal["cls", "mean"] = "cls",
         backend: Literal["auto", "torch", "cuda"] = "auto",
         chunk_size: int = 1024,
+        num_classes: int | None = None,
     ) -> None:
+        # num_classes: filled in by the CLI from the data (a link shared by every module); the
+        # classes are read from the data module at setup either way
         super().__init__()
         self.save_hyperparameters()
         if k < 1 or temperature <= 0:

@@ -51,7 +51,9 @@ class MaskedPretraining(ImagesPerSecond, L.LightningModule):
     """MAE- or SimMIM-style pretraining of ``vimssl.create_model(model_name, ...)``.
 
     The learning rate is ``lr`` if given, else ``base_lr * effective_batch / 256`` (MAE's rule),
-    with linear warm-up then cosine decay to ``min_lr``, per optimiser step.
+    with linear warm-up then cosine decay to ``min_lr``, per optimiser step. ``num_classes`` is the
+    data's class count where it has labels, filled in by the CLI (the same link serves the
+    classifier); pretraining does not use labels and only records it in checkpoints.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class MaskedPretraining(ImagesPerSecond, L.LightningModule):
         warmup_epochs: float = 5.0,
         warmup_steps: int | None = None,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
