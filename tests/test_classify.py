@@ -247,3 +247,21 @@ def test_low_label_benchmark_pipeline_runs_with_a_tiny_budget():
     for key in ("finetune_pretrained", "finetune_scratch", "linear_pretrained", "linear_random"):
         assert 0.0 <= result[key] <= 1.0
     assert "| fine-tune" in proc.stdout and "| linear probe" in proc.stdout
+
+
+def test_linear_probe_on_concatenated_last_k_layers():
+    module = ImageClassifier(encoder="vim_test", num_classes=10, img_size=32, mode="linear", last_k_layers=2)
+    x = torch.randn(3, 3, 32, 32)
+    feats = module.features(x)
+    assert feats.shape == (3, 64)  # 2 blocks x 32
+    # the second half is the usual (last block) cls feature
+    torch.testing.assert_close(
+        feats[:, 32:], module.model.forward_head(module.model.forward_features(x), True)
+    )
+    assert module(x).shape == (3, 10)
+    inter = module.model.forward_intermediates(x, 2)
+    assert len(inter) == 2 and not torch.allclose(inter[0], inter[1])
+    with pytest.raises(ValueError, match="last_k_layers"):
+        ImageClassifier(encoder="vim_test", num_classes=10, img_size=32, mode="finetune", last_k_layers=2)
+    with pytest.raises(ValueError, match="depth=2"):
+        ImageClassifier(encoder="vim_test", num_classes=10, img_size=32, mode="linear", last_k_layers=3)

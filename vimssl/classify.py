@@ -7,7 +7,8 @@ LightningModule.
   RandAugment and random erasing are data-side (``ImageDataModule`` arguments).
 - ``mode="linear"``: the encoder is frozen (no gradients, eval mode every step); a BatchNorm
   without affine parameters, then a linear head, on the cls feature or the mean of the patch
-  features (the MAE linear-probing protocol).
+  features (the MAE linear-probing protocol), optionally of the last k blocks concatenated
+  (``last_k_layers``).
 
 The encoder comes from one argument (:func:`vimssl.transfer.load_encoder`). Metrics: top-1 /
 top-5 accuracy via torchmetrics for train / val / test; ``predict`` gives class probabilities
@@ -51,6 +52,7 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
         mode: Literal["finetune", "linear"] = "finetune",
         which: Literal["auto", "model", "model_ema"] = "auto",
         pool: Literal["cls", "mean"] = "cls",
+        last_k_layers: int = 1,
         drop_path_rate: float = 0.1,
         backend: Literal["auto", "torch", "cuda"] = "auto",
         grad_checkpointing: bool = False,
@@ -77,6 +79,10 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
         if not 0.0 < layer_decay <= 1.0:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
         linear = mode == "linear"
+        if last_k_layers != 1 and not linear:
+            raise ValueError(
+                "last_k_layers > 1 (concatenated features of several blocks) is for mode='linear'"
+            )
         self.model = load_encoder(
             encoder, num_classes=num_classes, img_size=img_size, which=which,
             drop_path_rate=0.0 if linear else drop_path_rate, backend=backend,
@@ -85,10 +91,19 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
         nn.init.trunc_normal_(self.model.head.weight, std=2e-5 if not linear else 0.01)
         nn.init.zeros_(self.model.head.bias)
         if linear:
+            if not 1 <= last_k_layers <= self.model.depth:
+                raise ValueError(
+                    f"last_k_layers must be in [1, depth={self.model.depth}], got {last_k_layers}"
+                )
             self.model.requires_grad_(False)
-            self.model.head.requires_grad_(True)
             self.model.eval()  # also the state Lightning restores after its loops
-            self.feat_norm = nn.BatchNorm1d(self.model.embed_dim, affine=False, eps=1e-6)
+            dim = self.model.embed_dim * last_k_layers
+            if last_k_layers > 1:  # the head reads the concatenated features of several blocks
+                self.model.head = nn.Linear(dim, num_classes)
+                nn.init.trunc_normal_(self.model.head.weight, std=0.01)
+                nn.init.zeros_(self.model.head.bias)
+            self.model.head.requires_grad_(True)
+            self.feat_norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
         else:
             self.feat_norm = nn.Identity()
             self.model.set_grad_checkpointing(grad_checkpointing)
@@ -123,12 +138,18 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
 
     # ------------------------------------------------------------------ model
     def features(self, imgs: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
-        """(B, C, H, W) -> pooled features (B, D): the cls feature or the mean of patch features."""
+        """(B, C, H, W) -> pooled features (B, D), or (B, k*D) for the last k blocks concatenated:
+        the cls feature or the mean of patch features."""
         model = model or self.model
-        feats = model.forward_features(imgs)  # (B, K+1, D)
-        if self.hparams.pool == "cls":
-            return model.forward_head(feats, pre_logits=True)
-        return model.split_features(feats)[1].mean(dim=1)
+        k = self.hparams.last_k_layers
+        layers = model.forward_intermediates(imgs, k) if k > 1 else [model.forward_features(imgs)]
+        pooled = []
+        for feats in layers:  # (B, K+1, D) each
+            if self.hparams.pool == "cls":
+                pooled.append(model.forward_head(feats, pre_logits=True))
+            else:
+                pooled.append(model.split_features(feats)[1].mean(dim=1))
+        return torch.cat(pooled, dim=-1)
 
     def forward(self, imgs: torch.Tensor, use_ema: bool = False) -> torch.Tensor:
         """Logits (B, num_classes)."""
@@ -237,6 +258,7 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
             "ema_prefix": "ema.module." if self.ema is not None else None,
             # linear probes: BatchNorm statistics to fold into the head for export
             "feature_norm_prefix": "feat_norm." if self.hparams.mode == "linear" else None,
+            "last_k_layers": self.hparams.last_k_layers,
             "class_names": self.hparams.class_names,
         }
 

@@ -144,6 +144,13 @@ def model_from_checkpoint(
             "VisionMamba, whose head reads the cls token: it would predict differently. Export the "
             "encoder of a cls-pooled classifier, or train the probe with pool='cls'."
         )
+    last_k = meta.get("last_k_layers", (checkpoint.get("hyper_parameters") or {}).get("last_k_layers", 1))
+    if meta.get("kind") == "classifier" and (last_k or 1) > 1:
+        raise ValueError(
+            f"{source} is a linear probe on the last {last_k} blocks' features concatenated; a Hub "
+            "folder holds a plain VisionMamba, whose head reads the last block's cls token only. "
+            "Train the probe with last_k_layers=1 to export it."
+        )
     state_dict = select_weights(checkpoint, which, source)
     config = dict(meta["encoder_config"])
     name = meta.get("model_name")

@@ -90,15 +90,24 @@ def run_blocks(
     norm_f: RMSNorm,
     backend: str,
     grad_checkpointing: bool = False,
-) -> torch.Tensor:
-    """x (B, L, D) through every block, then the final add + norm: (B, L, D)."""
+    last_k: int = 0,
+) -> torch.Tensor | list[torch.Tensor]:
+    """x (B, L, D) through every block, then the final add + norm: (B, L, D).
+
+    With ``last_k > 0``, returns the outputs of the last ``last_k`` blocks instead, each through
+    the final norm (the last one is the usual output), oldest first."""
     residual, hidden = x, None
     ckpt = grad_checkpointing and torch.is_grad_enabled() and layers.training
-    for blk in layers:
+    ops = get_ops(resolve_backend(backend, residual.device))
+    outs = []
+    for i, blk in enumerate(layers):
         if ckpt:
             hidden, residual = checkpoint(blk, hidden, residual, use_reentrant=False)
         else:
             hidden, residual = blk(hidden, residual)
-    ops = get_ops(resolve_backend(backend, residual.device))
+        if last_k and i >= len(layers) - last_k:
+            outs.append(ops.add_rms_norm(hidden, residual, norm_f)[0])
+    if last_k:
+        return outs
     out, _ = ops.add_rms_norm(hidden, residual, norm_f)
     return out

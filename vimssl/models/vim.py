@@ -169,12 +169,19 @@ class VisionMamba(nn.Module):
         cls = (self.cls_token + cls_pos).expand(tokens.shape[0], -1, -1)  # (B, 1, D)
         return tokens + patch_pos, cls
 
-    def forward_tokens(self, tokens: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    def forward_tokens(
+        self, tokens: torch.Tensor, cls: torch.Tensor, last_k: int = 0
+    ) -> torch.Tensor | list[torch.Tensor]:
         """Run the blocks on patch tokens (B, K, D) in the given order with the cls token
-        (B, 1, D) inserted at index K // 2; returns normalised features (B, K + 1, D)."""
+        (B, 1, D) inserted at index K // 2; returns normalised features (B, K + 1, D), or with
+        ``last_k > 0`` the list of the last ``last_k`` blocks' normalised outputs."""
+        if not 0 <= last_k <= self.depth:
+            raise ValueError(f"last_k must be in [0, depth={self.depth}], got {last_k}")
         mid = tokens.shape[1] // 2
         x = torch.cat([tokens[:, :mid], cls, tokens[:, mid:]], dim=1)  # (B, K+1, D)
-        return run_blocks(self.layers, self.pos_drop(x), self.norm_f, self.backend, self.grad_checkpointing)
+        return run_blocks(
+            self.layers, self.pos_drop(x), self.norm_f, self.backend, self.grad_checkpointing, last_k
+        )
 
     def forward_features(
         self,
@@ -195,6 +202,13 @@ class VisionMamba(nn.Module):
             index = ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
             tokens = torch.gather(tokens, 1, index)  # (B, K, D)
         return self.forward_tokens(tokens, cls)
+
+    def forward_intermediates(self, x: torch.Tensor, last_k: int) -> list[torch.Tensor]:
+        """Normalised outputs (B, M + 1, D) of the last ``last_k`` blocks, oldest first (each
+        through the final norm; the last equals :meth:`forward_features`). For linear probes on
+        concatenated layers."""
+        tokens, cls = self.embed(x)
+        return self.forward_tokens(tokens, cls, last_k=last_k)
 
     @staticmethod
     def cls_index(num_tokens: int) -> int:
