@@ -156,7 +156,7 @@ def test_ema_differs_and_is_what_validation_uses():
 
 
 def _pretraining_ckpt(tmp_path) -> Path:
-    from tests.test_pretrain import fit_args
+    from tests.cli_args import fit_args
 
     cli = cli_main(fit_args(tmp_path, steps=1))
     return Path(cli.trainer.checkpoint_callback.last_model_path)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import vimssl
 import vimssl.cli
+from tests.cli_args import fit_args as shared_fit_args
 from vimssl.callbacks import PushToHub
 from vimssl.checkpoint import UnsafeCheckpointError
 from vimssl.data.quickstart import QUICKSTART_MEAN, QUICKSTART_STD
@@ -28,27 +29,7 @@ REPO = "me/vim-test-export"
 
 def fit_args(tmp_path, *extra: str, steps: int = 2) -> list[str]:
     """One epoch of ``steps`` batches of 16 quickstart digits with a 32-wide, 2-deep Vim."""
-    return [
-        "fit",
-        "--config", str(ROOT / "configs/quickstart.yaml"),
-        "--model.init_args.model_name", "vim_test",
-        "--model.init_args.embed_dim", "32",
-        "--model.init_args.depth", "2",
-        "--model.init_args.decoder_dim", "32",
-        "--model.init_args.decoder_depth", "1",
-        "--data.init_args.batch_size", "16",
-        "--data.init_args.num_workers", "0",
-        "--data.init_args.persistent_workers", "false",
-        "--trainer.max_epochs", "1",
-        "--trainer.limit_train_batches", str(steps),
-        "--trainer.limit_val_batches", "1",
-        "--trainer.num_sanity_val_steps", "0",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
-        *extra,
-    ]  # fmt: skip
+    return shared_fit_args(tmp_path, "--model.init_args.model_name", "vim_test", *extra, steps=steps)
 
 
 @pytest.fixture(scope="module", autouse=True)

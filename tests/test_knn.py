@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.cli_args import fit_args
 from vimssl.cli import main as cli_main
 from vimssl.data import DataError, ImageDataModule
 from vimssl.knn import KNNEvaluation, KNNMonitor, extract_features, knn_accuracy, knn_predict
@@ -133,27 +134,12 @@ def pretraining_run(tmp_path_factory):
     """One short MAE run on the digits with the kNN monitor: 2 steps, validation on 2 batches."""
     tmp_path = tmp_path_factory.mktemp("pretrain")
     return cli_main(
-        [
-            "fit",
-            "--config", str(ROOT / "configs/quickstart.yaml"),
-            "--model.init_args.embed_dim", "32",
-            "--model.init_args.depth", "2",
-            "--model.init_args.decoder_dim", "32",
-            "--model.init_args.decoder_depth", "1",
-            "--data.init_args.batch_size", "16",
-            "--data.init_args.num_workers", "0",
-            "--data.init_args.persistent_workers", "false",
-            "--trainer.max_epochs", "1",
-            "--trainer.limit_train_batches", "2",
-            "--trainer.limit_val_batches", "2",
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false",
-            "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.logger.init_args.save_dir", str(tmp_path),
+        fit_args(
+            tmp_path,
             "--trainer.callbacks+=vimssl.knn.KNNMonitor",
             "--trainer.callbacks.every_n_epochs", "1",
             "--trainer.callbacks.max_train_samples", "128",
-        ]
+        )
     )  # fmt: skip
 
 
