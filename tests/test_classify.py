@@ -265,3 +265,12 @@ def test_linear_probe_on_concatenated_last_k_layers():
         ImageClassifier(encoder="vim_test", num_classes=10, img_size=32, mode="finetune", last_k_layers=2)
     with pytest.raises(ValueError, match="depth=2"):
         ImageClassifier(encoder="vim_test", num_classes=10, img_size=32, mode="linear", last_k_layers=3)
+
+
+def test_nonfinite_loss_raises_with_the_step_or_skips():
+    batch = (torch.full((2, 3, 32, 32), float("nan")), torch.tensor([1, 2]))
+    module = ImageClassifier(encoder="vim_test", num_classes=10, img_size=32)
+    with pytest.raises(FloatingPointError, match="global step 0"):
+        module.training_step(batch, 0)
+    module = ImageClassifier(encoder="vim_test", num_classes=10, img_size=32, nonfinite_loss="skip")
+    assert module.training_step(batch, 0) is None and module.skipped_steps == 1

@@ -69,6 +69,7 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
         warmup_steps: int | None = None,
         ema_decay: float | None = None,
         class_names: list[str] | None = None,
+        nonfinite_loss: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -188,8 +189,8 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
             imgs, targets = self.mix(imgs, labels)  # soft targets (B, C)
         logits = self(imgs)
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss ({loss.item()}) at global step {self.global_step}")
+        if not self.loss_is_usable(loss):
+            return None
         self._update_metrics("train", logits, labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=imgs.shape[0])
         self.log("train/lr", self.optimizers().param_groups[-1]["lr"], batch_size=imgs.shape[0])

@@ -106,7 +106,6 @@ class MaskedPretraining(ImagesPerSecond, L.LightningModule):
             self.decoder = LinearDecoder(self.encoder.embed_dim, patch_dim)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, self.encoder.embed_dim))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.skipped_steps = 0
 
     # ------------------------------------------------------------------ model
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -156,18 +155,7 @@ class MaskedPretraining(ImagesPerSecond, L.LightningModule):
     def training_step(self, batch, batch_idx: int):
         imgs = batch[0]
         loss = self(imgs)["loss"]
-        bad = not bool(torch.isfinite(loss))
-        if self._trainer is not None and self.trainer.world_size > 1:
-            # every process must take the same decision, or DDP's gradient all-reduce would hang
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:
-            msg = f"non-finite loss ({loss.item()}) at global step {self.global_step} (epoch {self.current_epoch})"
-            if self.hparams.nonfinite_loss == "raise":
-                raise FloatingPointError(
-                    msg + "; lower the learning rate, check the data, or set model.nonfinite_loss=skip"
-                )
-            self.skipped_steps += 1
-            log.warning("%s: step skipped (%d so far)", msg, self.skipped_steps)
+        if not self.loss_is_usable(loss):
             return None
         self.log("train/loss", loss, prog_bar=True, batch_size=imgs.shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=imgs.shape[0])
