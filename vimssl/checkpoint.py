@@ -325,3 +325,89 @@ def build_model(
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     return model
+
+
+# ------------------------------------------------------ checkpoints written by vimssl's training
+META_KEY = "vimssl"  # the checkpoint entry written by the LightningModules' on_save_checkpoint
+_REQUIRED_META = ("encoder_config", "encoder_prefix")
+
+
+def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint dictionary of a ``.ckpt`` written by a vimssl LightningModule.
+
+    Loaded with ``weights_only=True`` (only ``argparse.Namespace`` allow-listed besides plain
+    containers); raises ``UnsafeCheckpointError`` for anything else, ``ValueError`` when the file
+    has no ``vimssl`` entry or the entry lacks what export needs.
+    """
+    checkpoint = read_checkpoint(path)
+    check_meta(checkpoint, os.fspath(path))
+    return checkpoint
+
+
+def check_meta(checkpoint: object, source: str) -> dict:
+    """The checkpoint's ``vimssl`` entry, or a ``ValueError`` that names ``source`` and what is
+    missing."""
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise ValueError(f"{source} is not a Lightning checkpoint (no state_dict entry)")
+    meta = checkpoint.get(META_KEY)
+    if not isinstance(meta, Mapping):
+        raise ValueError(
+            f"{source} has no {META_KEY!r} entry, so the encoder's configuration and key prefix are "
+            "unknown: it was not written by a vimssl LightningModule (MaskedPretraining or the "
+            "classifier), or by an older vimssl. To export other weights, build the model with "
+            "vimssl.checkpoint.build_model(state_dict) and save it with vimssl.save_pretrained."
+        )
+    missing = [k for k in _REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"the {META_KEY!r} entry of {source} lacks {', '.join(missing)}")
+    return dict(meta)
+
+
+def select_weights(checkpoint: Mapping, which: str = "auto", source: str = "the checkpoint") -> dict:
+    """The model's state dict (prefix stripped) out of a vimssl Lightning checkpoint.
+
+    ``"auto"``: the weights under ``encoder_prefix`` in ``state_dict`` (with Lightning's
+    ``WeightAveraging`` callback that is the averaged model); ``"model"``: the raw trained
+    weights (``current_model_state`` under ``WeightAveraging``); ``"model_ema"``: the EMA weights
+    (the entry's ``ema_prefix``, or ``state_dict`` under ``WeightAveraging``). A linear probe's
+    feature BatchNorm (``feature_norm_prefix``) is folded into the head.
+    """
+    meta = check_meta(checkpoint, source)
+    if which not in _WHICH:
+        raise ValueError(f"which must be one of {', '.join(_WHICH)}, got {which!r}")
+    averaged = isinstance(checkpoint.get("current_model_state"), Mapping)  # WeightAveraging
+    weights, prefix = checkpoint["state_dict"], meta["encoder_prefix"]
+    if which == "model" and averaged:
+        weights = checkpoint["current_model_state"]
+    elif which == "model_ema" and not averaged:
+        if not meta.get("ema_prefix"):
+            raise KeyError(
+                f"which='model_ema': {source} holds no EMA weights (no ema_prefix in its {META_KEY!r} "
+                "entry, no WeightAveraging state); use which='auto'"
+            )
+        prefix = meta["ema_prefix"]
+    state_dict = _under(weights, prefix)
+    if not state_dict:
+        raise ValueError(
+            f"no weights under the prefix {prefix!r} in {source} (its keys start: "
+            f"{', '.join(list(weights)[:4]) or 'none'})"
+        )
+    if meta.get("feature_norm_prefix"):
+        norm = _under(checkpoint["state_dict"], meta["feature_norm_prefix"])
+        state_dict = fold_feature_norm(state_dict, norm)
+    return state_dict
+
+
+def _under(weights: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def fold_feature_norm(
+    state: dict[str, torch.Tensor], norm: dict[str, torch.Tensor], eps: float = 1e-6
+) -> dict:
+    """Fold an affine-free BatchNorm (running statistics) into the following linear head, so a
+    linear probe exports as a plain Vim classifier: W' = W / s, b' = b - W' @ mean, s = sqrt(var + eps)."""
+    scale = torch.rsqrt(norm["running_var"] + eps)  # (D,)
+    weight = state["head.weight"] * scale  # (C, D)
+    bias = state["head.bias"] - weight @ norm["running_mean"]
+    return {**state, "head.weight": weight, "head.bias": bias}

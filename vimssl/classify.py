@@ -30,6 +30,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassAccuracy
 
+from vimssl.checkpoint import fold_feature_norm  # noqa: F401  (re-exported)
 from vimssl.optim import (
     build_adamw,
     effective_batch_size,
@@ -262,17 +263,6 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
             "last_k_layers": self.hparams.last_k_layers,
             "class_names": self.hparams.class_names,
         }
-
-
-def fold_feature_norm(
-    state: dict[str, torch.Tensor], norm: dict[str, torch.Tensor], eps: float = 1e-6
-) -> dict:
-    """Fold an affine-free BatchNorm (running statistics) into the following linear head, so a
-    linear probe exports as a plain Vim classifier: W' = W / s, b' = b - W' @ mean, s = sqrt(var + eps)."""
-    scale = torch.rsqrt(norm["running_var"] + eps)  # (D,)
-    weight = state["head.weight"] * scale  # (C, D)
-    bias = state["head.bias"] - weight @ norm["running_mean"]
-    return {**state, "head.weight": weight, "head.bias": bias}
 
 
 class CSVPredictionWriter(BasePredictionWriter):

@@ -33,16 +33,19 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
-
-from vimssl.checkpoint import build_model, match_registry, read_checkpoint
+from vimssl.checkpoint import (
+    META_KEY,
+    build_model,
+    check_meta,
+    match_registry,
+    read_lightning_checkpoint,
+    select_weights,
+)
 from vimssl.hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, HubUploadError, push_to_hub, save_pretrained
 from vimssl.models.vim import VisionMamba
 
 log = logging.getLogger("vimssl")
 
-META_KEY = "vimssl"  # the checkpoint entry written by the LightningModules' on_save_checkpoint
-_REQUIRED_META = ("encoder_config", "encoder_prefix")
 _WHICH = ("auto", "model", "model_ema")
 _SECRET = re.compile(r"token|password|passwd|secret|api_?key|credential", re.IGNORECASE)
 _EXPORT_FILES = (WEIGHTS_NAME, CARD_NAME, CONFIG_NAME)  # config.json last: it marks a complete export
@@ -57,79 +60,6 @@ __all__ = [
     "training_info",
     "write_export",
 ]
-
-
-# ------------------------------------------------------------------------------------------ reading
-def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint dictionary of a ``.ckpt`` written by a vimssl LightningModule.
-
-    Loaded with ``weights_only=True`` (only ``argparse.Namespace`` allow-listed besides plain
-    containers); raises ``UnsafeCheckpointError`` for anything else, ``ValueError`` when the file
-    has no ``vimssl`` entry or the entry lacks what export needs.
-    """
-    checkpoint = read_checkpoint(path)
-    check_meta(checkpoint, os.fspath(path))
-    return checkpoint
-
-
-def check_meta(checkpoint: object, source: str) -> dict:
-    """The checkpoint's ``vimssl`` entry, or a ``ValueError`` that names ``source`` and what is
-    missing."""
-    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
-        raise ValueError(f"{source} is not a Lightning checkpoint (no state_dict entry)")
-    meta = checkpoint.get(META_KEY)
-    if not isinstance(meta, Mapping):
-        raise ValueError(
-            f"{source} has no {META_KEY!r} entry, so the encoder's configuration and key prefix are "
-            "unknown: it was not written by a vimssl LightningModule (MaskedPretraining or the "
-            "classifier), or by an older vimssl. To export other weights, build the model with "
-            "vimssl.checkpoint.build_model(state_dict) and save it with vimssl.save_pretrained."
-        )
-    missing = [k for k in _REQUIRED_META if k not in meta]
-    if missing:
-        raise ValueError(f"the {META_KEY!r} entry of {source} lacks {', '.join(missing)}")
-    return dict(meta)
-
-
-def select_weights(checkpoint: Mapping, which: str = "auto", source: str = "the checkpoint") -> dict:
-    """The model's state dict (prefix stripped) out of a vimssl Lightning checkpoint.
-
-    ``"auto"``: the weights under ``encoder_prefix`` in ``state_dict`` (with Lightning's
-    ``WeightAveraging`` callback that is the averaged model); ``"model"``: the raw trained
-    weights (``current_model_state`` under ``WeightAveraging``); ``"model_ema"``: the EMA weights
-    (the entry's ``ema_prefix``, or ``state_dict`` under ``WeightAveraging``). A linear probe's
-    feature BatchNorm (``feature_norm_prefix``) is folded into the head.
-    """
-    meta = check_meta(checkpoint, source)
-    if which not in _WHICH:
-        raise ValueError(f"which must be one of {', '.join(_WHICH)}, got {which!r}")
-    averaged = isinstance(checkpoint.get("current_model_state"), Mapping)  # WeightAveraging
-    weights, prefix = checkpoint["state_dict"], meta["encoder_prefix"]
-    if which == "model" and averaged:
-        weights = checkpoint["current_model_state"]
-    elif which == "model_ema" and not averaged:
-        if not meta.get("ema_prefix"):
-            raise KeyError(
-                f"which='model_ema': {source} holds no EMA weights (no ema_prefix in its {META_KEY!r} "
-                "entry, no WeightAveraging state); use which='auto'"
-            )
-        prefix = meta["ema_prefix"]
-    state_dict = _under(weights, prefix)
-    if not state_dict:
-        raise ValueError(
-            f"no weights under the prefix {prefix!r} in {source} (its keys start: "
-            f"{', '.join(list(weights)[:4]) or 'none'})"
-        )
-    if meta.get("feature_norm_prefix"):
-        from vimssl.classify import fold_feature_norm  # the classifier's own folding (same eps)
-
-        norm = _under(checkpoint["state_dict"], meta["feature_norm_prefix"])
-        state_dict = fold_feature_norm(state_dict, norm)
-    return state_dict
-
-
-def _under(weights: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
 def model_from_checkpoint(

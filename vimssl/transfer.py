@@ -18,7 +18,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from vimssl.checkpoint import build_model, read_checkpoint
+from vimssl.checkpoint import build_model, check_meta, read_checkpoint, select_weights
 from vimssl.models import MODEL_SIZES, VisionMamba, create_model
 
 log = logging.getLogger("vimssl")
@@ -58,28 +58,20 @@ def load_encoder(
 
 def read_training_checkpoint(path: str | os.PathLike, which: str = "auto") -> tuple[dict, dict, dict]:
     """(encoder state dict, encoder constructor config, the checkpoint's ``vimssl`` entry) of a
-    Lightning checkpoint written by this project. ``which="model_ema"`` takes the EMA weights
-    (classification runs with EMA)."""
+    Lightning checkpoint written by this project (:func:`vimssl.checkpoint.select_weights` picks
+    the weights: ``which="model_ema"`` takes a classifier's EMA weights)."""
     path = Path(path)
     ckpt = read_checkpoint(path)
-    meta = ckpt.get("vimssl") if isinstance(ckpt, dict) else None
-    if not meta or "encoder_config" not in meta:
+    try:
+        meta = check_meta(ckpt, str(path))
+    except ValueError as err:
         raise EncoderSourceError(
-            f"{path} is not a vimssl training checkpoint (it has no 'vimssl' entry with the encoder "
-            "config). Released Vim weights come as .pth files or Hub repos: pass those instead."
-        )
-    if which not in ("auto", "model", "model_ema"):
-        raise ValueError(f"which must be 'auto', 'model' or 'model_ema', got {which!r}")
-    prefix = meta["encoder_prefix"]
-    if which == "model_ema":
-        if not meta.get("ema_prefix"):
-            raise EncoderSourceError(f"{path} holds no EMA weights (the run had ema_decay unset)")
-        prefix = meta["ema_prefix"]
-    state = ckpt["state_dict"]
-    encoder = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    if not encoder:
-        raise EncoderSourceError(f"{path} has no tensors under {prefix!r}")
-    unused = Counter(k.split(".")[0] for k in state if not k.startswith(prefix))
+            f"{path} is not a vimssl training checkpoint ({err}). Released Vim weights come as .pth "
+            "files or Hub repos: pass those instead."
+        ) from None
+    encoder = select_weights(ckpt, which, str(path))
+    prefixes = tuple(p for p in (meta["encoder_prefix"], meta.get("ema_prefix")) if p)
+    unused = Counter(k.split(".")[0] for k in ckpt["state_dict"] if not k.startswith(prefixes))
     meta = {**meta, "unused": dict(unused), "path": str(path)}
     return encoder, dict(meta["encoder_config"]), meta
 
