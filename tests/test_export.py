@@ -32,22 +32,7 @@ def fit_args(tmp_path, *extra: str, steps: int = 2) -> list[str]:
     return shared_fit_args(tmp_path, "--model.init_args.model_name", "vim_test", *extra, steps=steps)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # NOTE: as in test_hub: a tiny model gains nothing from a second thread, and on a busy 2-core
-    # machine OpenMP's thread hand-offs make a 32 px forward take seconds instead of milliseconds
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,23 +28,7 @@ from vimssl.hub import (
 from vimssl.layers.pos_embed import resample_pos_embed
 from vimssl.models import VisionMamba
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # NOTE: the tiny test models gain nothing from a second thread, and on a busy 2-core machine
-    # OpenMP's thread hand-offs make a 32 px forward take seconds instead of milliseconds
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(size=32, n=2):

@@ -80,7 +80,3 @@ def add_rms_norm(x, residual, norm):
         x, norm.weight, None, residual=residual, prenorm=True, residual_in_fp32=True, eps=norm.eps
     )
     return out, residual
-
-
-def has_fused_norm() -> bool:
-    return available() and _kernels()[2] is not None
