@@ -55,7 +55,7 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
         pool: Literal["cls", "mean"] = "cls",
         last_k_layers: int = 1,
         drop_path_rate: float = 0.1,
-        backend: Literal["auto", "torch", "cuda"] = "auto",
+        backend: Literal["auto", "torch", "cuda", "triton"] = "auto",
         grad_checkpointing: bool = False,
         label_smoothing: float = 0.1,
         mixup_alpha: float = 0.0,

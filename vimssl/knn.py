@@ -203,7 +203,7 @@ class KNNEvaluation(L.LightningModule):
         k: int = 20,
         temperature: float = 0.07,
         pool: Literal["cls", "mean"] = "cls",
-        backend: Literal["auto", "torch", "cuda"] = "auto",
+        backend: Literal["auto", "torch", "cuda", "triton"] = "auto",
         chunk_size: int = 1024,
         num_classes: int | None = None,
     ) -> None:

@@ -63,7 +63,7 @@ class MaskedPretraining(ImagesPerSecond, L.LightningModule):
         embed_dim: int | None = None,
         depth: int | None = None,
         drop_path_rate: float = 0.0,
-        backend: Literal["auto", "torch", "cuda"] = "auto",
+        backend: Literal["auto", "torch", "cuda", "triton"] = "auto",
         grad_checkpointing: bool = False,
         method: Literal["mae", "simmim"] = "mae",
         mask_kind: Literal["random", "block", "row"] = "random",

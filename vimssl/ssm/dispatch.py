@@ -1,6 +1,7 @@
-"""Choose a kernel path: ``"torch"`` (reference), ``"cuda"`` (mamba-ssm + causal-conv1d) or
-``"auto"`` (the CUDA kernels when the tensors are on a GPU and the packages import, otherwise the
-reference). The choice ``auto`` makes is logged once per device type."""
+"""Choose a kernel path: ``"torch"`` (reference), ``"cuda"`` (mamba-ssm + causal-conv1d),
+``"triton"`` (vimssl's fused Triton kernels for the whole mixer core) or ``"auto"``: on a GPU the
+fastest path that is there (``triton``, then ``cuda``), otherwise the reference. The choice
+``auto`` makes is logged once per device type."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from vimssl.ssm.reference import causal_conv1d_ref, selective_scan_ref
 
 log = logging.getLogger("vimssl")
 
-BACKENDS = ("auto", "torch", "cuda")
+BACKENDS = ("auto", "torch", "cuda", "triton")
 _logged: set[tuple[str, str]] = set()
 
 
@@ -25,6 +26,8 @@ class SSMOps:
     selective_scan: Callable
     causal_conv1d: Callable
     add_rms_norm: Callable
+    # the whole mixer core (xz, mixer) -> y, replacing the composed scan + conv when set
+    core: Callable | None = None
 
 
 def check_backend(backend: str) -> str:
@@ -38,6 +41,15 @@ def cuda_kernels_available() -> bool:
     from vimssl.ssm import cuda
 
     return cuda.available()
+
+
+def triton_kernels_available() -> bool:
+    """True when Triton imports and can compile for the current CUDA device."""
+    try:
+        from vimssl.ssm import triton_core
+    except Exception:  # no triton, or a broken install
+        return False
+    return triton_core.available()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -55,7 +67,24 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
         cuda._kernels()  # raises CudaKernelsUnavailable with install advice
         return "cuda"
-    chosen = "cuda" if device.type == "cuda" and cuda_kernels_available() else "torch"
+    if backend == "triton":
+        if device.type != "cuda":
+            raise RuntimeError(
+                f"backend='triton' needs tensors on a CUDA device, got {device}; "
+                "move the model to the GPU or use backend='torch' (or 'auto')"
+            )
+        if not triton_kernels_available():
+            raise RuntimeError(
+                "backend='triton' needs the triton package (installed with PyTorch on Linux CUDA "
+                "builds) and a GPU of compute capability 8.0 or newer; use backend='cuda' or 'auto'"
+            )
+        return "triton"
+    chosen = "torch"
+    if device.type == "cuda":
+        if triton_kernels_available():
+            chosen = "triton"
+        elif cuda_kernels_available():
+            chosen = "cuda"
     if (device.type, chosen) not in _logged:
         _logged.add((device.type, chosen))
         log.info("vimssl backend 'auto' chose %r for %s tensors", chosen, device.type)
@@ -69,6 +98,16 @@ def get_ops(name: str) -> SSMOps:
         from vimssl.ssm import cuda
 
         return SSMOps("cuda", cuda.selective_scan, cuda.causal_conv1d, cuda.add_rms_norm)
+    if name == "triton":
+        from vimssl.ssm import triton_core
+
+        return SSMOps(
+            "triton",
+            selective_scan_ref,
+            causal_conv1d_ref,
+            triton_core.add_rms_norm,
+            core=triton_core.bimamba_core_triton,
+        )
     raise ValueError(f"no kernel ops for backend {name!r}; resolve 'auto' first")
 
 

@@ -1,0 +1,197 @@
+"""Mixer-core microbenchmark of the ``triton`` path against the composed ``cuda`` path (one GPU).
+
+    python benchmarks/triton_core.py --parity --sweep --out $OUT/core.json
+
+* ``--parity``: the fused core against the float64 reference (outputs and every gradient) on a
+  few shapes, printed as relative errors.
+* per-kernel times (median, CUDA events via ``triton.testing.do_bench``) at the Vim-S training
+  shape (B 128, L 197, E 768, N 16), forward and forward+backward of the whole core for both
+  paths, with the floors: bytes the core must move over the measured copy bandwidth, and the
+  exp count over the special-function rate.
+* ``--sweep``: scan kernels' chunk length / channels per program / warps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+from triton.testing import do_bench
+
+from vimssl.models.mixer import BiMambaMixer, bimamba_core
+from vimssl.ssm import triton_core as tc
+from vimssl.ssm.dispatch import get_ops
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def mixer(d, n=16, seed=0):
+    torch.manual_seed(seed)
+    m = BiMambaMixer(d, d_state=n).cuda()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def parity() -> list[dict]:
+    rows = []
+    for bsz, seqlen, d, dtype in [(1, 1, 64, torch.float32), (3, 197, 192, torch.float32),
+                                  (2, 197, 384, torch.bfloat16), (1, 1025, 128, torch.bfloat16),
+                                  (2, 4097, 64, torch.float32), (5, 50, 96, torch.bfloat16)]:  # fmt: skip
+        m = mixer(d)
+        xz = torch.randn(bsz, seqlen, 2 * m.d_inner, device="cuda")
+        params = [xz] + list(m.parameters())
+        md = mixer(d).double()
+        md.load_state_dict(m.state_dict())
+        xzd = xz.double().requires_grad_()
+        ref = bimamba_core(xzd, md, get_ops("torch"))
+        g = torch.randn_like(ref)
+        gref = torch.autograd.grad(
+            ref, [xzd] + list(md.parameters()), g, allow_unused=True, materialize_grads=True
+        )
+        xzt = xz.to(dtype).requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = tc.bimamba_core_triton(xzt, m)
+        gout = torch.autograd.grad(out, [xzt] + list(m.parameters()), g.to(out.dtype))
+        errs = {"out": rel(out, ref)}
+        for (name, _), a, b in zip([("xz", None)] + list(m.named_parameters()), gout, gref):
+            errs[name] = rel(a, b)
+        worst = max(errs, key=errs.get)
+        rows.append(
+            dict(
+                shape=(bsz, seqlen, d), dtype=str(dtype), out=errs["out"], worst=worst, worst_err=errs[worst]
+            )
+        )
+        print(
+            f"parity {bsz}x{seqlen}x{d} {dtype}: out {errs['out']:.2e}  worst grad {worst} {errs[worst]:.2e}",
+            flush=True,
+        )
+        del params
+    return rows
+
+
+def core_times(bsz=128, seqlen=197, d=384) -> dict:
+    m = mixer(d)
+    e = m.d_inner
+    xz = (torch.randn(bsz, seqlen, 2 * e, device="cuda") * 0.5).to(torch.bfloat16).requires_grad_()
+    cuda_ops = get_ops("cuda")
+
+    def run(fn, train):
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = fn(xz, m)
+            if train:
+                y.backward(gy)
+
+        return step
+
+    gy = torch.randn(bsz, seqlen, e, device="cuda", dtype=torch.bfloat16)
+    res = {}
+    for name, fn in [
+        ("cuda", lambda x, mm: bimamba_core(x, mm, cuda_ops)),
+        ("triton", tc.bimamba_core_triton),
+    ]:
+        for train in (False, True):
+            torch.cuda.reset_peak_memory_stats()
+            ms = do_bench(run(fn, train), warmup=50, rep=300, return_mode="median")
+            res[f"{name}_{'fwd_bwd' if train else 'fwd'}_ms"] = ms
+    # kernels alone
+    with torch.no_grad():
+        x, z = xz[..., :e], xz[..., e:]
+        cw = torch.cat([m.conv1d.weight, m.conv1d_b.weight]).squeeze(1).float().contiguous()
+        cb = torch.cat([m.conv1d.bias, m.conv1d_b.bias]).float().contiguous()
+        xc = torch.empty(bsz, seqlen, 2 * e, device="cuda", dtype=torch.bfloat16)
+        res["k_conv_fwd_ms"] = do_bench(lambda: tc.conv_fwd(x, cw, cb, xc), return_mode="median")
+        n, r = m.d_state, m.dt_rank
+        dbc = torch.randn(bsz, seqlen, 2, r + 2 * n, device="cuda", dtype=torch.bfloat16)
+        dt = torch.randn(bsz, seqlen, 2 * e, device="cuda", dtype=torch.bfloat16) - 2
+        A = -torch.exp(torch.cat([m.A_log, m.A_b_log]).float())
+        D = torch.cat([m.D, m.D_b]).float()
+        dtb = torch.cat([m.dt_proj.bias, m.dt_proj_b.bias]).float()
+        res["k_scan_fwd_ms"] = do_bench(
+            lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, n, False), return_mode="median"
+        )
+        res["k_scan_fwd_save_ms"] = do_bench(
+            lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, n, True), return_mode="median"
+        )
+        _, ysum = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, n, True)
+        dz = torch.empty(bsz, seqlen, e, device="cuda", dtype=torch.bfloat16)
+        res["k_scan_bwd_ms"] = do_bench(
+            lambda: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ysum, dz, n), return_mode="median"
+        )
+        du = torch.randn_like(xc)
+        dx = torch.empty(bsz, seqlen, e, device="cuda", dtype=torch.bfloat16)
+        res["k_conv_bwd_ms"] = do_bench(lambda: tc.conv_bwd(x, cw, cb, du, dx), return_mode="median")
+        # ceilings: copy bandwidth (read + write) and the exp rate
+        big = torch.empty(2**28, device="cuda", dtype=torch.bfloat16)
+        big2 = torch.empty_like(big)
+        t = do_bench(lambda: big2.copy_(big), return_mode="median")
+        res["copy_tb_s"] = 2 * big.numel() * 2 / t / 1e9
+    tok = bsz * seqlen
+    # fewest bytes of the scan forward kernel: read xc, dt (2E each), z (E), B, C; write y (E), bf16
+    res["scan_fwd_min_bytes"] = tok * (2 * e * 2 * 2 + e * 2 + 2 * 2 * 2 * n * 2 + e * 2)
+    res["scan_exp_count_fwd"] = tok * 2 * e * n
+    return res
+
+
+def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
+    m = mixer(d)
+    e, n, r = m.d_inner, m.d_state, m.dt_rank
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    xc = torch.randn(bsz, seqlen, 2 * e, **bf)
+    z = torch.randn(bsz, seqlen, e, **bf)
+    dbc = torch.randn(bsz, seqlen, 2, r + 2 * n, **bf)
+    dt = torch.randn(bsz, seqlen, 2 * e, **bf) - 2
+    A = -torch.exp(torch.cat([m.A_log, m.A_b_log]).float())
+    D = torch.cat([m.D, m.D_b]).float()
+    dtb = torch.cat([m.dt_proj.bias, m.dt_proj_b.bias]).float()
+    gy = torch.randn(bsz, seqlen, e, **bf)
+    dz = torch.empty(bsz, seqlen, e, **bf)
+    rows = []
+    saved = (tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS)
+    for T, BE, W in itertools.product([8, 16, 32], [8, 16, 32], [2, 4, 8]):
+        if T * BE * 16 / (32 * W) > 256:  # elements per thread of one (T, BE, N) tensor
+            continue
+        tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS = T, BE, W
+        try:
+            f = do_bench(lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, n, True), return_mode="median")
+            _, ysum = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, n, True)
+            b = do_bench(
+                lambda ys=ysum: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ys, dz, n), return_mode="median"
+            )
+        except Exception as err:  # out of resources
+            print(f"sweep T={T} BE={BE} W={W}: {type(err).__name__}", flush=True)
+            continue
+        rows.append(dict(T=T, BE=BE, warps=W, fwd_ms=f, bwd_ms=b))
+        print(f"sweep T={T:2d} BE={BE:2d} W={W}: fwd {f:.3f} ms  bwd {b:.3f} ms", flush=True)
+    tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS = saved
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parity", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    out = {"gpu": torch.cuda.get_device_name(0)}
+    if args.parity:
+        out["parity"] = parity()
+    out["times"] = core_times()
+    for k, v in out["times"].items():
+        print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}", flush=True)
+    if args.sweep:
+        out["sweep"] = sweep()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

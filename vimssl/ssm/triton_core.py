@@ -1,0 +1,214 @@
+"""The ``triton`` kernel path: the whole bidirectional mixer core as one autograd Function.
+
+``bimamba_core_triton(xz, mixer)`` computes what :func:`vimssl.models.mixer.bimamba_core` computes
+(xz (B, L, 2E) -> gated, combined y (B, L, E)) with three Triton kernels and three matmuls:
+
+forward   conv+SiLU of both branches (one kernel)  -> x_proj matmul -> dt_proj matmul
+          -> scan of both branches + D skip + SiLU(z) gate + combine (one kernel)
+backward  conv recompute -> dt_proj recompute -> scan backward (one kernel, both branches)
+          -> dt_proj / x_proj backward matmuls -> conv backward (one kernel)
+
+Saved for the backward: xz, the x_proj output (small) and the ungated branch sum (B, L, E); the
+conv output and delta are recomputed. Triton is imported only when this module is.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from vimssl.ssm import triton_kernels as K
+
+# chunk length, channels per program and warps of the scan kernels; conv tile
+SCAN_T, SCAN_BE, SCAN_WARPS = 16, 16, 4
+CONV_BT, CONV_BE = 32, 64
+
+
+def _check(xz: torch.Tensor, e: int) -> None:
+    if xz.dim() != 3 or xz.shape[-1] != 2 * e:
+        raise ValueError(f"expected xz of shape (batch, tokens, {2 * e}), got {tuple(xz.shape)}")
+    if xz.stride(-1) != 1:
+        raise ValueError("xz must be contiguous in its last (channel) dimension")
+
+
+def conv_fwd(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """x (B, L, E) view, channel stride 1 -> out (B, L, 2E): both branches' SiLU(conv + bias)."""
+    bsz, seqlen, e = x.shape
+    grid = (triton.cdiv(seqlen, CONV_BT), triton.cdiv(e, CONV_BE), bsz)
+    K.conv_fwd_kernel[grid](
+        x, w, bias, out, seqlen, e, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        K=w.shape[1], BT=CONV_BT, BE=CONV_BE,
+    )  # fmt: skip
+    return out
+
+
+def conv_bwd(x, w, bias, g, dx):
+    """Gradients of :func:`conv_fwd`: writes dx (B, L, E); returns dw (2E, K), dbias (2E,) float32."""
+    bsz, seqlen, e = x.shape
+    n_tiles = triton.cdiv(seqlen, CONV_BT)
+    dw = torch.empty(bsz, n_tiles, 2 * e, w.shape[1], device=x.device, dtype=torch.float32)
+    db = torch.empty(bsz, n_tiles, 2 * e, device=x.device, dtype=torch.float32)
+    grid = (n_tiles, triton.cdiv(e, CONV_BE), bsz)
+    K.conv_bwd_kernel[grid](
+        x, w, bias, g, dx, dw, db, seqlen, e, n_tiles,
+        x.stride(0), x.stride(1), g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
+        K=w.shape[1], BT=CONV_BT, BE=CONV_BE,
+    )  # fmt: skip
+    return dw.sum((0, 1)), db.sum((0, 1))
+
+
+def _scan_meta(d_state: int) -> dict:
+    return dict(T=SCAN_T, BE=SCAN_BE, BN=triton.next_power_of_2(d_state), num_warps=SCAN_WARPS)
+
+
+def scan_fwd(xc, dt, dbc, z, A, D, dt_bias, d_state, save_sum):
+    """Returns y (B, L, E) and, if ``save_sum``, the ungated branch sum (else None)."""
+    bsz, seqlen, e2 = xc.shape
+    e, r = e2 // 2, dbc.shape[-1] - 2 * d_state
+    y = torch.empty(bsz, seqlen, e, device=xc.device, dtype=xc.dtype)
+    ysum = torch.empty_like(y) if save_sum else y
+    grid = (triton.cdiv(e, SCAN_BE), bsz)
+    K.scan_fwd_kernel[grid](
+        xc, dt, dbc, z, A, D, dt_bias, y, ysum, seqlen, e, d_state, r,
+        xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
+        dbc.stride(0), dbc.stride(1), dbc.stride(2), z.stride(0), z.stride(1), y.stride(0), y.stride(1),
+        SAVE_SUM=save_sum, **_scan_meta(d_state),
+    )  # fmt: skip
+    return y, (ysum if save_sum else None)
+
+
+def scan_bwd(xc, dt, dbc, z, A, D, dt_bias, dy, ysum, dz, d_state):
+    """Returns du, ddt (B, L, 2E) in xc's dtype, dBC (B, L, 2, 2N), dA (2E, N), dD (2E,) float32;
+    writes dz (B, L, E)."""
+    bsz, seqlen, e2 = xc.shape
+    e, r = e2 // 2, dbc.shape[-1] - 2 * d_state
+    meta = _scan_meta(d_state)
+    n_eb, n_chunks = triton.cdiv(e, SCAN_BE), triton.cdiv(seqlen, SCAN_T)
+    f32 = dict(device=xc.device, dtype=torch.float32)
+    hst = torch.empty(bsz, e2, n_chunks, meta["BN"], **f32)
+    du, ddt = torch.empty_like(xc), torch.empty_like(xc)
+    part = torch.empty(bsz, 2, n_eb, seqlen, 2 * d_state, **f32)
+    dA = torch.empty(bsz, e2, d_state, **f32)
+    dD = torch.empty(bsz, e2, **f32)
+    dy = dy.contiguous()
+    K.scan_bwd_kernel[(n_eb, bsz, 2)](
+        xc, dt, dbc, z, A, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, dA, dD,
+        seqlen, e, d_state, r, n_eb,
+        xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
+        dbc.stride(0), dbc.stride(1), dbc.stride(2), z.stride(0), z.stride(1),
+        dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1), **meta,
+    )  # fmt: skip
+    return du, ddt, part.sum(2).transpose(1, 2), dA.sum(0), dD.sum(0)
+
+
+def _weights(conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dtype):
+    conv_w = conv_w.float().contiguous()  # (2E, K)
+    x_w = torch.block_diag(x_w_f, x_w_b).to(dtype)  # (2(R+2N), 2E)
+    dt_w = torch.block_diag(dt_w_f, dt_w_b).to(dtype)  # (2E, 2R)
+    return conv_w, conv_b.float().contiguous(), x_w, dt_w
+
+
+def _dt_input(dbc: torch.Tensor, r: int) -> torch.Tensor:
+    bsz, seqlen = dbc.shape[:2]
+    return dbc[..., :r].reshape(bsz * seqlen, 2 * r)  # (B*L, 2R): forward | backward
+
+
+class BiMambaCoreFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xz, conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dt_bias, A_log, D, d_state: int):
+        bsz, seqlen, e2 = xz.shape
+        e, r = e2 // 2, dt_w_f.shape[1]
+        cw, cb, x_w, dt_w = _weights(conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, xz.dtype)
+        x, z = xz[..., :e], xz[..., e:]
+        xc = conv_fwd(x, cw, cb, torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype))
+        dbc = (xc.view(-1, e2) @ x_w.t()).view(bsz, seqlen, 2, r + 2 * d_state)
+        dt = (_dt_input(dbc, r) @ dt_w.t()).view(bsz, seqlen, e2)
+        A = -torch.exp(A_log.float())
+        save = torch.is_grad_enabled() or any(ctx.needs_input_grad)
+        y, ysum = scan_fwd(xc, dt, dbc, z, A, D.float(), dt_bias.float(), d_state, save_sum=save)
+        if save:
+            ctx.save_for_backward(
+                xz, dbc, ysum, conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dt_bias, A_log, D
+            )
+            ctx.d_state = d_state
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xz, dbc, ysum, conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dt_bias, A_log, D = ctx.saved_tensors
+        n = ctx.d_state
+        bsz, seqlen, e2 = xz.shape
+        e, r = e2 // 2, dt_w_f.shape[1]
+        cw, cb, x_w, dt_w = _weights(conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, xz.dtype)
+        x, z = xz[..., :e], xz[..., e:]
+        xc = conv_fwd(x, cw, cb, torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype))
+        dt_in = _dt_input(dbc, r)
+        dt = (dt_in @ dt_w.t()).view(bsz, seqlen, e2)
+        A = -torch.exp(A_log.float())
+        dxz = torch.empty_like(xz)
+        du, ddt, dBC, dA, dD = scan_bwd(
+            xc, dt, dbc, z, A, D.float(), dt_bias.float(), dy.to(xz.dtype), ysum, dxz[..., e:], n
+        )
+        # dt_proj: dt = dt_in @ dt_w.T (+ bias inside the kernel)
+        ddt2 = ddt.view(-1, e2)
+        d_dt_in = (ddt2 @ dt_w).view(bsz, seqlen, 2, r)
+        d_dt_w = (ddt2.t() @ dt_in).float()  # (2E, 2R), block diagonal
+        d_dt_bias = ddt2.float().sum(0)
+        # x_proj: dbc = xc @ x_w.T
+        d_dbc = torch.cat([d_dt_in, dBC.to(xz.dtype)], dim=-1).view(-1, 2 * (r + 2 * n))
+        du = du.view(-1, e2).addmm_(d_dbc, x_w).view(bsz, seqlen, e2)
+        d_x_w = (d_dbc.t() @ xc.view(-1, e2)).float()  # (2(R+2N), 2E), block diagonal
+        dcw, dcb = conv_bwd(x, cw, cb, du, dxz[..., :e])
+        p = r + 2 * n
+        return (
+            dxz,
+            dcw.view_as(conv_w).to(conv_w.dtype),
+            dcb.to(conv_b.dtype),
+            d_x_w[:p, :e].to(x_w_f.dtype),
+            d_x_w[p:, e:].to(x_w_b.dtype),
+            d_dt_w[:e, :r].to(dt_w_f.dtype),
+            d_dt_w[e:, r:].to(dt_w_b.dtype),
+            d_dt_bias.to(dt_bias.dtype),
+            (dA * A).to(A_log.dtype),  # A = -exp(A_log): dA/dA_log = A
+            dD.to(D.dtype),
+            None,
+        )
+
+
+def bimamba_core_triton(xz: torch.Tensor, m) -> torch.Tensor:
+    """xz (B, L, 2E) -> (B, L, E) for a :class:`~vimssl.models.mixer.BiMambaMixer` ``m``."""
+    _check(xz, m.d_inner)
+    if not xz.is_contiguous():
+        xz = xz.contiguous()
+    conv_w = torch.cat([m.conv1d.weight, m.conv1d_b.weight]).squeeze(1)  # (2E, K)
+    conv_b = torch.cat([m.conv1d.bias, m.conv1d_b.bias])
+    dt_bias = torch.cat([m.dt_proj.bias, m.dt_proj_b.bias])
+    A_log = torch.cat([m.A_log, m.A_b_log])
+    D = torch.cat([m.D, m.D_b])
+    return BiMambaCoreFn.apply(
+        xz, conv_w, conv_b, m.x_proj.weight, m.x_proj_b.weight, m.dt_proj.weight, m.dt_proj_b.weight,
+        dt_bias, A_log, D, m.d_state,
+    )  # fmt: skip
+
+
+@functools.cache
+def available() -> bool:
+    """True when Triton can compile for the current CUDA device (compute capability 8.0+)."""
+    try:
+        return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    except Exception:
+        return False
+
+
+def add_rms_norm(x, residual, norm):
+    """``residual + x`` then RMSNorm: mamba-ssm's fused Triton kernel when that package is there,
+    otherwise the plain PyTorch version."""
+    from vimssl.ssm import cuda
+
+    if cuda.available():
+        return cuda.add_rms_norm(x, residual, norm)
+    from vimssl.layers.norm import add_rms_norm as plain
+
+    return plain(x, residual, norm)
