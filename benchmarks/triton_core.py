@@ -58,9 +58,13 @@ def parity() -> list[dict]:
         xzt = xz.to(dtype).requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             out = tc.bimamba_core_triton(xzt, m)
-        gout = torch.autograd.grad(out, [xzt] + list(m.parameters()), g.to(out.dtype))
+        gout = torch.autograd.grad(
+            out, [xzt] + list(m.parameters()), g.to(out.dtype), allow_unused=True, materialize_grads=True
+        )
         errs = {"out": rel(out, ref)}
         for (name, _), a, b in zip([("xz", None)] + list(m.named_parameters()), gout, gref):
+            if name.startswith(("in_proj", "out_proj")):  # not part of the core
+                continue
             errs[name] = rel(a, b)
         worst = max(errs, key=errs.get)
         rows.append(
@@ -154,23 +158,26 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     gy = torch.randn(bsz, seqlen, e, **bf)
     dz = torch.empty(bsz, seqlen, e, **bf)
     rows = []
-    saved = (tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS)
-    for T, BE, W in itertools.product([8, 16, 32], [8, 16, 32], [2, 4, 8]):
-        if T * BE * 16 / (32 * W) > 256:  # elements per thread of one (T, BE, N) tensor
-            continue
-        tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS = T, BE, W
+    saved = (tc.SCAN_IMPL, tc.SEQ_BE, tc.SEQ_WARPS, tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS)
+    configs = [("seq", be, w, 0) for be, w in [(32, 1), (64, 1), (64, 2), (128, 2), (128, 4), (256, 4), (256, 8)]]
+    configs += [("chunk", be, w, t) for t, be, w in [(8, 16, 4), (8, 32, 4)]]
+    for impl, BE, W, T in configs:
+        tc.SCAN_IMPL = impl
+        if impl == "seq":
+            tc.SEQ_BE, tc.SEQ_WARPS = BE, W
+        else:
+            tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS = T, BE, W
         try:
             f = do_bench(lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, n, True), return_mode="median")
             _, ysum = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, n, True)
-            b = do_bench(
-                lambda ys=ysum: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ys, dz, n), return_mode="median"
-            )
+            b = do_bench(lambda ys=ysum: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ys, dz, n), return_mode="median")
         except Exception as err:  # out of resources
-            print(f"sweep T={T} BE={BE} W={W}: {type(err).__name__}", flush=True)
+            print(f"sweep {impl} T={T} BE={BE} W={W}: {type(err).__name__}: {str(err)[:200]}", flush=True)
             continue
-        rows.append(dict(T=T, BE=BE, warps=W, fwd_ms=f, bwd_ms=b))
-        print(f"sweep T={T:2d} BE={BE:2d} W={W}: fwd {f:.3f} ms  bwd {b:.3f} ms", flush=True)
-    tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS = saved
+        regs = {k: (h.n_regs, h.n_spills) for k, h in tc.LAST.items() if k.startswith("scan")}
+        rows.append(dict(impl=impl, T=T, BE=BE, warps=W, fwd_ms=f, bwd_ms=b, regs_spills=regs))
+        print(f"sweep {impl:5s} T={T:2d} BE={BE:3d} W={W}: fwd {f:.3f} ms  bwd {b:.3f} ms  {regs}", flush=True)
+    tc.SCAN_IMPL, tc.SEQ_BE, tc.SEQ_WARPS, tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS = saved
     return rows
 
 
@@ -179,15 +186,40 @@ def main():
     ap.add_argument("--parity", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--models", nargs="*", default=[], help="whole-model throughput (cuda, triton, deit) after the sweep")
     args = ap.parse_args()
     out = {"gpu": torch.cuda.get_device_name(0)}
     if args.parity:
         out["parity"] = parity()
     out["times"] = core_times()
+    out["regs_spills"] = {k: (h.n_regs, h.n_spills) for k, h in tc.LAST.items()}
+    print("registers, spills:", out["regs_spills"])
     for k, v in out["times"].items():
         print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}", flush=True)
     if args.sweep:
         out["sweep"] = sweep()
+        best = min(out["sweep"], key=lambda r: r["fwd_ms"] + r["bwd_ms"])
+        print("best scan config:", best, flush=True)
+        tc.SCAN_IMPL = best["impl"]
+        if best["impl"] == "seq":
+            tc.SEQ_BE, tc.SEQ_WARPS = best["BE"], best["warps"]
+        else:
+            tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS = best["T"], best["BE"], best["warps"]
+        out["times_best"] = core_times()
+        print({k: round(v, 4) for k, v in out["times_best"].items() if k.endswith("_ms")}, flush=True)
+    if args.models:
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from throughput import measure
+
+        out["models"] = []
+        for name in args.models:
+            for path in ("cuda", "triton", "deit"):
+                rec = measure(name, path, 224, 128, 5)
+                out["models"].append(rec)
+                print(rec, flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)

@@ -21,9 +21,13 @@ import triton
 
 from vimssl.ssm import triton_kernels as K
 
-# chunk length, channels per program and warps of the scan kernels; conv tile
+# scan kernels: "seq" (a thread per channel, sequential over tokens) or "chunk" (associative scan
+# over chunks of SCAN_T tokens); channels per program and warps of each
+SCAN_IMPL = "seq"
+SEQ_BE, SEQ_WARPS = 64, 2
 SCAN_T, SCAN_BE, SCAN_WARPS = 16, 16, 4
 CONV_BT, CONV_BE = 32, 64
+LAST: dict = {}  # the last launch handle of each kernel (registers and spills, for benchmarks)
 
 
 def _check(xz: torch.Tensor, e: int) -> None:
@@ -37,7 +41,7 @@ def conv_fwd(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, out: torch.Te
     """x (B, L, E) view, channel stride 1 -> out (B, L, 2E): both branches' SiLU(conv + bias)."""
     bsz, seqlen, e = x.shape
     grid = (triton.cdiv(seqlen, CONV_BT), triton.cdiv(e, CONV_BE), bsz)
-    K.conv_fwd_kernel[grid](
+    LAST["conv_fwd_kernel"] = K.conv_fwd_kernel[grid](
         x, w, bias, out, seqlen, e, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         K=w.shape[1], BT=CONV_BT, BE=CONV_BE,
     )  # fmt: skip
@@ -51,7 +55,7 @@ def conv_bwd(x, w, bias, g, dx):
     dw = torch.empty(bsz, n_tiles, 2 * e, w.shape[1], device=x.device, dtype=torch.float32)
     db = torch.empty(bsz, n_tiles, 2 * e, device=x.device, dtype=torch.float32)
     grid = (n_tiles, triton.cdiv(e, CONV_BE), bsz)
-    K.conv_bwd_kernel[grid](
+    LAST["conv_bwd_kernel"] = K.conv_bwd_kernel[grid](
         x, w, bias, g, dx, dw, db, seqlen, e, n_tiles,
         x.stride(0), x.stride(1), g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
         K=w.shape[1], BT=CONV_BT, BE=CONV_BE,
@@ -69,13 +73,21 @@ def scan_fwd(xc, dt, dbc, z, A, D, dt_bias, d_state, save_sum):
     e, r = e2 // 2, dbc.shape[-1] - 2 * d_state
     y = torch.empty(bsz, seqlen, e, device=xc.device, dtype=xc.dtype)
     ysum = torch.empty_like(y) if save_sum else y
-    grid = (triton.cdiv(e, SCAN_BE), bsz)
-    K.scan_fwd_kernel[grid](
-        xc, dt, dbc, z, A, D, dt_bias, y, ysum, seqlen, e, d_state, r,
+    strides = (
         xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
         dbc.stride(0), dbc.stride(1), dbc.stride(2), z.stride(0), z.stride(1), y.stride(0), y.stride(1),
-        SAVE_SUM=save_sum, **_scan_meta(d_state),
     )  # fmt: skip
+    bn = triton.next_power_of_2(d_state)
+    if SCAN_IMPL == "seq":
+        LAST["scan_fwd_kernel"] = K.scan_fwd_seq_kernel[(triton.cdiv(e, SEQ_BE), bsz)](
+            xc, dt, dbc, z, A.t().contiguous(), D, dt_bias, y, ysum, seqlen, e, d_state, r, *strides,
+            SAVE_SUM=save_sum, BE=SEQ_BE, BN=bn, num_warps=SEQ_WARPS,
+        )  # fmt: skip
+    else:
+        LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(triton.cdiv(e, SCAN_BE), bsz)](
+            xc, dt, dbc, z, A, D, dt_bias, y, ysum, seqlen, e, d_state, r, *strides,
+            SAVE_SUM=save_sum, **_scan_meta(d_state),
+        )  # fmt: skip
     return y, (ysum if save_sum else None)
 
 
@@ -84,23 +96,34 @@ def scan_bwd(xc, dt, dbc, z, A, D, dt_bias, dy, ysum, dz, d_state):
     writes dz (B, L, E)."""
     bsz, seqlen, e2 = xc.shape
     e, r = e2 // 2, dbc.shape[-1] - 2 * d_state
-    meta = _scan_meta(d_state)
-    n_eb, n_chunks = triton.cdiv(e, SCAN_BE), triton.cdiv(seqlen, SCAN_T)
+    bn = triton.next_power_of_2(d_state)
+    seq = SCAN_IMPL == "seq"
+    be = SEQ_BE if seq else SCAN_BE
+    n_eb = triton.cdiv(e, be)
+    n_chunks = triton.cdiv(seqlen, 4 if seq else SCAN_T)
     f32 = dict(device=xc.device, dtype=torch.float32)
-    hst = torch.empty(bsz, e2, n_chunks, meta["BN"], **f32)
+    hst = torch.empty(bsz, e2, n_chunks, bn, **f32)
     du, ddt = torch.empty_like(xc), torch.empty_like(xc)
     part = torch.empty(bsz, 2, n_eb, seqlen, 2 * d_state, **f32)
-    dA = torch.empty(bsz, e2, d_state, **f32)
+    dA = torch.empty(bsz, d_state, e2, **f32) if seq else torch.empty(bsz, e2, d_state, **f32)
     dD = torch.empty(bsz, e2, **f32)
     dy = dy.contiguous()
-    K.scan_bwd_kernel[(n_eb, bsz, 2)](
-        xc, dt, dbc, z, A, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, dA, dD,
+    args = (
+        xc, dt, dbc, z, A.t().contiguous() if seq else A, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, dA, dD,
         seqlen, e, d_state, r, n_eb,
         xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
         dbc.stride(0), dbc.stride(1), dbc.stride(2), z.stride(0), z.stride(1),
-        dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1), **meta,
+        dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1),
     )  # fmt: skip
-    return du, ddt, part.sum(2).transpose(1, 2), dA.sum(0), dD.sum(0)
+    if seq:
+        LAST["scan_bwd_kernel"] = K.scan_bwd_seq_kernel[(n_eb, bsz, 2)](
+            *args, BE=SEQ_BE, BN=bn, num_warps=SEQ_WARPS
+        )
+        dA = dA.sum(0).t()
+    else:
+        LAST["scan_bwd_kernel"] = K.scan_bwd_kernel[(n_eb, bsz, 2)](*args, **_scan_meta(d_state))
+        dA = dA.sum(0)
+    return du, ddt, part.sum(2).transpose(1, 2), dA, dD.sum(0)
 
 
 def _weights(conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dtype):

@@ -360,3 +360,188 @@ def scan_bwd_kernel(
             )
     tl.store(dA_ptr + (b * 2 * E + ch[:, None]) * N + n[None, :], dA, mask=mA)
     tl.store(dD_ptr + b * 2 * E + ch, dD, mask=me)
+
+
+# ----------------------------------------------------------------------------------------------
+# sequential variant: one thread per channel with its N states in registers, four tokens per
+# iteration (their loads issued together), no cross-thread traffic in the recurrence
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tok(u_base, dt_base, bc_base, i, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, bc_off, N):
+    """Token i of the scan order (t = i forward, L-1-i backward): u, raw dt, delta (BE,),
+    B, C (BN,), decay a and drive b (BN, BE); past the end a = 1, b = 0."""
+    t = tl.where(D == 0, i, L - 1 - i)
+    ok = i < L
+    m = me & ok
+    u = tl.load(u_base + t * su_l + ch, mask=m, other=0.0).to(tl.float32)
+    raw = tl.load(dt_base + t * sd_l + ch, mask=m, other=0.0).to(tl.float32) + bias
+    delta = tl.where(m, _softplus(raw), 0.0)
+    Bv = tl.load(bc_base + t * sbc_l + bc_off + n, mask=mn & ok, other=0.0).to(tl.float32)
+    Cv = tl.load(bc_base + t * sbc_l + bc_off + N + n, mask=mn & ok, other=0.0).to(tl.float32)
+    a = tl.exp(At * delta[None, :])
+    drive = Bv[:, None] * (delta * u)[None, :]
+    return t, m, u, raw, delta, Bv, Cv, a, drive
+
+
+@triton.jit
+def scan_fwd_seq_kernel(
+    u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, y_ptr, ysum_ptr,
+    L, E, N, R,
+    su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l,
+    SAVE_SUM: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """Same contract as :func:`scan_fwd_kernel`, except At = A transposed, (N, 2E)."""
+    pid_e, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    e = pid_e * BE + tl.arange(0, BE)
+    me = e < E
+    n = tl.arange(0, BN)
+    mn = n < N
+    u_base, dt_base, bc_base = u_ptr + b * su_b, dt_ptr + b * sd_b, bc_ptr + b * sbc_b
+    y_base, z_base, s_base = y_ptr + b * sy_b + e, z_ptr + b * sz_b + e, ysum_ptr + b * sy_b + e
+    for D in tl.static_range(2):
+        ch = D * E + e
+        At = tl.load(At_ptr + n[:, None] * (2 * E) + ch[None, :], mask=mn[:, None] & me[None, :], other=0.0)
+        Dv = tl.load(D_ptr + ch, mask=me, other=0.0)
+        bias = tl.load(dtb_ptr + ch, mask=me, other=0.0)
+        off = D * sbc_d + R
+        h = tl.zeros((BN, BE), tl.float32)
+        for i0 in range(0, L, 4):
+            t0, m0, u0, _, _, _, C0, a0, d0 = _tok(u_base, dt_base, bc_base, i0, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
+            t1, m1, u1, _, _, _, C1, a1, d1 = _tok(u_base, dt_base, bc_base, i0 + 1, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
+            t2, m2, u2, _, _, _, C2, a2, d2 = _tok(u_base, dt_base, bc_base, i0 + 2, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
+            t3, m3, u3, _, _, _, C3, a3, d3 = _tok(u_base, dt_base, bc_base, i0 + 3, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
+            h = a0 * h + d0
+            y0 = tl.sum(h * C0[:, None], axis=0) + Dv * u0
+            h = a1 * h + d1
+            y1 = tl.sum(h * C1[:, None], axis=0) + Dv * u1
+            h = a2 * h + d2
+            y2 = tl.sum(h * C2[:, None], axis=0) + Dv * u2
+            h = a3 * h + d3
+            y3 = tl.sum(h * C3[:, None], axis=0) + Dv * u3
+            if D == 0:
+                tl.store(y_base + t0 * sy_l, y0.to(y_ptr.dtype.element_ty), mask=m0)
+                tl.store(y_base + t1 * sy_l, y1.to(y_ptr.dtype.element_ty), mask=m1)
+                tl.store(y_base + t2 * sy_l, y2.to(y_ptr.dtype.element_ty), mask=m2)
+                tl.store(y_base + t3 * sy_l, y3.to(y_ptr.dtype.element_ty), mask=m3)
+            else:
+                _combine(y_base, z_base, s_base, t0, m0, y0, sy_l, sz_l, SAVE_SUM)
+                _combine(y_base, z_base, s_base, t1, m1, y1, sy_l, sz_l, SAVE_SUM)
+                _combine(y_base, z_base, s_base, t2, m2, y2, sy_l, sz_l, SAVE_SUM)
+                _combine(y_base, z_base, s_base, t3, m3, y3, sy_l, sz_l, SAVE_SUM)
+        if D == 0:
+            tl.debug_barrier()
+
+
+@triton.jit
+def _combine(y_base, z_base, s_base, t, m, y_b, sy_l, sz_l, SAVE_SUM: tl.constexpr):
+    ys = tl.load(y_base + t * sy_l, mask=m, other=0.0).to(tl.float32) + y_b
+    z = tl.load(z_base + t * sz_l, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_base + t * sy_l, (ys * _silu(z) * 0.5).to(y_base.dtype.element_ty), mask=m)
+    if SAVE_SUM:
+        tl.store(s_base + t * sy_l, ys.to(s_base.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _tok_bwd(u_base, dt_base, bc_base, dy_base, z_base, s_base, dz_base, part, du_base, ddt_base,
+             i, L, D, ch, me, n, mn, bias, At, Dv, su_l, sd_l, sbc_l, bc_off, N, sy_l, sz_l, sdz_l,
+             hs, w, dA, dD):  # fmt: skip
+    """Gradients at token i of the scan order, given its state hs and w = a_next * dh_next.
+    Returns the new w (for token i - 1) and the updated dA, dD accumulators."""
+    t, m, u, raw, delta, Bv, Cv, a, drive = _tok(
+        u_base, dt_base, bc_base, i, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, bc_off, N
+    )
+    dy = tl.load(dy_base + t * sy_l, mask=m, other=0.0).to(tl.float32)
+    z = tl.load(z_base + t * sz_l, mask=m, other=0.0).to(tl.float32)
+    g = dy * _silu(z) * 0.5
+    dh = Cv[:, None] * g[None, :] + w  # (BN, BE)
+    h_in = hs - drive  # a_t * h_{t-1}
+    dB_in = tl.sum(dh * Bv[:, None], axis=0)
+    ddelta = tl.sum(dh * At * h_in, axis=0) + u * dB_in
+    du = Dv * g + delta * dB_in
+    dA += dh * h_in * delta[None, :]
+    dD += g * u
+    ok = (i < L) & mn
+    tl.store(part + t * (2 * N) + n, tl.sum(dh * (delta * u)[None, :], axis=1), mask=ok)
+    tl.store(part + t * (2 * N) + N + n, tl.sum(hs * g[None, :], axis=1), mask=ok)
+    tl.store(du_base + t * su_l + ch, du.to(du_base.dtype.element_ty), mask=m)
+    tl.store(ddt_base + t * sd_l + ch, (ddelta * tl.sigmoid(raw)).to(ddt_base.dtype.element_ty), mask=m)
+    if D == 0:
+        ys = tl.load(s_base + t * sy_l, mask=m, other=0.0).to(tl.float32)
+        tl.store(dz_base + t * sdz_l, (dy * ys * 0.5 * _dsilu(z)).to(dz_base.dtype.element_ty), mask=m)
+    return a * dh, dA, dD
+
+
+@triton.jit
+def scan_bwd_seq_kernel(
+    u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, dy_ptr, ysum_ptr, hst_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dbc_part_ptr, dA_ptr, dD_ptr,
+    L, E, N, R, n_eblocks,
+    su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, sdz_b, sdz_l,
+    BE: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """Same contract as :func:`scan_bwd_kernel` (At = A transposed; dA written as (B, N, 2E);
+    scratch hst (B, 2E, ceil(L / 4), BN)). The first pass stores the state entering every group
+    of four tokens; the second walks the groups backwards, recomputes their four states in
+    registers and runs the gradient recurrence through them."""
+    pid_e, b, D = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    e = pid_e * BE + tl.arange(0, BE)
+    me = e < E
+    n = tl.arange(0, BN)
+    mn = n < N
+    ch = D * E + e
+    mA = mn[:, None] & me[None, :]
+    At = tl.load(At_ptr + n[:, None] * (2 * E) + ch[None, :], mask=mA, other=0.0)
+    Dv = tl.load(D_ptr + ch, mask=me, other=0.0)
+    bias = tl.load(dtb_ptr + ch, mask=me, other=0.0)
+    u_base, dt_base, bc_base = u_ptr + b * su_b, dt_ptr + b * sd_b, bc_ptr + b * sbc_b
+    off = D * sbc_d + R
+    n_groups = tl.cdiv(L, 4)
+    hst = hst_ptr + ((b * 2 * E + ch[None, :]) * n_groups) * BN + n[:, None]  # (BN, BE), group 0
+
+    h = tl.zeros((BN, BE), tl.float32)
+    for g4 in range(n_groups):
+        tl.store(hst + g4 * BN, h, mask=mA)
+        i0 = g4 * 4
+        _, _, _, _, _, _, _, a0, d0 = _tok(u_base, dt_base, bc_base, i0, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
+        _, _, _, _, _, _, _, a1, d1 = _tok(u_base, dt_base, bc_base, i0 + 1, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
+        _, _, _, _, _, _, _, a2, d2 = _tok(u_base, dt_base, bc_base, i0 + 2, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
+        _, _, _, _, _, _, _, a3, d3 = _tok(u_base, dt_base, bc_base, i0 + 3, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
+        h = a3 * (a2 * (a1 * (a0 * h + d0) + d1) + d2) + d3
+    tl.debug_barrier()
+
+    dy_base, z_base = dy_ptr + b * sy_b + e, z_ptr + b * sz_b + e
+    s_base, dz_base = ysum_ptr + b * sy_b + e, dz_ptr + b * sdz_b + e
+    du_base, ddt_base = du_ptr + b * su_b, ddt_ptr + b * sd_b
+    part = dbc_part_ptr + (((b * 2 + D) * n_eblocks + pid_e) * L) * (2 * N)
+    w = tl.zeros((BN, BE), tl.float32)
+    dA = tl.zeros((BN, BE), tl.float32)
+    dD = tl.zeros((BE,), tl.float32)
+    for gg in range(n_groups):
+        g4 = n_groups - 1 - gg
+        i0 = g4 * 4
+        h = tl.load(hst + g4 * BN, mask=mA, other=0.0)
+        _, _, _, _, _, _, _, a0, d0 = _tok(u_base, dt_base, bc_base, i0, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
+        _, _, _, _, _, _, _, a1, d1 = _tok(u_base, dt_base, bc_base, i0 + 1, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
+        _, _, _, _, _, _, _, a2, d2 = _tok(u_base, dt_base, bc_base, i0 + 2, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
+        s0 = a0 * h + d0
+        s1 = a1 * s0 + d1
+        s2 = a2 * s1 + d2
+        s3 = _tok_state_next(u_base, dt_base, bc_base, i0 + 3, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N, s2)
+        w, dA, dD = _tok_bwd(u_base, dt_base, bc_base, dy_base, z_base, s_base, dz_base, part, du_base, ddt_base,
+                             i0 + 3, L, D, ch, me, n, mn, bias, At, Dv, su_l, sd_l, sbc_l, off, N, sy_l, sz_l, sdz_l, s3, w, dA, dD)  # fmt: skip
+        w, dA, dD = _tok_bwd(u_base, dt_base, bc_base, dy_base, z_base, s_base, dz_base, part, du_base, ddt_base,
+                             i0 + 2, L, D, ch, me, n, mn, bias, At, Dv, su_l, sd_l, sbc_l, off, N, sy_l, sz_l, sdz_l, s2, w, dA, dD)  # fmt: skip
+        w, dA, dD = _tok_bwd(u_base, dt_base, bc_base, dy_base, z_base, s_base, dz_base, part, du_base, ddt_base,
+                             i0 + 1, L, D, ch, me, n, mn, bias, At, Dv, su_l, sd_l, sbc_l, off, N, sy_l, sz_l, sdz_l, s1, w, dA, dD)  # fmt: skip
+        w, dA, dD = _tok_bwd(u_base, dt_base, bc_base, dy_base, z_base, s_base, dz_base, part, du_base, ddt_base,
+                             i0, L, D, ch, me, n, mn, bias, At, Dv, su_l, sd_l, sbc_l, off, N, sy_l, sz_l, sdz_l, s0, w, dA, dD)  # fmt: skip
+    tl.store(dA_ptr + (b * N + n[:, None]) * (2 * E) + ch[None, :], dA, mask=mA)
+    tl.store(dD_ptr + b * 2 * E + ch, dD, mask=me)
+
+
+@triton.jit
+def _tok_state_next(u_base, dt_base, bc_base, i, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, bc_off, N, h):
+    _, _, _, _, _, _, _, a, drive = _tok(u_base, dt_base, bc_base, i, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, bc_off, N)
+    return a * h + drive
