@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 
 import torch
@@ -159,7 +158,9 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     dz = torch.empty(bsz, seqlen, e, **bf)
     rows = []
     saved = (tc.SCAN_IMPL, tc.SEQ_BE, tc.SEQ_WARPS, tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS)
-    configs = [("seq", be, w, 0) for be, w in [(32, 1), (64, 1), (64, 2), (128, 2), (128, 4), (256, 4), (256, 8)]]
+    configs = [
+        ("seq", be, w, 0) for be, w in [(32, 1), (64, 1), (64, 2), (128, 2), (128, 4), (256, 4), (256, 8)]
+    ]
     configs += [("chunk", be, w, t) for t, be, w in [(8, 16, 4), (8, 32, 4)]]
     for impl, BE, W, T in configs:
         tc.SCAN_IMPL = impl
@@ -170,13 +171,17 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
         try:
             f = do_bench(lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, n, True), return_mode="median")
             _, ysum = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, n, True)
-            b = do_bench(lambda ys=ysum: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ys, dz, n), return_mode="median")
+            b = do_bench(
+                lambda ys=ysum: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ys, dz, n), return_mode="median"
+            )
         except Exception as err:  # out of resources
             print(f"sweep {impl} T={T} BE={BE} W={W}: {type(err).__name__}: {str(err)[:200]}", flush=True)
             continue
         regs = {k: (h.n_regs, h.n_spills) for k, h in tc.LAST.items() if k.startswith("scan")}
         rows.append(dict(impl=impl, T=T, BE=BE, warps=W, fwd_ms=f, bwd_ms=b, regs_spills=regs))
-        print(f"sweep {impl:5s} T={T:2d} BE={BE:3d} W={W}: fwd {f:.3f} ms  bwd {b:.3f} ms  {regs}", flush=True)
+        print(
+            f"sweep {impl:5s} T={T:2d} BE={BE:3d} W={W}: fwd {f:.3f} ms  bwd {b:.3f} ms  {regs}", flush=True
+        )
     tc.SCAN_IMPL, tc.SEQ_BE, tc.SEQ_WARPS, tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS = saved
     return rows
 
@@ -186,7 +191,9 @@ def main():
     ap.add_argument("--parity", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--models", nargs="*", default=[], help="whole-model throughput (cuda, triton, deit) after the sweep")
+    ap.add_argument(
+        "--models", nargs="*", default=[], help="whole-model throughput (cuda, triton, deit) after the sweep"
+    )
     args = ap.parse_args()
     out = {"gpu": torch.cuda.get_device_name(0)}
     if args.parity:

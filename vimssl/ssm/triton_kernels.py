@@ -408,10 +408,18 @@ def scan_fwd_seq_kernel(
         off = D * sbc_d + R
         h = tl.zeros((BN, BE), tl.float32)
         for i0 in range(0, L, 4):
-            t0, m0, u0, _, _, _, C0, a0, d0 = _tok(u_base, dt_base, bc_base, i0, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
-            t1, m1, u1, _, _, _, C1, a1, d1 = _tok(u_base, dt_base, bc_base, i0 + 1, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
-            t2, m2, u2, _, _, _, C2, a2, d2 = _tok(u_base, dt_base, bc_base, i0 + 2, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
-            t3, m3, u3, _, _, _, C3, a3, d3 = _tok(u_base, dt_base, bc_base, i0 + 3, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
+            t0, m0, u0, _, _, _, C0, a0, d0 = _tok(
+                u_base, dt_base, bc_base, i0, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
+            )
+            t1, m1, u1, _, _, _, C1, a1, d1 = _tok(
+                u_base, dt_base, bc_base, i0 + 1, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
+            )
+            t2, m2, u2, _, _, _, C2, a2, d2 = _tok(
+                u_base, dt_base, bc_base, i0 + 2, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
+            )
+            t3, m3, u3, _, _, _, C3, a3, d3 = _tok(
+                u_base, dt_base, bc_base, i0 + 3, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
+            )
             h = a0 * h + d0
             y0 = tl.sum(h * C0[:, None], axis=0) + Dv * u0
             h = a1 * h + d1
@@ -504,10 +512,18 @@ def scan_bwd_seq_kernel(
     for g4 in range(n_groups):
         tl.store(hst + g4 * BN, h, mask=mA)
         i0 = g4 * 4
-        _, _, _, _, _, _, _, a0, d0 = _tok(u_base, dt_base, bc_base, i0, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
-        _, _, _, _, _, _, _, a1, d1 = _tok(u_base, dt_base, bc_base, i0 + 1, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
-        _, _, _, _, _, _, _, a2, d2 = _tok(u_base, dt_base, bc_base, i0 + 2, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
-        _, _, _, _, _, _, _, a3, d3 = _tok(u_base, dt_base, bc_base, i0 + 3, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
+        _, _, _, _, _, _, _, a0, d0 = _tok(
+            u_base, dt_base, bc_base, i0, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
+        )
+        _, _, _, _, _, _, _, a1, d1 = _tok(
+            u_base, dt_base, bc_base, i0 + 1, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
+        )
+        _, _, _, _, _, _, _, a2, d2 = _tok(
+            u_base, dt_base, bc_base, i0 + 2, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
+        )
+        _, _, _, _, _, _, _, a3, d3 = _tok(
+            u_base, dt_base, bc_base, i0 + 3, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
+        )
         h = a3 * (a2 * (a1 * (a0 * h + d0) + d1) + d2) + d3
     tl.debug_barrier()
 
@@ -522,13 +538,21 @@ def scan_bwd_seq_kernel(
         g4 = n_groups - 1 - gg
         i0 = g4 * 4
         h = tl.load(hst + g4 * BN, mask=mA, other=0.0)
-        _, _, _, _, _, _, _, a0, d0 = _tok(u_base, dt_base, bc_base, i0, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
-        _, _, _, _, _, _, _, a1, d1 = _tok(u_base, dt_base, bc_base, i0 + 1, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
-        _, _, _, _, _, _, _, a2, d2 = _tok(u_base, dt_base, bc_base, i0 + 2, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N)
+        _, _, _, _, _, _, _, a0, d0 = _tok(
+            u_base, dt_base, bc_base, i0, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
+        )
+        _, _, _, _, _, _, _, a1, d1 = _tok(
+            u_base, dt_base, bc_base, i0 + 1, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
+        )
+        _, _, _, _, _, _, _, a2, d2 = _tok(
+            u_base, dt_base, bc_base, i0 + 2, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
+        )
         s0 = a0 * h + d0
         s1 = a1 * s0 + d1
         s2 = a2 * s1 + d2
-        s3 = _tok_state_next(u_base, dt_base, bc_base, i0 + 3, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N, s2)
+        s3 = _tok_state_next(
+            u_base, dt_base, bc_base, i0 + 3, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N, s2
+        )
         w, dA, dD = _tok_bwd(u_base, dt_base, bc_base, dy_base, z_base, s_base, dz_base, part, du_base, ddt_base,
                              i0 + 3, L, D, ch, me, n, mn, bias, At, Dv, su_l, sd_l, sbc_l, off, N, sy_l, sz_l, sdz_l, s3, w, dA, dD)  # fmt: skip
         w, dA, dD = _tok_bwd(u_base, dt_base, bc_base, dy_base, z_base, s_base, dz_base, part, du_base, ddt_base,
@@ -542,6 +566,10 @@ def scan_bwd_seq_kernel(
 
 
 @triton.jit
-def _tok_state_next(u_base, dt_base, bc_base, i, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, bc_off, N, h):
-    _, _, _, _, _, _, _, a, drive = _tok(u_base, dt_base, bc_base, i, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, bc_off, N)
+def _tok_state_next(
+    u_base, dt_base, bc_base, i, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, bc_off, N, h
+):
+    _, _, _, _, _, _, _, a, drive = _tok(
+        u_base, dt_base, bc_base, i, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, bc_off, N
+    )
     return a * h + drive
