@@ -161,7 +161,7 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     configs = [
         ("seq", be, w, 0) for be, w in [(32, 1), (64, 1), (64, 2), (128, 2), (128, 4), (256, 4), (256, 8)]
     ]
-    configs += [("chunk", be, w, t) for t, be, w in [(8, 16, 4), (8, 32, 4)]]
+    configs += [("chunk", 16, 4, 8)]
     for impl, BE, W, T in configs:
         tc.SCAN_IMPL = impl
         if impl == "seq":

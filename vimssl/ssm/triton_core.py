@@ -49,15 +49,19 @@ def conv_fwd(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, out: torch.Te
 
 
 def conv_bwd(x, w, bias, g, dx):
-    """Gradients of :func:`conv_fwd`: writes dx (B, L, E); returns dw (2E, K), dbias (2E,) float32."""
+    """Gradients of :func:`conv_fwd`: writes dx (B, L, E); returns dw (2E, K), dbias (2E,) float32.
+    ``g`` (the SiLU outputs' gradient) is overwritten with the pre-activation gradient."""
     bsz, seqlen, e = x.shape
     n_tiles = triton.cdiv(seqlen, CONV_BT)
     dw = torch.empty(bsz, n_tiles, 2 * e, w.shape[1], device=x.device, dtype=torch.float32)
     db = torch.empty(bsz, n_tiles, 2 * e, device=x.device, dtype=torch.float32)
     grid = (n_tiles, triton.cdiv(e, CONV_BE), bsz)
-    LAST["conv_bwd_kernel"] = K.conv_bwd_kernel[grid](
-        x, w, bias, g, dx, dw, db, seqlen, e, n_tiles,
-        x.stride(0), x.stride(1), g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
+    LAST["conv_bwd_gp_kernel"] = K.conv_bwd_gp_kernel[grid](
+        x, w, bias, g, g, dw, db, seqlen, e, n_tiles, x.stride(0), x.stride(1), g.stride(0), g.stride(1),
+        K=w.shape[1], BT=CONV_BT, BE=CONV_BE,
+    )  # fmt: skip
+    LAST["conv_bwd_dx_kernel"] = K.conv_bwd_dx_kernel[grid](
+        g, w, dx, seqlen, e, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
         K=w.shape[1], BT=CONV_BT, BE=CONV_BE,
     )  # fmt: skip
     return dw.sum((0, 1)), db.sum((0, 1))
@@ -102,7 +106,7 @@ def scan_bwd(xc, dt, dbc, z, A, D, dt_bias, dy, ysum, dz, d_state):
     n_eb = triton.cdiv(e, be)
     n_chunks = triton.cdiv(seqlen, 4 if seq else SCAN_T)
     f32 = dict(device=xc.device, dtype=torch.float32)
-    hst = torch.empty(bsz, e2, n_chunks, bn, **f32)
+    hst = torch.empty(bsz, n_chunks, bn, e2, **f32) if seq else torch.empty(bsz, e2, n_chunks, bn, **f32)
     du, ddt = torch.empty_like(xc), torch.empty_like(xc)
     part = torch.empty(bsz, 2, n_eb, seqlen, 2 * d_state, **f32)
     dA = torch.empty(bsz, d_state, e2, **f32) if seq else torch.empty(bsz, e2, d_state, **f32)

@@ -20,8 +20,23 @@ Imported only when the ``triton`` path is used (``import triton`` at module leve
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+# PTX inline assembly (fast log2) except under the CPU interpreter (TRITON_INTERPRET=1)
+_PTX: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
+@triton.jit
+def _log2(x):
+    if _PTX:
+        return tl.inline_asm_elementwise(
+            "lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.log2(x)
 
 
 @triton.jit
@@ -32,8 +47,9 @@ def _linrec(a1, b1, a2, b2):
 
 @triton.jit
 def _softplus(x):
-    # torch's softplus with threshold 20
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+    # torch's softplus with threshold 20, through exp2/log2 (no libdevice branches in the loop)
+    LN2: tl.constexpr = 0.6931471805599453
+    return tl.where(x > 20.0, x, LN2 * _log2(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
 
 @triton.jit
@@ -114,49 +130,62 @@ def _conv_pre(
 
 
 @triton.jit
-def conv_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, g_ptr, dx_ptr, dw_ptr, db_ptr,
+def conv_bwd_gp_kernel(
+    x_ptr, w_ptr, bias_ptr, g_ptr, gp_ptr, dw_ptr, db_ptr,
     L, E, n_tiles,
-    sx_b, sx_l, sg_b, sg_l, sdx_b, sdx_l,
+    sx_b, sx_l, sg_b, sg_l,
     K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
-    """Backward of :func:`conv_fwd_kernel`. g (B, L, 2E): gradient of the SiLU outputs.
-    dx (B, L, E) gets the input gradient of both branches; dw (B, tiles, 2E, K) and
-    db (B, tiles, 2E) get per-program partial sums (reduced by the caller)."""
+    """First half of the conv backward. g (B, L, 2E): gradient of the SiLU outputs. Writes
+    gp = g * SiLU'(pre-activation) (B, L, 2E, same strides as g) and this tile's partial weight
+    and bias gradients dw (B, tiles, 2E, K), db (B, tiles, 2E), reduced by the caller."""
     pid_t, pid_e, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     t = pid_t * BT + tl.arange(0, BT)
     e = pid_e * BE + tl.arange(0, BE)
     me = e < E
+    m = (t < L)[:, None] & me[None, :]
     x_base = x_ptr + b * sx_b + e[None, :]
-    g_base = g_ptr + b * sg_b + e[None, :]
-    dx = tl.zeros((BT, BE), tl.float32)
     part = (b * n_tiles + pid_t) * (2 * E)
     for D in tl.static_range(2):
-        for j in tl.static_range(K):
-            # output row s uses x[t] through tap j
+        pre = _conv_pre(x_base, sx_l, w_ptr, bias_ptr, e, me, t, L, E, D, K, BT, BE)
+        off = b * sg_b + t[:, None] * sg_l + D * E + e[None, :]
+        gp = tl.where(m, tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32) * _dsilu(pre), 0.0)
+        tl.store(gp_ptr + off, gp.to(gp_ptr.dtype.element_ty), mask=m)
+        tl.store(db_ptr + part + D * E + e, tl.sum(gp, axis=0), mask=me)
+        for k in tl.static_range(K):
             if D == 0:
-                s = t + (K - 1) - j
+                tx = t - (K - 1) + k
             else:
-                s = t - (K - 1) + j
-            ms = ((s >= 0) & (s < L))[:, None] & me[None, :]
-            pre = _conv_pre(x_base, sx_l, w_ptr, bias_ptr, e, me, s, L, E, D, K, BT, BE)
-            gp = tl.load(g_base + D * E + s[:, None] * sg_l, mask=ms, other=0.0).to(tl.float32) * _dsilu(pre)
-            dx += tl.load(w_ptr + (D * E + e) * K + j, mask=me, other=0.0)[None, :] * gp
-            if j == K - 1:  # s == t: this tile's own outputs -> weight and bias gradients
-                tl.store(db_ptr + part + D * E + e, tl.sum(gp, axis=0), mask=me)
-                for k in tl.static_range(K):
-                    if D == 0:
-                        tx = t - (K - 1) + k
-                    else:
-                        tx = t + (K - 1) - k
-                    xv = tl.load(
-                        x_base + tx[:, None] * sx_l,
-                        mask=((tx >= 0) & (tx < L))[:, None] & me[None, :],
-                        other=0.0,
-                    )
-                    tl.store(
-                        dw_ptr + (part + D * E + e) * K + k, tl.sum(gp * xv.to(tl.float32), axis=0), mask=me
-                    )
+                tx = t + (K - 1) - k
+            xv = tl.load(
+                x_base + tx[:, None] * sx_l, mask=((tx >= 0) & (tx < L))[:, None] & me[None, :], other=0.0
+            )
+            tl.store(dw_ptr + (part + D * E + e) * K + k, tl.sum(gp * xv.to(tl.float32), axis=0), mask=me)
+
+
+@triton.jit
+def conv_bwd_dx_kernel(
+    gp_ptr, w_ptr, dx_ptr,
+    L, E,
+    sg_b, sg_l, sdx_b, sdx_l,
+    K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+):  # fmt: skip
+    """Second half: dx[t] = sum_j w_fwd[j] gp_fwd[t + K-1 - j] + w_bwd[j] gp_bwd[t - K+1 + j]."""
+    pid_t, pid_e, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    t = pid_t * BT + tl.arange(0, BT)
+    e = pid_e * BE + tl.arange(0, BE)
+    me = e < E
+    g_base = gp_ptr + b * sg_b + e[None, :]
+    dx = tl.zeros((BT, BE), tl.float32)
+    for j in tl.static_range(K):
+        sf = t + (K - 1) - j
+        gf = tl.load(g_base + sf[:, None] * sg_l, mask=(sf < L)[:, None] & me[None, :], other=0.0)
+        dx += tl.load(w_ptr + e * K + j, mask=me, other=0.0)[None, :] * gf.to(tl.float32)
+        sb = t - (K - 1) + j
+        gb = tl.load(
+            g_base + E + sb[:, None] * sg_l, mask=((sb >= 0) & (sb < L))[:, None] & me[None, :], other=0.0
+        )
+        dx += tl.load(w_ptr + (E + e) * K + j, mask=me, other=0.0)[None, :] * gb.to(tl.float32)
     m = (t < L)[:, None] & me[None, :]
     tl.store(dx_ptr + b * sdx_b + t[:, None] * sdx_l + e[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
 
@@ -490,7 +519,7 @@ def scan_bwd_seq_kernel(
     BE: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
     """Same contract as :func:`scan_bwd_kernel` (At = A transposed; dA written as (B, N, 2E);
-    scratch hst (B, 2E, ceil(L / 4), BN)). The first pass stores the state entering every group
+    scratch hst (B, ceil(L / 4), BN, 2E)). The first pass stores the state entering every group
     of four tokens; the second walks the groups backwards, recomputes their four states in
     registers and runs the gradient recurrence through them."""
     pid_e, b, D = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
@@ -506,11 +535,11 @@ def scan_bwd_seq_kernel(
     u_base, dt_base, bc_base = u_ptr + b * su_b, dt_ptr + b * sd_b, bc_ptr + b * sbc_b
     off = D * sbc_d + R
     n_groups = tl.cdiv(L, 4)
-    hst = hst_ptr + ((b * 2 * E + ch[None, :]) * n_groups) * BN + n[:, None]  # (BN, BE), group 0
+    hst = hst_ptr + (b * n_groups * BN + n[:, None]) * (2 * E) + ch[None, :]  # (BN, BE), group 0
 
     h = tl.zeros((BN, BE), tl.float32)
     for g4 in range(n_groups):
-        tl.store(hst + g4 * BN, h, mask=mA)
+        tl.store(hst + g4 * (BN * 2 * E), h, mask=mA)
         i0 = g4 * 4
         _, _, _, _, _, _, _, a0, d0 = _tok(
             u_base, dt_base, bc_base, i0, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
@@ -537,7 +566,7 @@ def scan_bwd_seq_kernel(
     for gg in range(n_groups):
         g4 = n_groups - 1 - gg
         i0 = g4 * 4
-        h = tl.load(hst + g4 * BN, mask=mA, other=0.0)
+        h = tl.load(hst + g4 * (BN * 2 * E), mask=mA, other=0.0)
         _, _, _, _, _, _, _, a0, d0 = _tok(
             u_base, dt_base, bc_base, i0, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
         )
