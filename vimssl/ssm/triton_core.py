@@ -24,7 +24,7 @@ from vimssl.ssm import triton_kernels as K
 # scan kernels: "seq" (a thread per channel, sequential over tokens) or "chunk" (associative scan
 # over chunks of SCAN_T tokens); channels per program and warps of each
 SCAN_IMPL = "seq"
-SEQ_BE, SEQ_WARPS = 64, 2
+SEQ_BE, SEQ_WARPS = 32, 1
 SCAN_T, SCAN_BE, SCAN_WARPS = 16, 16, 4
 CONV_BT, CONV_BE = 32, 64
 LAST: dict = {}  # the last launch handle of each kernel (registers and spills, for benchmarks)
