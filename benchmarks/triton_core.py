@@ -157,15 +157,12 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     gy = torch.randn(bsz, seqlen, e, **bf)
     dz = torch.empty(bsz, seqlen, e, **bf)
     rows = []
-    saved = (tc.SCAN_IMPL, tc.SEQ_BE, tc.SEQ_WARPS, tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS)
-    configs = [
-        ("seq", be, w, 0) for be, w in [(32, 1), (64, 1), (64, 2), (128, 2), (128, 4), (256, 4), (256, 8)]
-    ]
-    configs += [("chunk", 16, 4, 8)]
+    saved = (tc.SCAN_IMPL, tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS, tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS)
+    configs = [("seq", be, w, 0) for be, w in [(32, 1), (64, 1), (128, 1)]]
     for impl, BE, W, T in configs:
         tc.SCAN_IMPL = impl
         if impl == "seq":
-            tc.SEQ_BE, tc.SEQ_WARPS = BE, W
+            tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS = BE, BE, W
         else:
             tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS = T, BE, W
         try:
@@ -182,7 +179,21 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
         print(
             f"sweep {impl:5s} T={T:2d} BE={BE:3d} W={W}: fwd {f:.3f} ms  bwd {b:.3f} ms  {regs}", flush=True
         )
-    tc.SCAN_IMPL, tc.SEQ_BE, tc.SEQ_WARPS, tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS = saved
+    tc.SCAN_IMPL, tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS, tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS = saved
+    x = xc[..., :e]
+    cw = torch.randn(2 * e, 4, device="cuda")
+    cb = torch.randn(2 * e, device="cuda")
+    out = torch.empty_like(xc)
+    dx = torch.empty_like(z)
+    for bt, be, w in [(16, 128, 2), (64, 32, 2), (16, 256, 2)]:
+        tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS = bt, be, w
+        f = do_bench(lambda: tc.conv_fwd(x, cw, cb, out), return_mode="median")
+        b = do_bench(lambda: tc.conv_bwd(x, cw, cb, xc.clone(), dx), return_mode="median")
+        rows.append(dict(impl="conv", T=bt, BE=be, warps=w, fwd_ms=f, bwd_ms=b))
+        print(
+            f"sweep conv  BT={bt:3d} BE={be:3d} W={w}: fwd {f:.3f} ms  bwd {b:.3f} ms (incl. a clone)",
+            flush=True,
+        )
     return rows
 
 
@@ -205,13 +216,12 @@ def main():
         print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}", flush=True)
     if args.sweep:
         out["sweep"] = sweep()
-        best = min(out["sweep"], key=lambda r: r["fwd_ms"] + r["bwd_ms"])
-        print("best scan config:", best, flush=True)
-        tc.SCAN_IMPL = best["impl"]
-        if best["impl"] == "seq":
-            tc.SEQ_BE, tc.SEQ_WARPS = best["BE"], best["warps"]
-        else:
-            tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS = best["T"], best["BE"], best["warps"]
+        scans = [r for r in out["sweep"] if r["impl"] == "seq" and r["warps"] == 1]
+        bf, bb = min(scans, key=lambda r: r["fwd_ms"]), min(scans, key=lambda r: r["bwd_ms"])
+        bc = min((r for r in out["sweep"] if r["impl"] == "conv"), key=lambda r: r["bwd_ms"])
+        print("best scan fwd / bwd / conv:", bf, bb, bc, flush=True)
+        tc.SCAN_IMPL, tc.SEQ_WARPS, tc.SEQ_BE_FWD, tc.SEQ_BE_BWD = "seq", 1, bf["BE"], bb["BE"]
+        tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS = bc["T"], bc["BE"], bc["warps"]
         out["times_best"] = core_times()
         print({k: round(v, 4) for k, v in out["times_best"].items() if k.endswith("_ms")}, flush=True)
     if args.models:

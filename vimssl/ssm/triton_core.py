@@ -24,9 +24,9 @@ from vimssl.ssm import triton_kernels as K
 # scan kernels: "seq" (a thread per channel, sequential over tokens) or "chunk" (associative scan
 # over chunks of SCAN_T tokens); channels per program and warps of each
 SCAN_IMPL = "seq"
-SEQ_BE, SEQ_WARPS = 32, 1
+SEQ_BE_FWD, SEQ_BE_BWD, SEQ_WARPS = 64, 64, 1
 SCAN_T, SCAN_BE, SCAN_WARPS = 16, 16, 4
-CONV_BT, CONV_BE = 32, 64
+CONV_BT, CONV_BE, CONV_WARPS = 16, 128, 2
 LAST: dict = {}  # the last launch handle of each kernel (registers and spills, for benchmarks)
 
 
@@ -43,7 +43,7 @@ def conv_fwd(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, out: torch.Te
     grid = (triton.cdiv(seqlen, CONV_BT), triton.cdiv(e, CONV_BE), bsz)
     LAST["conv_fwd_kernel"] = K.conv_fwd_kernel[grid](
         x, w, bias, out, seqlen, e, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        K=w.shape[1], BT=CONV_BT, BE=CONV_BE,
+        K=w.shape[1], BT=CONV_BT, BE=CONV_BE, num_warps=CONV_WARPS,
     )  # fmt: skip
     return out
 
@@ -58,11 +58,11 @@ def conv_bwd(x, w, bias, g, dx):
     grid = (n_tiles, triton.cdiv(e, CONV_BE), bsz)
     LAST["conv_bwd_gp_kernel"] = K.conv_bwd_gp_kernel[grid](
         x, w, bias, g, g, dw, db, seqlen, e, n_tiles, x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-        K=w.shape[1], BT=CONV_BT, BE=CONV_BE,
+        K=w.shape[1], BT=CONV_BT, BE=CONV_BE, num_warps=CONV_WARPS,
     )  # fmt: skip
     LAST["conv_bwd_dx_kernel"] = K.conv_bwd_dx_kernel[grid](
         g, w, dx, seqlen, e, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
-        K=w.shape[1], BT=CONV_BT, BE=CONV_BE,
+        K=w.shape[1], BT=CONV_BT, BE=CONV_BE, num_warps=CONV_WARPS,
     )  # fmt: skip
     return dw.sum((0, 1)), db.sum((0, 1))
 
@@ -75,6 +75,8 @@ def scan_fwd(xc, dt, dbc, z, A, D, dt_bias, d_state, save_sum):
     """Returns y (B, L, E) and, if ``save_sum``, the ungated branch sum (else None)."""
     bsz, seqlen, e2 = xc.shape
     e, r = e2 // 2, dbc.shape[-1] - 2 * d_state
+    # B and C of both branches repacked contiguous, (B, L, 2, 2N): 16-byte aligned vector loads
+    dbc, r = dbc[..., r:].contiguous(), 0
     y = torch.empty(bsz, seqlen, e, device=xc.device, dtype=xc.dtype)
     ysum = torch.empty_like(y) if save_sum else y
     strides = (
@@ -83,9 +85,9 @@ def scan_fwd(xc, dt, dbc, z, A, D, dt_bias, d_state, save_sum):
     )  # fmt: skip
     bn = triton.next_power_of_2(d_state)
     if SCAN_IMPL == "seq":
-        LAST["scan_fwd_kernel"] = K.scan_fwd_seq_kernel[(triton.cdiv(e, SEQ_BE), bsz)](
+        LAST["scan_fwd_kernel"] = K.scan_fwd_seq_kernel[(triton.cdiv(e, SEQ_BE_FWD), bsz)](
             xc, dt, dbc, z, A.t().contiguous(), D, dt_bias, y, ysum, seqlen, e, d_state, r, *strides,
-            SAVE_SUM=save_sum, BE=SEQ_BE, BN=bn, num_warps=SEQ_WARPS,
+            SAVE_SUM=save_sum, BE=SEQ_BE_FWD, BN=bn, num_warps=SEQ_WARPS,
         )  # fmt: skip
     else:
         LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(triton.cdiv(e, SCAN_BE), bsz)](
@@ -100,9 +102,11 @@ def scan_bwd(xc, dt, dbc, z, A, D, dt_bias, dy, ysum, dz, d_state):
     writes dz (B, L, E)."""
     bsz, seqlen, e2 = xc.shape
     e, r = e2 // 2, dbc.shape[-1] - 2 * d_state
+    # B and C of both branches repacked contiguous, (B, L, 2, 2N): 16-byte aligned vector loads
+    dbc, r = dbc[..., r:].contiguous(), 0
     bn = triton.next_power_of_2(d_state)
     seq = SCAN_IMPL == "seq"
-    be = SEQ_BE if seq else SCAN_BE
+    be = SEQ_BE_BWD if seq else SCAN_BE
     n_eb = triton.cdiv(e, be)
     n_chunks = triton.cdiv(seqlen, 4 if seq else SCAN_T)
     f32 = dict(device=xc.device, dtype=torch.float32)
@@ -121,7 +125,7 @@ def scan_bwd(xc, dt, dbc, z, A, D, dt_bias, dy, ysum, dz, d_state):
     )  # fmt: skip
     if seq:
         LAST["scan_bwd_kernel"] = K.scan_bwd_seq_kernel[(n_eb, bsz, 2)](
-            *args, BE=SEQ_BE, BN=bn, num_warps=SEQ_WARPS
+            *args, BE=SEQ_BE_BWD, BN=bn, num_warps=SEQ_WARPS
         )
         dA = dA.sum(0).t()
     else:
