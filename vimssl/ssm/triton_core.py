@@ -67,6 +67,22 @@ def conv_bwd(x, w, bias, g, dx):
     return dw.sum((0, 1)), db.sum((0, 1))
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _seq_channels(x: torch.Tensor, bsz: int, e: int, widest: int) -> int:
+    """Channels per sequential-scan program: ``widest`` (fastest per channel) unless that leaves
+    fewer than two programs per SM (small batches of long sequences), then narrower."""
+    if x.device.type != "cuda":
+        return widest
+    be = widest
+    while be > 8 and bsz * triton.cdiv(e, be) < 2 * _sm_count(x.device.index or 0):
+        be //= 2
+    return be
+
+
 def _scan_meta(d_state: int) -> dict:
     return dict(T=SCAN_T, BE=SCAN_BE, BN=triton.next_power_of_2(d_state), num_warps=SCAN_WARPS)
 
@@ -85,9 +101,10 @@ def scan_fwd(xc, dt, dbc, z, A, D, dt_bias, d_state, save_sum):
     )  # fmt: skip
     bn = triton.next_power_of_2(d_state)
     if SCAN_IMPL == "seq":
-        LAST["scan_fwd_kernel"] = K.scan_fwd_seq_kernel[(triton.cdiv(e, SEQ_BE_FWD), bsz)](
+        be = _seq_channels(xc, bsz, e, SEQ_BE_FWD)
+        LAST["scan_fwd_kernel"] = K.scan_fwd_seq_kernel[(triton.cdiv(e, be), bsz)](
             xc, dt, dbc, z, A.t().contiguous(), D, dt_bias, y, ysum, seqlen, e, d_state, r, *strides,
-            SAVE_SUM=save_sum, BE=SEQ_BE_FWD, BN=bn, num_warps=SEQ_WARPS,
+            SAVE_SUM=save_sum, BE=be, BN=bn, num_warps=SEQ_WARPS,
         )  # fmt: skip
     else:
         LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(triton.cdiv(e, SCAN_BE), bsz)](
@@ -106,7 +123,7 @@ def scan_bwd(xc, dt, dbc, z, A, D, dt_bias, dy, ysum, dz, d_state):
     dbc, r = dbc[..., r:].contiguous(), 0
     bn = triton.next_power_of_2(d_state)
     seq = SCAN_IMPL == "seq"
-    be = SEQ_BE_BWD if seq else SCAN_BE
+    be = _seq_channels(xc, bsz, e, SEQ_BE_BWD) if seq else SCAN_BE
     n_eb = triton.cdiv(e, be)
     n_chunks = triton.cdiv(seqlen, 4 if seq else SCAN_T)
     f32 = dict(device=xc.device, dtype=torch.float32)
@@ -125,7 +142,7 @@ def scan_bwd(xc, dt, dbc, z, A, D, dt_bias, dy, ysum, dz, d_state):
     )  # fmt: skip
     if seq:
         LAST["scan_bwd_kernel"] = K.scan_bwd_seq_kernel[(n_eb, bsz, 2)](
-            *args, BE=SEQ_BE_BWD, BN=bn, num_warps=SEQ_WARPS
+            *args, BE=be, BN=bn, num_warps=SEQ_WARPS
         )
         dA = dA.sum(0).t()
     else:
