@@ -116,8 +116,10 @@ def test_fused_add_norm_matches_plain():
         assert rel_err(a, b) < 1e-5 and rel_err(ra, rb) < 1e-6
 
 
-def test_auto_picks_cuda_on_gpu():
+def test_auto_picks_the_fastest_path_there_is_on_gpu():
     from vimssl.ssm import resolve_backend
+    from vimssl.ssm.dispatch import triton_kernels_available
 
-    assert resolve_backend("auto", torch.device("cuda")) == "cuda"
+    expected = "triton" if triton_kernels_available() else "cuda"
+    assert resolve_backend("auto", torch.device("cuda")) == expected
     assert resolve_backend("auto", torch.device("cpu")) == "torch"

@@ -1,0 +1,68 @@
+"""Run by ``tests/test_ssm_triton.py`` in a subprocess with ``TRITON_INTERPRET=1`` (Triton's CPU
+interpreter), because the interpreter must be switched on before the kernels are defined.
+
+Prints one JSON object: the relative error of the fused core's output and of every gradient
+against the float64 pure-PyTorch core, whether two runs gave identical bits, and whether every
+output element was written."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from vimssl.models.mixer import BiMambaMixer, bimamba_core
+from vimssl.ssm import triton_core as tc
+from vimssl.ssm.dispatch import get_ops
+
+# (batch, tokens, d_model, d_state): odd lengths, batch 1, one token, a non-power-of-two state,
+# and lengths spanning several chunks / tiles / channel blocks at the small tile sizes below
+SHAPES = [(2, 7, 8, 4), (1, 1, 8, 4), (3, 13, 6, 3), (1, 37, 8, 16)]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def main(impl: str) -> None:
+    tc.SCAN_IMPL = impl
+    tc.SEQ_BE_FWD = tc.SEQ_BE_BWD = 4
+    tc.SCAN_T, tc.SCAN_BE, tc.CONV_BT, tc.CONV_BE = 4, 4, 4, 8
+    torch.manual_seed(0)
+    results = []
+    for bsz, seqlen, d, n in SHAPES:
+        m = BiMambaMixer(d, d_state=n)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        names = [k for k, _ in m.named_parameters() if not k.startswith(("in_proj", "out_proj"))]
+        params = [dict(m.named_parameters())[k] for k in names]
+        xz = torch.randn(bsz, seqlen, 2 * m.d_inner)
+
+        md = BiMambaMixer(d, d_state=n).double()
+        md.load_state_dict(m.state_dict())
+        xzd = xz.double().requires_grad_()
+        ref = bimamba_core(xzd, md, get_ops("torch"))
+        g = torch.randn_like(ref)
+        pd = [dict(md.named_parameters())[k] for k in names]
+        gref = torch.autograd.grad(ref, [xzd] + pd, g, allow_unused=True, materialize_grads=True)
+
+        runs = []
+        for _ in range(2):
+            xzt = xz.clone().requires_grad_()
+            out = tc.bimamba_core_triton(xzt, m)
+            grads = torch.autograd.grad(out, [xzt] + params, g.float())
+            runs.append((out, grads))
+        (out, grads), (out2, grads2) = runs
+        same = torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+        errs = {"out": rel(out, ref)}
+        errs.update({name: rel(a, b) for name, a, b in zip(["xz"] + names, grads, gref)})
+        finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(t).all()) for t in grads)
+        results.append(dict(shape=[bsz, seqlen, d, n], errors=errs, deterministic=same, finite=finite))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
