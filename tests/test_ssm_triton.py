@@ -13,6 +13,7 @@ import torch
 
 from vimssl.models import create_model
 from vimssl.ssm import BACKENDS, resolve_backend
+from vimssl.ssm.dispatch import auto_gpu_path
 
 triton = pytest.importorskip("triton", reason="triton is installed with PyTorch on Linux")
 
@@ -51,3 +52,15 @@ def test_triton_backend_on_cpu_tensors_says_what_to_do():
 
 def test_auto_uses_the_reference_on_cpu():
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_auto_on_gpu_picks_by_shape_among_installed_paths():
+    sms = 132
+    # many parallel sequences (224 px, batch 128): triton; few (1024 px, batch 8): mamba-ssm
+    assert auto_gpu_path(128 * 768, sms, triton_ok=True, cuda_ok=True) == "triton"
+    assert auto_gpu_path(8 * 768, sms, triton_ok=True, cuda_ok=True) == "cuda"
+    assert auto_gpu_path(None, sms, triton_ok=True, cuda_ok=True) == "triton"
+    # a missing path is never chosen; triton beats the reference at any shape
+    assert auto_gpu_path(8 * 768, sms, triton_ok=True, cuda_ok=False) == "triton"
+    assert auto_gpu_path(128 * 768, sms, triton_ok=False, cuda_ok=True) == "cuda"
+    assert auto_gpu_path(128 * 768, sms, triton_ok=False, cuda_ok=False) == "torch"

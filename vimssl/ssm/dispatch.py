@@ -1,10 +1,11 @@
 """Choose a kernel path: ``"torch"`` (reference), ``"cuda"`` (mamba-ssm + causal-conv1d),
 ``"triton"`` (vimssl's fused Triton kernels for the whole mixer core) or ``"auto"``: on a GPU the
-fastest path that is there (``triton``, then ``cuda``), otherwise the reference. The choice
-``auto`` makes is logged once per device type."""
+path measured fastest for the call's shape among those installed (see :func:`auto_gpu_path`),
+otherwise the reference. Each choice ``auto`` makes is logged once per device type."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,8 +53,32 @@ def triton_kernels_available() -> bool:
     return triton_core.available()
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``auto`` to a concrete path for tensors on ``device``; validate forced choices."""
+# ``auto`` takes the triton path when the scan has at least this many (batch row x channel)
+# sequences per SM to run in parallel; below that (small batches of long sequences, e.g. batch 8
+# at 1024 px) mamba-ssm's kernels, which also parallelise over the tokens, were faster. Measured
+# on an H100 (docs/benchmarks.md): the triton path won every 224 px row and the 512 px rows of
+# Vim-S and Vim-B (>= 24,576 rows on 132 SMs), lost Vim-T at 512 px (12,288) and all 1024 px rows.
+AUTO_TRITON_ROWS_PER_SM = 128
+
+
+def auto_gpu_path(rows: int | None, sm_count: int, triton_ok: bool, cuda_ok: bool) -> str:
+    """The path ``auto`` takes on a GPU, for a scan over ``rows`` = batch x inner channels
+    sequences (None: unknown, e.g. the norm between blocks)."""
+    if triton_ok and (not cuda_ok or rows is None or rows >= AUTO_TRITON_ROWS_PER_SM * sm_count):
+        return "triton"
+    if cuda_ok:
+        return "cuda"
+    return "torch"
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def resolve_backend(backend: str, device: torch.device, rows: int | None = None) -> str:
+    """Map ``auto`` to a concrete path for tensors on ``device``; validate forced choices.
+    ``rows`` (batch x inner channels of the scan) lets ``auto`` pick by shape on a GPU."""
     check_backend(backend)
     if backend == "torch":
         return "torch"
@@ -81,10 +106,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "triton"
     chosen = "torch"
     if device.type == "cuda":
-        if triton_kernels_available():
-            chosen = "triton"
-        elif cuda_kernels_available():
-            chosen = "cuda"
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        chosen = auto_gpu_path(rows, sms, triton_kernels_available(), cuda_kernels_available())
     if (device.type, chosen) not in _logged:
         _logged.add((device.type, chosen))
         log.info("vimssl backend 'auto' chose %r for %s tensors", chosen, device.type)
