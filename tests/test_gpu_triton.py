@@ -142,3 +142,16 @@ def test_masked_subset_of_tokens():
     ref = model.forward_features(x, ids_keep=ids_keep)
     assert out.shape == ref.shape
     assert rel_err(out, ref) < 1e-3
+
+
+def test_auto_picks_by_shape_on_this_gpu():
+    from vimssl.ssm import resolve_backend
+    from vimssl.ssm.dispatch import cuda_kernels_available
+
+    dev = torch.device("cuda")
+    assert resolve_backend("auto", dev, rows=128 * 768) == "triton"
+    assert resolve_backend("auto", dev, rows=8 * 768) == ("cuda" if cuda_kernels_available() else "triton")
+    # and a model on auto runs end to end at both shapes
+    model = create_model("vim_test", backend="auto").cuda()
+    for batch in (1, 64):
+        assert torch.isfinite(model(torch.randn(batch, 3, 32, 32, device="cuda"))).all()
