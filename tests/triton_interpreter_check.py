@@ -61,7 +61,23 @@ def main(impl: str) -> None:
         errs.update({name: rel(a, b) for name, a, b in zip(["xz"] + names, grads, gref)})
         finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(t).all()) for t in grads)
         results.append(dict(shape=[bsz, seqlen, d, n], errors=errs, deterministic=same, finite=finite))
-    print(json.dumps(results))
+
+    # half-precision inputs (fp16, bf16): outputs and input gradients in the input dtype
+    half = {}
+    m = BiMambaMixer(8, d_state=4)
+    xz = torch.randn(2, 9, 2 * m.d_inner)
+    md = BiMambaMixer(8, d_state=4).double()
+    md.load_state_dict(m.state_dict())
+    xzd = xz.double().requires_grad_()
+    ref = bimamba_core(xzd, md, get_ops("torch"))
+    g = torch.randn_like(ref)
+    (gref,) = torch.autograd.grad(ref, [xzd], g)
+    for dtype in (torch.float16, torch.bfloat16):
+        xzt = xz.to(dtype).requires_grad_()
+        out = tc.bimamba_core_triton(xzt, m)
+        (gx,) = torch.autograd.grad(out, [xzt], g.to(dtype))
+        half[str(dtype)] = dict(dtypes=[str(out.dtype), str(gx.dtype)], out=rel(out, ref), xz=rel(gx, gref))
+    print(json.dumps(dict(shapes=results, half=half)))
 
 
 if __name__ == "__main__":
