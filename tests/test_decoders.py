@@ -94,7 +94,7 @@ def test_mamba_decoder_set_backend_and_checkpointing():
     dec.train()
     assert torch.allclose(dec(feats, ids_restore), ref, atol=1e-6)
     with pytest.raises(ValueError, match="backend"):
-        dec.set_backend("triton")
+        dec.set_backend("jax")
 
 
 def test_no_weight_decay_names_exist():
