@@ -8,7 +8,7 @@
   shape (B 128, L 197, E 768, N 16), forward and forward+backward of the whole core for both
   paths, with the floors: bytes the core must move over the measured copy bandwidth, and the
   exp count over the special-function rate.
-* ``--sweep``: scan kernels' chunk length / channels per program / warps.
+* ``--sweep``: channels per scan program and warps; the conv tile.
 """
 
 from __future__ import annotations
@@ -157,14 +157,10 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     gy = torch.randn(bsz, seqlen, e, **bf)
     dz = torch.empty(bsz, seqlen, e, **bf)
     rows = []
-    saved = (tc.SCAN_IMPL, tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS, tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS)
+    saved = (tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS)
     configs = [("seq", be, w, 0) for be, w in [(32, 1), (64, 1), (128, 1)]]
     for impl, BE, W, T in configs:
-        tc.SCAN_IMPL = impl
-        if impl == "seq":
-            tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS = BE, BE, W
-        else:
-            tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS = T, BE, W
+        tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS = BE, BE, W
         try:
             f = do_bench(lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, n, True), return_mode="median")
             _, ysum = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, n, True)
@@ -179,7 +175,7 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
         print(
             f"sweep {impl:5s} T={T:2d} BE={BE:3d} W={W}: fwd {f:.3f} ms  bwd {b:.3f} ms  {regs}", flush=True
         )
-    tc.SCAN_IMPL, tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS, tc.SCAN_T, tc.SCAN_BE, tc.SCAN_WARPS = saved
+    tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS = saved
     x = xc[..., :e]
     cw = torch.randn(2 * e, 4, device="cuda")
     cb = torch.randn(2 * e, device="cuda")
@@ -220,7 +216,7 @@ def main():
         bf, bb = min(scans, key=lambda r: r["fwd_ms"]), min(scans, key=lambda r: r["bwd_ms"])
         bc = min((r for r in out["sweep"] if r["impl"] == "conv"), key=lambda r: r["bwd_ms"])
         print("best scan fwd / bwd / conv:", bf, bb, bc, flush=True)
-        tc.SCAN_IMPL, tc.SEQ_WARPS, tc.SEQ_BE_FWD, tc.SEQ_BE_BWD = "seq", 1, bf["BE"], bb["BE"]
+        tc.SEQ_WARPS, tc.SEQ_BE_FWD, tc.SEQ_BE_BWD = 1, bf["BE"], bb["BE"]
         tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS = bc["T"], bc["BE"], bc["warps"]
         out["times_best"] = core_times()
         print({k: round(v, 4) for k, v in out["times_best"].items() if k.endswith("_ms")}, flush=True)

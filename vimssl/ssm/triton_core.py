@@ -1,12 +1,12 @@
 """The ``triton`` kernel path: the whole bidirectional mixer core as one autograd Function.
 
 ``bimamba_core_triton(xz, mixer)`` computes what :func:`vimssl.models.mixer.bimamba_core` computes
-(xz (B, L, 2E) -> gated, combined y (B, L, E)) with three Triton kernels and three matmuls:
+(xz (B, L, 2E) -> gated, combined y (B, L, E)) with Triton kernels and block-diagonal matmuls:
 
 forward   conv+SiLU of both branches (one kernel)  -> x_proj matmul -> dt_proj matmul
           -> scan of both branches + D skip + SiLU(z) gate + combine (one kernel)
 backward  conv recompute -> dt_proj recompute -> scan backward (one kernel, both branches)
-          -> dt_proj / x_proj backward matmuls -> conv backward (one kernel)
+          -> dt_proj / x_proj backward matmuls -> conv backward (two kernels)
 
 Saved for the backward: xz, the x_proj output (small) and the ungated branch sum (B, L, E); the
 conv output and delta are recomputed. Triton is imported only when this module is.
@@ -21,11 +21,9 @@ import triton
 
 from vimssl.ssm import triton_kernels as K
 
-# scan kernels: "seq" (a thread per channel, sequential over tokens) or "chunk" (associative scan
-# over chunks of SCAN_T tokens); channels per program and warps of each
-SCAN_IMPL = "seq"
+# channels per scan program (forward, backward) and warps; conv tile (tokens, channels) and warps.
+# From the H100 sweeps in docs/kernel-notes.md.
 SEQ_BE_FWD, SEQ_BE_BWD, SEQ_WARPS = 64, 64, 1
-SCAN_T, SCAN_BE, SCAN_WARPS = 16, 16, 4
 CONV_BT, CONV_BE, CONV_WARPS = 16, 128, 2
 LAST: dict = {}  # the last launch handle of each kernel (registers and spills, for benchmarks)
 
@@ -83,10 +81,6 @@ def _seq_channels(x: torch.Tensor, bsz: int, e: int, widest: int) -> int:
     return be
 
 
-def _scan_meta(d_state: int) -> dict:
-    return dict(T=SCAN_T, BE=SCAN_BE, BN=triton.next_power_of_2(d_state), num_warps=SCAN_WARPS)
-
-
 def scan_fwd(xc, dt, dbc, z, A, D, dt_bias, d_state, save_sum):
     """Returns y (B, L, E) and, if ``save_sum``, the ungated branch sum (else None)."""
     bsz, seqlen, e2 = xc.shape
@@ -99,18 +93,11 @@ def scan_fwd(xc, dt, dbc, z, A, D, dt_bias, d_state, save_sum):
         xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
         dbc.stride(0), dbc.stride(1), dbc.stride(2), z.stride(0), z.stride(1), y.stride(0), y.stride(1),
     )  # fmt: skip
-    bn = triton.next_power_of_2(d_state)
-    if SCAN_IMPL == "seq":
-        be = _seq_channels(xc, bsz, e, SEQ_BE_FWD)
-        LAST["scan_fwd_kernel"] = K.scan_fwd_seq_kernel[(triton.cdiv(e, be), bsz)](
-            xc, dt, dbc, z, A.t().contiguous(), D, dt_bias, y, ysum, seqlen, e, d_state, r, *strides,
-            SAVE_SUM=save_sum, BE=be, BN=bn, num_warps=SEQ_WARPS,
-        )  # fmt: skip
-    else:
-        LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(triton.cdiv(e, SCAN_BE), bsz)](
-            xc, dt, dbc, z, A, D, dt_bias, y, ysum, seqlen, e, d_state, r, *strides,
-            SAVE_SUM=save_sum, **_scan_meta(d_state),
-        )  # fmt: skip
+    be = _seq_channels(xc, bsz, e, SEQ_BE_FWD)
+    LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(triton.cdiv(e, be), bsz)](
+        xc, dt, dbc, z, A.t().contiguous(), D, dt_bias, y, ysum, seqlen, e, d_state, r, *strides,
+        SAVE_SUM=save_sum, BE=be, BN=triton.next_power_of_2(d_state), num_warps=SEQ_WARPS,
+    )  # fmt: skip
     return y, (ysum if save_sum else None)
 
 
@@ -122,33 +109,24 @@ def scan_bwd(xc, dt, dbc, z, A, D, dt_bias, dy, ysum, dz, d_state):
     # B and C of both branches repacked contiguous, (B, L, 2, 2N): 16-byte aligned vector loads
     dbc, r = dbc[..., r:].contiguous(), 0
     bn = triton.next_power_of_2(d_state)
-    seq = SCAN_IMPL == "seq"
-    be = _seq_channels(xc, bsz, e, SEQ_BE_BWD) if seq else SCAN_BE
+    be = _seq_channels(xc, bsz, e, SEQ_BE_BWD)
     n_eb = triton.cdiv(e, be)
-    n_chunks = triton.cdiv(seqlen, 4 if seq else SCAN_T)
     f32 = dict(device=xc.device, dtype=torch.float32)
-    hst = torch.empty(bsz, n_chunks, bn, e2, **f32) if seq else torch.empty(bsz, e2, n_chunks, bn, **f32)
+    hst = torch.empty(bsz, triton.cdiv(seqlen, 4), bn, e2, **f32)  # state entering each 4 tokens
     du, ddt = torch.empty_like(xc), torch.empty_like(xc)
     part = torch.empty(bsz, 2, n_eb, seqlen, 2 * d_state, **f32)
-    dA = torch.empty(bsz, d_state, e2, **f32) if seq else torch.empty(bsz, e2, d_state, **f32)
+    dA = torch.empty(bsz, d_state, e2, **f32)
     dD = torch.empty(bsz, e2, **f32)
     dy = dy.contiguous()
-    args = (
-        xc, dt, dbc, z, A.t().contiguous() if seq else A, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, dA, dD,
+    LAST["scan_bwd_kernel"] = K.scan_bwd_kernel[(n_eb, bsz, 2)](
+        xc, dt, dbc, z, A.t().contiguous(), D, dt_bias, dy, ysum, hst, du, ddt, dz, part, dA, dD,
         seqlen, e, d_state, r, n_eb,
         xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
         dbc.stride(0), dbc.stride(1), dbc.stride(2), z.stride(0), z.stride(1),
         dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1),
+        BE=be, BN=bn, num_warps=SEQ_WARPS,
     )  # fmt: skip
-    if seq:
-        LAST["scan_bwd_kernel"] = K.scan_bwd_seq_kernel[(n_eb, bsz, 2)](
-            *args, BE=be, BN=bn, num_warps=SEQ_WARPS
-        )
-        dA = dA.sum(0).t()
-    else:
-        LAST["scan_bwd_kernel"] = K.scan_bwd_kernel[(n_eb, bsz, 2)](*args, **_scan_meta(d_state))
-        dA = dA.sum(0)
-    return du, ddt, part.sum(2).transpose(1, 2), dA, dD.sum(0)
+    return du, ddt, part.sum(2).transpose(1, 2), dA.sum(0).t(), dD.sum(0)
 
 
 def _weights(conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dtype):
