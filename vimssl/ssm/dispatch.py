@@ -114,6 +114,7 @@ def resolve_backend(backend: str, device: torch.device, rows: int | None = None)
     return chosen
 
 
+@functools.cache  # called for every block on every forward
 def get_ops(name: str) -> SSMOps:
     if name == "torch":
         return _TORCH_OPS
