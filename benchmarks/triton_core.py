@@ -111,22 +111,22 @@ def core_times(bsz=128, seqlen=197, d=384) -> dict:
         cb = torch.cat([m.conv1d.bias, m.conv1d_b.bias]).float().contiguous()
         xc = torch.empty(bsz, seqlen, 2 * e, device="cuda", dtype=torch.bfloat16)
         res["k_conv_fwd_ms"] = do_bench(lambda: tc.conv_fwd(x, cw, cb, xc), return_mode="median")
-        n, r = m.d_state, m.dt_rank
-        dbc = torch.randn(bsz, seqlen, 2, r + 2 * n, device="cuda", dtype=torch.bfloat16)
+        n = m.d_state
+        dbc = torch.randn(bsz, seqlen, 2, 2 * n, device="cuda")  # B and C, packed float32
         dt = torch.randn(bsz, seqlen, 2 * e, device="cuda", dtype=torch.bfloat16) - 2
-        A = -torch.exp(torch.cat([m.A_log, m.A_b_log]).float())
+        A = tc.a_log2(torch.cat([m.A_log, m.A_b_log]))  # A log2(e), (N, 2E)
         D = torch.cat([m.D, m.D_b]).float()
         dtb = torch.cat([m.dt_proj.bias, m.dt_proj_b.bias]).float()
         res["k_scan_fwd_ms"] = do_bench(
-            lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, n, False), return_mode="median"
+            lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, False), return_mode="median"
         )
         res["k_scan_fwd_save_ms"] = do_bench(
-            lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, n, True), return_mode="median"
+            lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True), return_mode="median"
         )
-        _, ysum = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, n, True)
+        _, ysum = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True)
         dz = torch.empty(bsz, seqlen, e, device="cuda", dtype=torch.bfloat16)
         res["k_scan_bwd_ms"] = do_bench(
-            lambda: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ysum, dz, n), return_mode="median"
+            lambda: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ysum, dz), return_mode="median"
         )
         du = torch.randn_like(xc)
         dx = torch.empty(bsz, seqlen, e, device="cuda", dtype=torch.bfloat16)
@@ -145,37 +145,39 @@ def core_times(bsz=128, seqlen=197, d=384) -> dict:
 
 def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     m = mixer(d)
-    e, n, r = m.d_inner, m.d_state, m.dt_rank
+    e, n = m.d_inner, m.d_state
     bf = dict(device="cuda", dtype=torch.bfloat16)
     xc = torch.randn(bsz, seqlen, 2 * e, **bf)
     z = torch.randn(bsz, seqlen, e, **bf)
-    dbc = torch.randn(bsz, seqlen, 2, r + 2 * n, **bf)
+    dbc = torch.randn(bsz, seqlen, 2, 2 * n, device="cuda")  # B and C, packed float32
     dt = torch.randn(bsz, seqlen, 2 * e, **bf) - 2
-    A = -torch.exp(torch.cat([m.A_log, m.A_b_log]).float())
+    A = tc.a_log2(torch.cat([m.A_log, m.A_b_log]))  # A log2(e), (N, 2E)
     D = torch.cat([m.D, m.D_b]).float()
     dtb = torch.cat([m.dt_proj.bias, m.dt_proj_b.bias]).float()
     gy = torch.randn(bsz, seqlen, e, **bf)
     dz = torch.empty(bsz, seqlen, e, **bf)
     rows = []
-    saved = (tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS)
-    configs = [("seq", be, w, 0) for be, w in [(32, 1), (64, 1), (128, 1)]]
-    for impl, BE, W, T in configs:
-        tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS = BE, BE, W
+    saved = (tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS, tc.SEQ_KEEP)
+    # channels per program, warps, and whether the scan backward keeps its recomputed decays
+    configs = [(32, 1, False), (32, 1, True), (64, 1, False), (64, 1, True), (16, 1, False), (128, 1, False)]
+    for BE, W, keep in configs:
+        tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS, tc.SEQ_KEEP = BE, BE, W, keep
         try:
-            f = do_bench(lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, n, True), return_mode="median")
-            _, ysum = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, n, True)
+            f = do_bench(lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True), return_mode="median")
+            _, ysum = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True)
             b = do_bench(
-                lambda ys=ysum: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ys, dz, n), return_mode="median"
+                lambda ys=ysum: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ys, dz), return_mode="median"
             )
         except Exception as err:  # out of resources
-            print(f"sweep {impl} T={T} BE={BE} W={W}: {type(err).__name__}: {str(err)[:200]}", flush=True)
+            print(f"sweep BE={BE} W={W} keep={keep}: {type(err).__name__}: {str(err)[:200]}", flush=True)
             continue
         regs = {k: (h.n_regs, h.n_spills) for k, h in tc.LAST.items() if k.startswith("scan")}
-        rows.append(dict(impl=impl, T=T, BE=BE, warps=W, fwd_ms=f, bwd_ms=b, regs_spills=regs))
+        rows.append(dict(impl="seq", BE=BE, warps=W, keep=keep, fwd_ms=f, bwd_ms=b, regs_spills=regs))
         print(
-            f"sweep {impl:5s} T={T:2d} BE={BE:3d} W={W}: fwd {f:.3f} ms  bwd {b:.3f} ms  {regs}", flush=True
+            f"sweep seq BE={BE:3d} W={W} keep={keep:d}: fwd {f:.3f} ms  bwd {b:.3f} ms  {regs}",
+            flush=True,
         )
-    tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS = saved
+    tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS, tc.SEQ_KEEP = saved
     x = xc[..., :e]
     cw = torch.randn(2 * e, 4, device="cuda")
     cb = torch.randn(2 * e, device="cuda")
@@ -217,6 +219,7 @@ def main():
         bc = min((r for r in out["sweep"] if r["impl"] == "conv"), key=lambda r: r["bwd_ms"])
         print("best scan fwd / bwd / conv:", bf, bb, bc, flush=True)
         tc.SEQ_WARPS, tc.SEQ_BE_FWD, tc.SEQ_BE_BWD = 1, bf["BE"], bb["BE"]
+        tc.SEQ_KEEP = bb["keep"]
         tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS = bc["T"], bc["BE"], bc["warps"]
         out["times_best"] = core_times()
         print({k: round(v, 4) for k, v in out["times_best"].items() if k.endswith("_ms")}, flush=True)

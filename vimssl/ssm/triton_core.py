@@ -23,7 +23,10 @@ from vimssl.ssm import triton_kernels as K
 
 # channels per scan program (forward, backward) and warps; conv tile (tokens, channels) and warps.
 # From the H100 sweeps in docs/kernel-notes.md.
-SEQ_BE_FWD, SEQ_BE_BWD, SEQ_WARPS = 64, 64, 1
+SEQ_BE_FWD, SEQ_BE_BWD, SEQ_WARPS = 64, 32, 1
+# scan backward: keep the recomputed decays in registers (see the kernel)
+SEQ_KEEP = False
+SEQ_NARROW = True  # narrower scan programs when a batch gives fewer than two per SM (see below)
 CONV_BT, CONV_BE, CONV_WARPS = 16, 128, 2
 LAST: dict = {}  # the last launch handle of each kernel (registers and spills, for benchmarks)
 
@@ -73,7 +76,7 @@ def _sm_count(index: int) -> int:
 def _seq_channels(x: torch.Tensor, bsz: int, e: int, widest: int) -> int:
     """Channels per sequential-scan program: ``widest`` (fastest per channel) unless that leaves
     fewer than two programs per SM (small batches of long sequences), then narrower."""
-    if x.device.type != "cuda":
+    if x.device.type != "cuda" or not SEQ_NARROW:
         return widest
     be = widest
     while be > 8 and bsz * triton.cdiv(e, be) < 2 * _sm_count(x.device.index or 0):
@@ -81,33 +84,45 @@ def _seq_channels(x: torch.Tensor, bsz: int, e: int, widest: int) -> int:
     return be
 
 
-def scan_fwd(xc, dt, dbc, z, A, D, dt_bias, d_state, save_sum):
-    """Returns y (B, L, E) and, if ``save_sum``, the ungated branch sum (else None)."""
+def _bc_pack(dbc: torch.Tensor, r: int) -> torch.Tensor:
+    """B and C of both branches from the x_proj output (B, L, 2, R+2N), repacked contiguous
+    float32, (B, L, 2, 2N): 16-byte vector loads with no conversion in the scan loops."""
+    return dbc[..., r:].float().contiguous()
+
+
+def a_log2(A_log: torch.Tensor) -> torch.Tensor:
+    """A log2(e) transposed, (N, 2E) float32, from A_log (2E, N) (A = -exp(A_log)): the scans
+    take their decays as exp2 and keep channels contiguous. (Computing it inside the kernels
+    from A_log would make Triton lay the state tensors out along the states: measured 1.5x
+    slower.)"""
+    return (torch.exp(A_log.float().t()) * -1.4426950408889634).contiguous()
+
+
+def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum):
+    """xc, dt (B, L, 2E), bc (B, L, 2, 2N) float32, z (B, L, E); At2 (N, 2E) from :func:`a_log2`,
+    D, dt_bias (2E,) float32. Returns y (B, L, E) and, if ``save_sum``, the ungated branch sum (else None)."""
     bsz, seqlen, e2 = xc.shape
-    e, r = e2 // 2, dbc.shape[-1] - 2 * d_state
-    # B and C of both branches repacked contiguous, (B, L, 2, 2N): 16-byte aligned vector loads
-    dbc, r = dbc[..., r:].contiguous(), 0
+    e, d_state = e2 // 2, bc.shape[-1] // 2
     y = torch.empty(bsz, seqlen, e, device=xc.device, dtype=xc.dtype)
     ysum = torch.empty_like(y) if save_sum else y
     strides = (
         xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
-        dbc.stride(0), dbc.stride(1), dbc.stride(2), z.stride(0), z.stride(1), y.stride(0), y.stride(1),
+        bc.stride(0), bc.stride(1), bc.stride(2), z.stride(0), z.stride(1), y.stride(0), y.stride(1),
     )  # fmt: skip
-    be = _seq_channels(xc, bsz, e, SEQ_BE_FWD)
+    be, bn = _seq_channels(xc, bsz, e, SEQ_BE_FWD), triton.next_power_of_2(d_state)
     LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(triton.cdiv(e, be), bsz)](
-        xc, dt, dbc, z, A.t().contiguous(), D, dt_bias, y, ysum, seqlen, e, d_state, r, *strides,
-        SAVE_SUM=save_sum, BE=be, BN=triton.next_power_of_2(d_state), num_warps=SEQ_WARPS,
+        xc, dt, bc, z, At2, D, dt_bias, y, ysum, seqlen, e, d_state, 0, *strides,
+        SAVE_SUM=save_sum, BE=be, BN=bn, EVEN_N=bn == d_state, num_warps=SEQ_WARPS,
     )  # fmt: skip
     return y, (ysum if save_sum else None)
 
 
-def scan_bwd(xc, dt, dbc, z, A, D, dt_bias, dy, ysum, dz, d_state):
-    """Returns du, ddt (B, L, 2E) in xc's dtype, dBC (B, L, 2, 2N), dA (2E, N), dD (2E,) float32;
-    writes dz (B, L, E)."""
+def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
+    """Inputs as :func:`scan_fwd`, dy (B, L, E) the gradient of y. Returns du, ddt (B, L, 2E) in
+    xc's dtype, dBC (B, L, 2, 2N) in xc's dtype, dA_log (2E, N) and dD (2E,) float32; writes
+    dz (B, L, E)."""
     bsz, seqlen, e2 = xc.shape
-    e, r = e2 // 2, dbc.shape[-1] - 2 * d_state
-    # B and C of both branches repacked contiguous, (B, L, 2, 2N): 16-byte aligned vector loads
-    dbc, r = dbc[..., r:].contiguous(), 0
+    e, d_state = e2 // 2, bc.shape[-1] // 2
     bn = triton.next_power_of_2(d_state)
     be = _seq_channels(xc, bsz, e, SEQ_BE_BWD)
     n_eb = triton.cdiv(e, be)
@@ -119,88 +134,71 @@ def scan_bwd(xc, dt, dbc, z, A, D, dt_bias, dy, ysum, dz, d_state):
     dD = torch.empty(bsz, e2, **f32)
     dy = dy.contiguous()
     LAST["scan_bwd_kernel"] = K.scan_bwd_kernel[(n_eb, bsz, 2)](
-        xc, dt, dbc, z, A.t().contiguous(), D, dt_bias, dy, ysum, hst, du, ddt, dz, part, dA, dD,
-        seqlen, e, d_state, r, n_eb,
+        xc, dt, bc, z, At2, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, dA, dD,
+        seqlen, e, d_state, 0, n_eb,
         xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
-        dbc.stride(0), dbc.stride(1), dbc.stride(2), z.stride(0), z.stride(1),
+        bc.stride(0), bc.stride(1), bc.stride(2), z.stride(0), z.stride(1),
         dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1),
-        BE=be, BN=bn, num_warps=SEQ_WARPS,
+        BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, num_warps=SEQ_WARPS,
     )  # fmt: skip
-    return du, ddt, part.sum(2).transpose(1, 2), dA.sum(0).t(), dD.sum(0)
-
-
-def _weights(conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dtype):
-    conv_w = conv_w.float().contiguous()  # (2E, K)
-    x_w = torch.block_diag(x_w_f, x_w_b).to(dtype)  # (2(R+2N), 2E)
-    dt_w = torch.block_diag(dt_w_f, dt_w_b).to(dtype)  # (2E, 2R)
-    return conv_w, conv_b.float().contiguous(), x_w, dt_w
-
-
-def _dt_input(dbc: torch.Tensor, r: int) -> torch.Tensor:
-    bsz, seqlen = dbc.shape[:2]
-    return dbc[..., :r].reshape(bsz * seqlen, 2 * r)  # (B*L, 2R): forward | backward
+    dbc = part.sum(2, dtype=xc.dtype).transpose(1, 2)  # over the channel blocks
+    return du, ddt, dbc, dA.sum(0).t(), dD.sum(0)
 
 
 class BiMambaCoreFn(torch.autograd.Function):
+    """The whole core in one Function. The derived weights (block-diagonal projections in the
+    activation dtype, float32 SSM parameters), the dt_proj input and the packed B and C are
+    computed once in the forward and kept for the backward: fewer launches per layer, which
+    matters because a Vim training step is otherwise partly bound by the host."""
+
     @staticmethod
     def forward(ctx, xz, conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dt_bias, A_log, D, d_state: int):
         bsz, seqlen, e2 = xz.shape
         e, r = e2 // 2, dt_w_f.shape[1]
-        cw, cb, x_w, dt_w = _weights(conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, xz.dtype)
+        cw = conv_w.float().reshape(conv_w.shape[0], -1).contiguous()  # (2E, K)
+        cb = conv_b.float().contiguous()
+        x_w = torch.block_diag(x_w_f, x_w_b).to(xz.dtype)  # (2(R+2N), 2E)
+        dt_w = torch.block_diag(dt_w_f, dt_w_b).to(xz.dtype)  # (2E, 2R)
+        At2, D32, dtb32 = a_log2(A_log), D.float(), dt_bias.float()
         x, z = xz[..., :e], xz[..., e:]
         xc = conv_fwd(x, cw, cb, torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype))
         dbc = (xc.view(-1, e2) @ x_w.t()).view(bsz, seqlen, 2, r + 2 * d_state)
-        dt = (_dt_input(dbc, r) @ dt_w.t()).view(bsz, seqlen, e2)
-        A = -torch.exp(A_log.float())
+        dt_in = dbc[..., :r].reshape(bsz * seqlen, 2 * r)  # (B*L, 2R): forward | backward
+        dt = (dt_in @ dt_w.t()).view(bsz, seqlen, e2)
+        bc = _bc_pack(dbc, r)
         save = any(ctx.needs_input_grad)  # (grad mode is always off inside forward)
-        y, ysum = scan_fwd(xc, dt, dbc, z, A, D.float(), dt_bias.float(), d_state, save_sum=save)
+        y, ysum = scan_fwd(xc, dt, bc, z, At2, D32, dtb32, save_sum=save)
         if save:
-            ctx.save_for_backward(
-                xz, dbc, ysum, conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dt_bias, A_log, D
-            )
-            ctx.d_state = d_state
+            ctx.save_for_backward(xz, dt_in, bc, ysum, cw, cb, x_w, dt_w, At2, D32, dtb32)
+            ctx.dtypes = [t.dtype for t in (conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dt_bias, A_log, D)]
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xz, dbc, ysum, conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dt_bias, A_log, D = ctx.saved_tensors
-        n = ctx.d_state
+        xz, dt_in, bc, ysum, cw, cb, x_w, dt_w, At2, D32, dtb32 = ctx.saved_tensors
         bsz, seqlen, e2 = xz.shape
-        e, r = e2 // 2, dt_w_f.shape[1]
-        cw, cb, x_w, dt_w = _weights(conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, xz.dtype)
+        e, r, n = e2 // 2, dt_in.shape[1] // 2, bc.shape[-1] // 2
         x, z = xz[..., :e], xz[..., e:]
         xc = conv_fwd(x, cw, cb, torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype))
-        dt_in = _dt_input(dbc, r)
         dt = (dt_in @ dt_w.t()).view(bsz, seqlen, e2)
-        A = -torch.exp(A_log.float())
         dxz = torch.empty_like(xz)
-        du, ddt, dBC, dA, dD = scan_bwd(
-            xc, dt, dbc, z, A, D.float(), dt_bias.float(), dy.to(xz.dtype), ysum, dxz[..., e:], n
+        du, ddt, dBC, dA_log, dD = scan_bwd(
+            xc, dt, bc, z, At2, D32, dtb32, dy.to(xz.dtype), ysum, dxz[..., e:]
         )
         # dt_proj: dt = dt_in @ dt_w.T (+ bias inside the kernel)
         ddt2 = ddt.view(-1, e2)
         d_dt_in = (ddt2 @ dt_w).view(bsz, seqlen, 2, r)
         d_dt_w = (ddt2.t() @ dt_in).float()  # (2E, 2R), block diagonal
-        d_dt_bias = ddt2.float().sum(0)
+        d_dt_bias = ddt2.sum(0, dtype=torch.float32)
         # x_proj: dbc = xc @ x_w.T
-        d_dbc = torch.cat([d_dt_in, dBC.to(xz.dtype)], dim=-1).view(-1, 2 * (r + 2 * n))
+        d_dbc = torch.cat([d_dt_in, dBC], dim=-1).view(-1, 2 * (r + 2 * n))
         du = du.view(-1, e2).addmm_(d_dbc, x_w).view(bsz, seqlen, e2)
         d_x_w = (d_dbc.t() @ xc.view(-1, e2)).float()  # (2(R+2N), 2E), block diagonal
         dcw, dcb = conv_bwd(x, cw, cb, du, dxz[..., :e])
         p = r + 2 * n
-        return (
-            dxz,
-            dcw.view_as(conv_w).to(conv_w.dtype),
-            dcb.to(conv_b.dtype),
-            d_x_w[:p, :e].to(x_w_f.dtype),
-            d_x_w[p:, e:].to(x_w_b.dtype),
-            d_dt_w[:e, :r].to(dt_w_f.dtype),
-            d_dt_w[e:, r:].to(dt_w_b.dtype),
-            d_dt_bias.to(dt_bias.dtype),
-            (dA * A).to(A_log.dtype),  # A = -exp(A_log): dA/dA_log = A
-            dD.to(D.dtype),
-            None,
-        )
+        grads = (dcw.view(2 * e, 1, -1), dcb, d_x_w[:p, :e], d_x_w[p:, e:], d_dt_w[:e, :r], d_dt_w[e:, r:],
+                 d_dt_bias, dA_log, dD)  # fmt: skip
+        return (dxz,) + tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes)) + (None,)
 
 
 def bimamba_core_triton(xz: torch.Tensor, m) -> torch.Tensor:
@@ -208,7 +206,7 @@ def bimamba_core_triton(xz: torch.Tensor, m) -> torch.Tensor:
     _check(xz, m.d_inner)
     if not xz.is_contiguous():
         xz = xz.contiguous()
-    conv_w = torch.cat([m.conv1d.weight, m.conv1d_b.weight]).squeeze(1)  # (2E, K)
+    conv_w = torch.cat([m.conv1d.weight, m.conv1d_b.weight])  # (2E, 1, K)
     conv_b = torch.cat([m.conv1d.bias, m.conv1d_b.bias])
     dt_bias = torch.cat([m.dt_proj.bias, m.dt_proj_b.bias])
     A_log = torch.cat([m.A_log, m.A_b_log])

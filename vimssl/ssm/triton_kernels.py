@@ -39,21 +39,40 @@ def _log2(x):
         return tl.log2(x)
 
 
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _exp2(x):
+    # one MUFU.EX2 flushing denormal results to zero (tl.exp2 adds a 4-instruction range fix-up)
+    if _PTX:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.exp2(x)
+
+
 @triton.jit
 def _softplus(x):
     # torch's softplus with threshold 20, through exp2/log2 (no libdevice branches in the loop)
-    LN2: tl.constexpr = 0.6931471805599453
-    return tl.where(x > 20.0, x, LN2 * _log2(1.0 + tl.exp(tl.minimum(x, 20.0))))
+    return tl.where(x > 20.0, x, LN2 * _log2(1.0 + _exp2(tl.minimum(x, 20.0) * LOG2E)))
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + _exp2(x * -LOG2E))
 
 
 @triton.jit
 def _silu(x):
-    return x * tl.sigmoid(x)
+    return x * _sigmoid(x)
 
 
 @triton.jit
 def _dsilu(x):
-    s = tl.sigmoid(x)
+    s = _sigmoid(x)
     return s * (1.0 + x * (1.0 - s))
 
 
@@ -185,27 +204,55 @@ def conv_bwd_dx_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# selective scan, both directions, D skip, SiLU(z) gate and combine: each thread owns channels with
-# their N states in registers and walks the tokens four at a time (their loads issued together);
-# the recurrence needs no cross-thread traffic
+# selective scan, both directions, D skip, SiLU(z) gate and combine. A program owns one batch row
+# and BE channels; each thread holds its channels' N states in registers (tensors (BN, BE); the
+# per-channel vectors are (1, BE) in the same layout, so nothing is converted through shared
+# memory), the recurrence needs no cross-thread traffic, and the loop takes four tokens per
+# iteration while the next four tokens' per-channel inputs are already being loaded (software
+# prefetch: the scans are otherwise bound by global-load latency). Decays are
+# exp2(A log2(e) * delta): the launchers pass A log2(e), transposed ("At2", (N, 2E)).
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _tok(u_base, dt_base, bc_base, i, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, bc_off, N):
-    """Token i of the scan order (t = i forward, L-1-i backward): u, raw dt, delta (BE,),
-    B, C (BN,), decay a and drive b (BN, BE); past the end a = 1, b = 0."""
-    t = tl.where(D == 0, i, L - 1 - i)
-    ok = i < L
-    m = me & ok
-    u = tl.load(u_base + t * su_l + ch, mask=m, other=0.0).to(tl.float32)
-    raw = tl.load(dt_base + t * sd_l + ch, mask=m, other=0.0).to(tl.float32) + bias
-    delta = tl.where(m, _softplus(raw), 0.0)
-    Bv = tl.load(bc_base + t * sbc_l + bc_off + n, mask=mn & ok, other=0.0).to(tl.float32)
-    Cv = tl.load(bc_base + t * sbc_l + bc_off + N + n, mask=mn & ok, other=0.0).to(tl.float32)
-    a = tl.exp(At * delta[None, :])
-    drive = Bv[:, None] * (delta * u)[None, :]
-    return t, m, u, raw, delta, Bv, Cv, a, drive
+def _tpos(i, L, D):
+    """Token index of scan step i (t = i forward, L-1-i backward), clamped into [0, L)."""
+    return tl.minimum(tl.maximum(tl.where(D == 0, i, L - 1 - i), 0), L - 1)
+
+
+@triton.jit
+def _ld(base, t, stride, m):
+    return tl.load(base + t * stride, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _vec(bc_base, t, sbc_l, off, n, mn, EVEN_N: tl.constexpr):
+    """B or C of token t as (BN, 1) float32; t is always in range, so only the state mask remains."""
+    if EVEN_N:
+        return tl.load(bc_base + t * sbc_l + off + n).to(tl.float32)
+    else:
+        return tl.load(bc_base + t * sbc_l + off + n, mask=mn, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _delta(raw, m):
+    """softplus(raw) where m, else 0 (past the end: decay 1, drive 0, the state passes through)."""
+    return tl.where(m, _softplus(raw), 0.0)
+
+
+@triton.jit
+def _decay(At2, delta):
+    return _exp2(At2 * delta)  # (BN, BE)
+
+
+@triton.jit
+def _tok_in(u_base, dt_base, i, L, D, ch, me, bias, su_l, sd_l):
+    """Inputs of scan step i: token t, mask m (false past the end), u, raw dt (with bias), delta."""
+    t = _tpos(i, L, D)
+    m = me & (i < L)
+    u = _ld(u_base + ch, t, su_l, m)
+    raw = _ld(dt_base + ch, t, sd_l, m) + bias
+    return t, m, u, raw, _delta(raw, m)
 
 
 @triton.jit
@@ -213,16 +260,16 @@ def scan_fwd_kernel(
     u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, y_ptr, ysum_ptr,
     L, E, N, R,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l,
-    SAVE_SUM: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr,
+    SAVE_SUM: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
     """Both branches of one batch row and BE channels.
 
     u (xc, B, L, 2E), dt (raw dt_proj output without bias, B, L, 2E), bc (B and C of both
     branches, B, L, 2, 2N, strided by sbc_d between branches, starting at offset R), z (B, L, E),
-    At = A transposed (N, 2E) with A = -exp(A_log), D and dt bias (2E,), all float32 parameters.
+    At = A log2(e) transposed (N, 2E) with A = -exp(A_log), D and dt bias (2E,), all float32.
     Writes y = (y_fwd + y_bwd) / 2 * SiLU(z) to y (B, L, E), and the ungated y_fwd + y_bwd to
     ysum when SAVE_SUM (kept for the backward). The forward branch's outputs are parked in y
-    until the backward branch combines them.
+    until the backward branch combines them. EVEN_N: N == BN (no state mask).
     """
     pid_e, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     e = pid_e * BE + tl.arange(0, BE)
@@ -233,31 +280,39 @@ def scan_fwd_kernel(
     y_base, z_base, s_base = y_ptr + b * sy_b + e, z_ptr + b * sz_b + e, ysum_ptr + b * sy_b + e
     for D in tl.static_range(2):
         ch = D * E + e
-        At = tl.load(At_ptr + n[:, None] * (2 * E) + ch[None, :], mask=mn[:, None] & me[None, :], other=0.0)
+        At2 = tl.load(At_ptr + n[:, None] * (2 * E) + ch[None, :], mask=mn[:, None] & me[None, :], other=0.0)
         Dv = tl.load(D_ptr + ch, mask=me, other=0.0)
         bias = tl.load(dtb_ptr + ch, mask=me, other=0.0)
         off = D * sbc_d + R
         h = tl.zeros((BN, BE), tl.float32)
         for i0 in range(0, L, 4):
-            t0, m0, u0, _, _, _, C0, a0, d0 = _tok(
-                u_base, dt_base, bc_base, i0, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
+            t0, m0, u0, _, d0 = _tok_in(u_base, dt_base, i0, L, D, ch, me, bias, su_l, sd_l)
+            t1, m1, u1, _, d1 = _tok_in(u_base, dt_base, i0 + 1, L, D, ch, me, bias, su_l, sd_l)
+            t2, m2, u2, _, d2 = _tok_in(u_base, dt_base, i0 + 2, L, D, ch, me, bias, su_l, sd_l)
+            t3, m3, u3, _, d3 = _tok_in(u_base, dt_base, i0 + 3, L, D, ch, me, bias, su_l, sd_l)
+            B0, C0 = (
+                _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N),
+                _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N),
             )
-            t1, m1, u1, _, _, _, C1, a1, d1 = _tok(
-                u_base, dt_base, bc_base, i0 + 1, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
+            B1, C1 = (
+                _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N),
+                _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N),
             )
-            t2, m2, u2, _, _, _, C2, a2, d2 = _tok(
-                u_base, dt_base, bc_base, i0 + 2, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
+            B2, C2 = (
+                _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N),
+                _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N),
             )
-            t3, m3, u3, _, _, _, C3, a3, d3 = _tok(
-                u_base, dt_base, bc_base, i0 + 3, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
+            B3, C3 = (
+                _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N),
+                _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N),
             )
-            h = a0 * h + d0
+            h = _decay(At2, d0) * h + B0[:, None] * (d0 * u0)[None, :]
             y0 = tl.sum(h * C0[:, None], axis=0) + Dv * u0
-            h = a1 * h + d1
+            h = _decay(At2, d1) * h + B1[:, None] * (d1 * u1)[None, :]
             y1 = tl.sum(h * C1[:, None], axis=0) + Dv * u1
-            h = a2 * h + d2
+            h = _decay(At2, d2) * h + B2[:, None] * (d2 * u2)[None, :]
             y2 = tl.sum(h * C2[:, None], axis=0) + Dv * u2
-            h = a3 * h + d3
+            h = _decay(At2, d3) * h + B3[:, None] * (d3 * u3)[None, :]
             y3 = tl.sum(h * C3[:, None], axis=0) + Dv * u3
             if D == 0:
                 tl.store(y_base + t0 * sy_l, y0.to(y_ptr.dtype.element_ty), mask=m0)
@@ -283,32 +338,29 @@ def _combine(y_base, z_base, s_base, t, m, y_b, sy_l, sz_l, SAVE_SUM: tl.constex
 
 
 @triton.jit
-def _tok_bwd(u_base, dt_base, bc_base, dy_base, z_base, s_base, dz_base, part, du_base, ddt_base,
-             i, L, D, ch, me, n, mn, bias, At, Dv, su_l, sd_l, sbc_l, bc_off, N, sy_l, sz_l, sdz_l,
-             hs, w, dA, dD):  # fmt: skip
-    """Gradients at token i of the scan order, given its state hs and w = a_next * dh_next.
-    Returns the new w (for token i - 1) and the updated dA, dD accumulators."""
-    t, m, u, raw, delta, Bv, Cv, a, drive = _tok(
-        u_base, dt_base, bc_base, i, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, bc_off, N
-    )
-    dy = tl.load(dy_base + t * sy_l, mask=m, other=0.0).to(tl.float32)
-    z = tl.load(z_base + t * sz_l, mask=m, other=0.0).to(tl.float32)
-    g = dy * _silu(z) * 0.5
-    dh = Cv[:, None] * g[None, :] + w  # (BN, BE)
-    h_in = hs - drive  # a_t * h_{t-1}
-    dB_in = tl.sum(dh * Bv[:, None], axis=0)
-    ddelta = tl.sum(dh * At * h_in, axis=0) + u * dB_in
-    du = Dv * g + delta * dB_in
-    dA += dh * h_in * delta[None, :]
+def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, ch, At2, Dv,
+             dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D):  # fmt: skip
+    """Gradients at token t (ok: in range; m: and channel in range) given its inputs (u, raw dt
+    with bias, delta), the gradient dy of the
+    gated output, z, the ungated branch sum ys (used by the forward branch), its state s (BN, BE),
+    decay a, and w = a_next * dh_next. Stores du, ddt, this program's share of dB and dC (and dz
+    in the forward-branch programs); returns the new w (for the token before) and the updated
+    dA, dD accumulators."""
+    g = dy * _silu(z) * 0.5  # (1, BE)
+    du_ = delta * u
+    dh = Cv * g + w  # (BN, BE)
+    h_in = s - Bv * du_  # a_t * h_{t-1}
+    q = dh * h_in
+    dB_in = tl.sum(dh * Bv, axis=0, keep_dims=True)
+    ddelta = tl.sum(q * At2, axis=0, keep_dims=True) * LN2 + u * dB_in
+    dA += q * delta
     dD += g * u
-    ok = (i < L) & mn
-    tl.store(part + t * (2 * N) + n, tl.sum(dh * (delta * u)[None, :], axis=1), mask=ok)
-    tl.store(part + t * (2 * N) + N + n, tl.sum(hs * g[None, :], axis=1), mask=ok)
-    tl.store(du_base + t * su_l + ch, du.to(du_base.dtype.element_ty), mask=m)
-    tl.store(ddt_base + t * sd_l + ch, (ddelta * tl.sigmoid(raw)).to(ddt_base.dtype.element_ty), mask=m)
+    tl.store(du_base + t * su_l + ch, (Dv * g + delta * dB_in).to(du_base.dtype.element_ty), mask=m)
+    tl.store(ddt_base + t * sd_l + ch, (ddelta * _sigmoid(raw)).to(ddt_base.dtype.element_ty), mask=m)
     if D == 0:
-        ys = tl.load(s_base + t * sy_l, mask=m, other=0.0).to(tl.float32)
         tl.store(dz_base + t * sdz_l, (dy * ys * 0.5 * _dsilu(z)).to(dz_base.dtype.element_ty), mask=m)
+    tl.store(part + t * (2 * N) + n, tl.sum(dh * du_, axis=1, keep_dims=True), mask=mn & ok)
+    tl.store(part + t * (2 * N) + N + n, tl.sum(s * g, axis=1, keep_dims=True), mask=mn & ok)
     return a * dh, dA, dD
 
 
@@ -318,96 +370,175 @@ def scan_bwd_kernel(
     du_ptr, ddt_ptr, dz_ptr, dbc_part_ptr, dA_ptr, dD_ptr,
     L, E, N, R, n_eblocks,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, sdz_b, sdz_l,
-    BE: tl.constexpr, BN: tl.constexpr,
+    BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, KEEP: tl.constexpr,
 ):  # fmt: skip
     """Backward of :func:`scan_fwd_kernel` for one branch (program axis 2), one batch row and BE
     channels. dy (B, L, E): gradient of the gated output. Writes du (B, L, 2E): gradient of u;
     ddt (B, L, 2E): gradient of the raw dt (before bias and softplus); dz (B, L, E, strided): the
     gradient of z (by the forward-branch programs); dbc_part (B, 2, eblocks, L, 2N): this
-    program's share of the gradients of B and C; dA (B, N, 2E) and dD (B, 2E): this batch row's
-    share. hst: float32 scratch (B, ceil(L / 4), BN, 2E).
+    program's share of the gradients of B and C; dA (B, N, 2E) (gradient of A_log) and dD (B, 2E):
+    this batch row's share. hst: float32 scratch (B, ceil(L / 4), BN, 2E).
 
     The first pass stores the state entering every group of four tokens; the second walks the
     groups backwards, recomputes their four states in registers and runs the gradient recurrence
     dh_t = C_t g_t + a_{t+1} dh_{t+1} through them, using a_t h_{t-1} = h_t - delta_t u_t B_t
-    (no division by a decay)."""
+    (no division by a decay). Both passes load the next group's inputs (and the second its
+    checkpoint) before computing the current one. KEEP keeps the four recomputed decays in
+    registers instead of computing them again (one exp per state and token fewer, more
+    registers)."""
     pid_e, b, D = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    e = pid_e * BE + tl.arange(0, BE)
+    e = pid_e * BE + tl.arange(0, BE)[None, :]  # (1, BE)
     me = e < E
-    n = tl.arange(0, BN)
+    n = tl.arange(0, BN)[:, None]  # (BN, 1)
     mn = n < N
     ch = D * E + e
-    mA = mn[:, None] & me[None, :]
-    At = tl.load(At_ptr + n[:, None] * (2 * E) + ch[None, :], mask=mA, other=0.0)
+    mA = mn & me
+    At2 = tl.load(At_ptr + n * (2 * E) + ch, mask=mA, other=0.0)
     Dv = tl.load(D_ptr + ch, mask=me, other=0.0)
     bias = tl.load(dtb_ptr + ch, mask=me, other=0.0)
-    u_base, dt_base, bc_base = u_ptr + b * su_b, dt_ptr + b * sd_b, bc_ptr + b * sbc_b
+    ub, db = u_ptr + b * su_b + ch, dt_ptr + b * sd_b + ch
+    bc_base = bc_ptr + b * sbc_b
     off = D * sbc_d + R
     n_groups = tl.cdiv(L, 4)
-    hst = hst_ptr + (b * n_groups * BN + n[:, None]) * (2 * E) + ch[None, :]  # (BN, BE), group 0
+    hst = hst_ptr + (b * n_groups * BN + n) * (2 * E) + ch  # (BN, BE), group 0
 
+    # pass 1: the state entering every group of four tokens
     h = tl.zeros((BN, BE), tl.float32)
+    u0, r0 = _ld(ub, _tpos(0, L, D), su_l, me & (0 < L)), _ld(db, _tpos(0, L, D), sd_l, me & (0 < L))
+    u1, r1 = _ld(ub, _tpos(1, L, D), su_l, me & (1 < L)), _ld(db, _tpos(1, L, D), sd_l, me & (1 < L))
+    u2, r2 = _ld(ub, _tpos(2, L, D), su_l, me & (2 < L)), _ld(db, _tpos(2, L, D), sd_l, me & (2 < L))
+    u3, r3 = _ld(ub, _tpos(3, L, D), su_l, me & (3 < L)), _ld(db, _tpos(3, L, D), sd_l, me & (3 < L))
     for g4 in range(n_groups):
         tl.store(hst + g4 * (BN * 2 * E), h, mask=mA)
-        i0 = g4 * 4
-        _, _, _, _, _, _, _, a0, d0 = _tok(
-            u_base, dt_base, bc_base, i0, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
-        )
-        _, _, _, _, _, _, _, a1, d1 = _tok(
-            u_base, dt_base, bc_base, i0 + 1, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
-        )
-        _, _, _, _, _, _, _, a2, d2 = _tok(
-            u_base, dt_base, bc_base, i0 + 2, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
-        )
-        _, _, _, _, _, _, _, a3, d3 = _tok(
-            u_base, dt_base, bc_base, i0 + 3, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
-        )
-        h = a3 * (a2 * (a1 * (a0 * h + d0) + d1) + d2) + d3
+        i0, i1 = g4 * 4, g4 * 4 + 4
+        t0, t1, t2, t3 = _tpos(i1, L, D), _tpos(i1 + 1, L, D), _tpos(i1 + 2, L, D), _tpos(i1 + 3, L, D)
+        nu0, nr0 = _ld(ub, t0, su_l, me & (i1 < L)), _ld(db, t0, sd_l, me & (i1 < L))
+        nu1, nr1 = _ld(ub, t1, su_l, me & (i1 + 1 < L)), _ld(db, t1, sd_l, me & (i1 + 1 < L))
+        nu2, nr2 = _ld(ub, t2, su_l, me & (i1 + 2 < L)), _ld(db, t2, sd_l, me & (i1 + 2 < L))
+        nu3, nr3 = _ld(ub, t3, su_l, me & (i1 + 3 < L)), _ld(db, t3, sd_l, me & (i1 + 3 < L))
+        d0 = _delta(r0 + bias, me & (i0 < L))
+        h = _decay(At2, d0) * h + _vec(bc_base, _tpos(i0, L, D), sbc_l, off, n, mn, EVEN_N) * (d0 * u0)
+        d1 = _delta(r1 + bias, me & (i0 + 1 < L))
+        h = _decay(At2, d1) * h + _vec(bc_base, _tpos(i0 + 1, L, D), sbc_l, off, n, mn, EVEN_N) * (d1 * u1)
+        d2 = _delta(r2 + bias, me & (i0 + 2 < L))
+        h = _decay(At2, d2) * h + _vec(bc_base, _tpos(i0 + 2, L, D), sbc_l, off, n, mn, EVEN_N) * (d2 * u2)
+        d3 = _delta(r3 + bias, me & (i0 + 3 < L))
+        h = _decay(At2, d3) * h + _vec(bc_base, _tpos(i0 + 3, L, D), sbc_l, off, n, mn, EVEN_N) * (d3 * u3)
+        u0, r0, u1, r1, u2, r2, u3, r3 = nu0, nr0, nu1, nr1, nu2, nr2, nu3, nr3
     tl.debug_barrier()
 
-    dy_base, z_base = dy_ptr + b * sy_b + e, z_ptr + b * sz_b + e
-    s_base, dz_base = ysum_ptr + b * sy_b + e, dz_ptr + b * sdz_b + e
+    # pass 2: the groups in reverse
+    dyb, zb = dy_ptr + b * sy_b + e, z_ptr + b * sz_b + e
+    sb, dz_base = ysum_ptr + b * sy_b + e, dz_ptr + b * sdz_b + e
     du_base, ddt_base = du_ptr + b * su_b, ddt_ptr + b * sd_b
     part = dbc_part_ptr + (((b * 2 + D) * n_eblocks + pid_e) * L) * (2 * N)
+    fwd = D == 0  # only the forward-branch programs need the branch sum (for dz)
     w = tl.zeros((BN, BE), tl.float32)
     dA = tl.zeros((BN, BE), tl.float32)
-    dD = tl.zeros((BE,), tl.float32)
-    for gg in range(n_groups):
-        g4 = n_groups - 1 - gg
-        i0 = g4 * 4
-        h = tl.load(hst + g4 * (BN * 2 * E), mask=mA, other=0.0)
-        _, _, _, _, _, _, _, a0, d0 = _tok(
-            u_base, dt_base, bc_base, i0, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
-        )
-        _, _, _, _, _, _, _, a1, d1 = _tok(
-            u_base, dt_base, bc_base, i0 + 1, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
-        )
-        _, _, _, _, _, _, _, a2, d2 = _tok(
-            u_base, dt_base, bc_base, i0 + 2, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N
-        )
-        s0 = a0 * h + d0
-        s1 = a1 * s0 + d1
-        s2 = a2 * s1 + d2
-        s3 = _tok_state_next(
-            u_base, dt_base, bc_base, i0 + 3, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, off, N, s2
-        )
-        w, dA, dD = _tok_bwd(u_base, dt_base, bc_base, dy_base, z_base, s_base, dz_base, part, du_base, ddt_base,
-                             i0 + 3, L, D, ch, me, n, mn, bias, At, Dv, su_l, sd_l, sbc_l, off, N, sy_l, sz_l, sdz_l, s3, w, dA, dD)  # fmt: skip
-        w, dA, dD = _tok_bwd(u_base, dt_base, bc_base, dy_base, z_base, s_base, dz_base, part, du_base, ddt_base,
-                             i0 + 2, L, D, ch, me, n, mn, bias, At, Dv, su_l, sd_l, sbc_l, off, N, sy_l, sz_l, sdz_l, s2, w, dA, dD)  # fmt: skip
-        w, dA, dD = _tok_bwd(u_base, dt_base, bc_base, dy_base, z_base, s_base, dz_base, part, du_base, ddt_base,
-                             i0 + 1, L, D, ch, me, n, mn, bias, At, Dv, su_l, sd_l, sbc_l, off, N, sy_l, sz_l, sdz_l, s1, w, dA, dD)  # fmt: skip
-        w, dA, dD = _tok_bwd(u_base, dt_base, bc_base, dy_base, z_base, s_base, dz_base, part, du_base, ddt_base,
-                             i0, L, D, ch, me, n, mn, bias, At, Dv, su_l, sd_l, sbc_l, off, N, sy_l, sz_l, sdz_l, s0, w, dA, dD)  # fmt: skip
-    tl.store(dA_ptr + (b * N + n[:, None]) * (2 * E) + ch[None, :], dA, mask=mA)
-    tl.store(dD_ptr + b * 2 * E + ch, dD, mask=me)
-
-
-@triton.jit
-def _tok_state_next(
-    u_base, dt_base, bc_base, i, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, bc_off, N, h
-):
-    _, _, _, _, _, _, _, a, drive = _tok(
-        u_base, dt_base, bc_base, i, L, D, ch, me, n, mn, bias, At, su_l, sd_l, sbc_l, bc_off, N
+    dD = tl.zeros((1, BE), tl.float32)
+    i0 = (n_groups - 1) * 4
+    h = tl.load(hst + (n_groups - 1) * (BN * 2 * E), mask=mA, other=0.0)
+    t0, t1, t2, t3 = _tpos(i0, L, D), _tpos(i0 + 1, L, D), _tpos(i0 + 2, L, D), _tpos(i0 + 3, L, D)
+    m0, m1, m2, m3 = me & (i0 < L), me & (i0 + 1 < L), me & (i0 + 2 < L), me & (i0 + 3 < L)
+    u0, r0, y0, z0, s0 = (
+        _ld(ub, t0, su_l, m0),
+        _ld(db, t0, sd_l, m0),
+        _ld(dyb, t0, sy_l, m0),
+        _ld(zb, t0, sz_l, m0),
+        _ld(sb, t0, sy_l, m0 & fwd),
     )
-    return a * h + drive
+    u1, r1, y1, z1, s1 = (
+        _ld(ub, t1, su_l, m1),
+        _ld(db, t1, sd_l, m1),
+        _ld(dyb, t1, sy_l, m1),
+        _ld(zb, t1, sz_l, m1),
+        _ld(sb, t1, sy_l, m1 & fwd),
+    )
+    u2, r2, y2, z2, s2 = (
+        _ld(ub, t2, su_l, m2),
+        _ld(db, t2, sd_l, m2),
+        _ld(dyb, t2, sy_l, m2),
+        _ld(zb, t2, sz_l, m2),
+        _ld(sb, t2, sy_l, m2 & fwd),
+    )
+    u3, r3, y3, z3, s3 = (
+        _ld(ub, t3, su_l, m3),
+        _ld(db, t3, sd_l, m3),
+        _ld(dyb, t3, sy_l, m3),
+        _ld(zb, t3, sz_l, m3),
+        _ld(sb, t3, sy_l, m3 & fwd),
+    )
+    for gg in range(n_groups):
+        i0 = (n_groups - 1 - gg) * 4
+        # prefetch the group before (clamped at group 0, whose repeat load is never used)
+        j0 = tl.maximum(i0 - 4, 0)
+        nh = tl.load(hst + (j0 // 4) * (BN * 2 * E), mask=mA, other=0.0)
+        q0, q1, q2, q3 = _tpos(j0, L, D), _tpos(j0 + 1, L, D), _tpos(j0 + 2, L, D), _tpos(j0 + 3, L, D)
+        nu0, nr0, ny0, nz0, ns0 = (
+            _ld(ub, q0, su_l, me),
+            _ld(db, q0, sd_l, me),
+            _ld(dyb, q0, sy_l, me),
+            _ld(zb, q0, sz_l, me),
+            _ld(sb, q0, sy_l, me & fwd),
+        )
+        nu1, nr1, ny1, nz1, ns1 = (
+            _ld(ub, q1, su_l, me),
+            _ld(db, q1, sd_l, me),
+            _ld(dyb, q1, sy_l, me),
+            _ld(zb, q1, sz_l, me),
+            _ld(sb, q1, sy_l, me & fwd),
+        )
+        nu2, nr2, ny2, nz2, ns2 = (
+            _ld(ub, q2, su_l, me),
+            _ld(db, q2, sd_l, me),
+            _ld(dyb, q2, sy_l, me),
+            _ld(zb, q2, sz_l, me),
+            _ld(sb, q2, sy_l, me & fwd),
+        )
+        nu3, nr3, ny3, nz3, ns3 = (
+            _ld(ub, q3, su_l, me),
+            _ld(db, q3, sd_l, me),
+            _ld(dyb, q3, sy_l, me),
+            _ld(zb, q3, sz_l, me),
+            _ld(sb, q3, sy_l, me & fwd),
+        )
+
+        t0, t1, t2, t3 = _tpos(i0, L, D), _tpos(i0 + 1, L, D), _tpos(i0 + 2, L, D), _tpos(i0 + 3, L, D)
+        m0, m1, m2, m3 = me & (i0 < L), me & (i0 + 1 < L), me & (i0 + 2 < L), me & (i0 + 3 < L)
+        r0, r1, r2, r3 = r0 + bias, r1 + bias, r2 + bias, r3 + bias
+        d0, d1, d2, d3 = _delta(r0, m0), _delta(r1, m1), _delta(r2, m2), _delta(r3, m3)
+        a0 = _decay(At2, d0)
+        h0 = a0 * h + _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N) * (d0 * u0)
+        a1 = _decay(At2, d1)
+        h1 = a1 * h0 + _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N) * (d1 * u1)
+        a2 = _decay(At2, d2)
+        h2 = a2 * h1 + _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N) * (d2 * u2)
+        a3 = _decay(At2, d3)
+        h3 = a3 * h2 + _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N) * (d3 * u3)
+        if not KEEP:  # decays again from a fresh delta, so that the first ones are not kept live
+            a3 = _decay(At2, _delta(_ld(db, t3, sd_l, m3) + bias, m3))
+        w, dA, dD = _bwd_tok(t3, i0 + 3 < L, m3, u3, r3, d3, y3, z3, s3, h3, a3,
+                             _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N),
+                             w, dA, dD, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D)  # fmt: skip
+        if not KEEP:
+            a2 = _decay(At2, _delta(_ld(db, t2, sd_l, m2) + bias, m2))
+        w, dA, dD = _bwd_tok(t2, i0 + 2 < L, m2, u2, r2, d2, y2, z2, s2, h2, a2,
+                             _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N),
+                             w, dA, dD, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D)  # fmt: skip
+        if not KEEP:
+            a1 = _decay(At2, _delta(_ld(db, t1, sd_l, m1) + bias, m1))
+        w, dA, dD = _bwd_tok(t1, i0 + 1 < L, m1, u1, r1, d1, y1, z1, s1, h1, a1,
+                             _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N),
+                             w, dA, dD, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D)  # fmt: skip
+        if not KEEP:
+            a0 = _decay(At2, _delta(_ld(db, t0, sd_l, m0) + bias, m0))
+        w, dA, dD = _bwd_tok(t0, i0 < L, m0, u0, r0, d0, y0, z0, s0, h0, a0,
+                             _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N),
+                             w, dA, dD, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D)  # fmt: skip
+        h = nh
+        u0, r0, y0, z0, s0 = nu0, nr0, ny0, nz0, ns0
+        u1, r1, y1, z1, s1 = nu1, nr1, ny1, nz1, ns1
+        u2, r2, y2, z2, s2 = nu2, nr2, ny2, nz2, ns2
+        u3, r3, y3, z3, s3 = nu3, nr3, ny3, nz3, ns3
+    tl.store(dA_ptr + (b * N + n) * (2 * E) + ch, dA * At2 * LN2, mask=mA)  # d/dA_log = d/dA * A
+    tl.store(dD_ptr + b * 2 * E + ch, dD, mask=me)

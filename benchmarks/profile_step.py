@@ -1,0 +1,77 @@
+"""Where a training step's GPU time goes: torch.profiler over two forward+backward steps of one
+model and path (bf16 autocast, like ``throughput.py``), kernels grouped by name, top first.
+
+    python benchmarks/profile_step.py --model vim_small_patch16_224 --path triton --batch 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from throughput import build
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="vim_small_patch16_224")
+    ap.add_argument("--path", default="triton")
+    ap.add_argument("--img", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--out", default=None, help="write the table as JSON here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = build(args.model, args.path, args.img).cuda().train()
+    x = torch.randn(args.batch, 3, args.img, args.img, device="cuda")
+    y = torch.randint(0, 1000, (args.batch,), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    wall_ms = start.elapsed_time(end) / 5
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t > 0:
+            rows.append(dict(name=ev.key, ms_per_step=t / 1000 / 2, calls_per_step=ev.count / 2))
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    total = sum(r["ms_per_step"] for r in rows)
+    print(
+        f"{args.model} {args.path} {args.img}px batch {args.batch}: {total:.1f} ms of kernels in a "
+        f"{wall_ms:.1f} ms step (GPU busy {100 * total / wall_ms:.0f}%), "
+        f"{sum(r['calls_per_step'] for r in rows):.0f} launches"
+    )
+    for r in rows[: args.top]:
+        share = 100 * r["ms_per_step"] / total
+        print(f"{r['ms_per_step']:8.2f} ms {share:5.1f}% {r['calls_per_step']:6.0f}x  {r['name'][:100]}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(
+                dict(model=args.model, path=args.path, total_ms=total, wall_ms=wall_ms, kernels=rows),
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()
