@@ -157,11 +157,12 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     gy = torch.randn(bsz, seqlen, e, **bf)
     dz = torch.empty(bsz, seqlen, e, **bf)
     rows = []
-    saved = (tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS, tc.SEQ_KEEP)
-    # channels per program, warps, and whether the scan backward keeps its recomputed decays
-    configs = [(32, 1, False), (32, 1, True), (64, 1, False), (64, 1, True), (16, 1, False), (128, 1, False)]
-    for BE, W, keep in configs:
-        tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS, tc.SEQ_KEEP = BE, BE, W, keep
+    saved = (tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS, tc.SEQ_KEEP, tc.SEQ_RS)
+    # channels per program, warps, whether the scan backward keeps its recomputed decays, and
+    # whether it sums dB/dC with the lane reduce-scatter
+    configs = [(32, 1, False, False), (32, 1, False, True), (32, 1, True, True), (64, 1, False, False)]
+    for BE, W, keep, rs in configs:
+        tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS, tc.SEQ_KEEP, tc.SEQ_RS = BE, BE, W, keep, rs
         try:
             f = do_bench(lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True), return_mode="median")
             _, ysum = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True)
@@ -169,15 +170,17 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
                 lambda ys=ysum: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ys, dz), return_mode="median"
             )
         except Exception as err:  # out of resources
-            print(f"sweep BE={BE} W={W} keep={keep}: {type(err).__name__}: {str(err)[:200]}", flush=True)
+            print(
+                f"sweep BE={BE} W={W} keep={keep} rs={rs}: {type(err).__name__}: {str(err)[:200]}", flush=True
+            )
             continue
         regs = {k: (h.n_regs, h.n_spills) for k, h in tc.LAST.items() if k.startswith("scan")}
-        rows.append(dict(impl="seq", BE=BE, warps=W, keep=keep, fwd_ms=f, bwd_ms=b, regs_spills=regs))
+        rows.append(dict(impl="seq", BE=BE, warps=W, keep=keep, rs=rs, fwd_ms=f, bwd_ms=b, regs_spills=regs))
         print(
-            f"sweep seq BE={BE:3d} W={W} keep={keep:d}: fwd {f:.3f} ms  bwd {b:.3f} ms  {regs}",
+            f"sweep seq BE={BE:3d} W={W} keep={keep:d} rs={rs:d}: fwd {f:.3f} ms  bwd {b:.3f} ms  {regs}",
             flush=True,
         )
-    tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS, tc.SEQ_KEEP = saved
+    tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS, tc.SEQ_KEEP, tc.SEQ_RS = saved
     x = xc[..., :e]
     cw = torch.randn(2 * e, 4, device="cuda")
     cb = torch.randn(2 * e, device="cuda")
@@ -219,7 +222,7 @@ def main():
         bc = min((r for r in out["sweep"] if r["impl"] == "conv"), key=lambda r: r["bwd_ms"])
         print("best scan fwd / bwd / conv:", bf, bb, bc, flush=True)
         tc.SEQ_WARPS, tc.SEQ_BE_FWD, tc.SEQ_BE_BWD = 1, bf["BE"], bb["BE"]
-        tc.SEQ_KEEP = bb["keep"]
+        tc.SEQ_KEEP, tc.SEQ_RS = bb["keep"], bb["rs"]
         tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS = bc["T"], bc["BE"], bc["warps"]
         out["times_best"] = core_times()
         print({k: round(v, 4) for k, v in out["times_best"].items() if k.endswith("_ms")}, flush=True)

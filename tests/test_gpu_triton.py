@@ -90,12 +90,16 @@ def test_core_matches_float64_reference(shape, dtype):
 
 # every scan variant at full program width (the shapes above are small batches, so the launchers
 # narrow their programs); 160 inner channels leave a partial channel block
-@pytest.mark.parametrize("be,keep", [(64, False), (64, True), (32, False), (32, True), (16, False)])
-def test_scan_variants_match_float64_reference(monkeypatch, be, keep):
+@pytest.mark.parametrize(
+    "be,keep,rs", [(64, False, False), (64, True, False), (32, False, False), (32, True, False),
+                   (32, False, True), (32, True, True), (16, False, False)],
+)  # fmt: skip
+def test_scan_variants_match_float64_reference(monkeypatch, be, keep, rs):
     from vimssl.ssm import triton_core as tc
 
-    for k, v in dict(SEQ_BE_FWD=be, SEQ_BE_BWD=be, SEQ_KEEP=keep, SEQ_NARROW=False).items():
+    for k, v in dict(SEQ_BE_FWD=be, SEQ_BE_BWD=be, SEQ_KEEP=keep, SEQ_RS=rs, SEQ_NARROW=False).items():
         monkeypatch.setattr(tc, k, v)
+    assert tc._rs(be, 16) == rs  # the lane reduce-scatter really runs where asked for
     err_out, errs = core_errors((3, 37, 80, 16), torch.float32)
     assert err_out < 1e-5
     bad = {name: e for name, e in errs.items() if not e < 1e-4}

@@ -15,6 +15,7 @@ conv output and delta are recomputed. Triton is imported only when this module i
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -26,6 +27,7 @@ from vimssl.ssm import triton_kernels as K
 SEQ_BE_FWD, SEQ_BE_BWD, SEQ_WARPS = 64, 32, 1
 # scan backward: keep the recomputed decays in registers (see the kernel)
 SEQ_KEEP = False
+SEQ_RS = True  # scan backward: lane reduce-scatter for the dB/dC sums (see the kernel)
 SEQ_NARROW = True  # narrower scan programs when a batch gives fewer than two per SM (see below)
 CONV_BT, CONV_BE, CONV_WARPS = 16, 128, 2
 LAST: dict = {}  # the last launch handle of each kernel (registers and spills, for benchmarks)
@@ -117,6 +119,13 @@ def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum):
     return y, (ysum if save_sum else None)
 
 
+def _rs(be: int, d_state: int) -> bool:
+    """Whether the scan backward uses the lane reduce-scatter (inline PTX: not under the CPU
+    interpreter)."""
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return SEQ_RS and be == 32 and d_state == 16 and SEQ_WARPS == 1 and not interpreted
+
+
 def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
     """Inputs as :func:`scan_fwd`, dy (B, L, E) the gradient of y. Returns du, ddt (B, L, 2E) in
     xc's dtype, dBC (B, L, 2, 2N) in xc's dtype, dA_log (2E, N) and dD (2E,) float32; writes
@@ -139,7 +148,7 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
         xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
         bc.stride(0), bc.stride(1), bc.stride(2), z.stride(0), z.stride(1),
         dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1),
-        BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, num_warps=SEQ_WARPS,
+        BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), num_warps=SEQ_WARPS,
     )  # fmt: skip
     dbc = part.sum(2, dtype=xc.dtype).transpose(1, 2)  # over the channel blocks
     return du, ddt, dbc, dA.sum(0).t(), dD.sum(0)

@@ -337,9 +337,73 @@ def _combine(y_base, z_base, s_base, t, m, y_b, sy_l, sz_l, SAVE_SUM: tl.constex
         tl.store(s_base + t * sy_l, ys.to(s_base.dtype.element_ty), mask=m)
 
 
+# Lane reduce-scatter (RS): the sums over a warp's 32 channels of a token's 16 dB and 16 dC
+# contributions (one channel per lane, every state in the thread) in 31 shuffles (16 + 8 + 4 + 2
+# + 1) instead of 5 per value (160). Each step pairs lane l with lane l ^ M: the lane whose bit M
+# is clear keeps the low half (lo) of what it holds and receives its partner's low half, the other
+# keeps and receives the high half; after the last step lane l holds the total of value l. Lane ids
+# are read inside the assembly (%laneid), so they always belong to the thread that runs it.
+_BFLY16: tl.constexpr = tl.constexpr(
+    "{ .reg .pred p; .reg .b32 l, s, k, r; mov.u32 l, %laneid; and.b32 l, l, 16; setp.ne.u32 p, l, 0; "
+    "selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; shfl.sync.bfly.b32 r, s, 16, 31, -1; add.f32 $0, k, r; }"
+)
+_BFLY8: tl.constexpr = tl.constexpr(
+    "{ .reg .pred p; .reg .b32 l, s, k, r; mov.u32 l, %laneid; and.b32 l, l, 8; setp.ne.u32 p, l, 0; "
+    "selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; shfl.sync.bfly.b32 r, s, 8, 31, -1; add.f32 $0, k, r; }"
+)
+_BFLY4: tl.constexpr = tl.constexpr(
+    "{ .reg .pred p; .reg .b32 l, s, k, r; mov.u32 l, %laneid; and.b32 l, l, 4; setp.ne.u32 p, l, 0; "
+    "selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; shfl.sync.bfly.b32 r, s, 4, 31, -1; add.f32 $0, k, r; }"
+)
+_BFLY2: tl.constexpr = tl.constexpr(
+    "{ .reg .pred p; .reg .b32 l, s, k, r; mov.u32 l, %laneid; and.b32 l, l, 2; setp.ne.u32 p, l, 0; "
+    "selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; shfl.sync.bfly.b32 r, s, 2, 31, -1; add.f32 $0, k, r; }"
+)
+_BFLY1: tl.constexpr = tl.constexpr(
+    "{ .reg .pred p; .reg .b32 l, s, k, r; mov.u32 l, %laneid; and.b32 l, l, 1; setp.ne.u32 p, l, 0; "
+    "selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; shfl.sync.bfly.b32 r, s, 1, 31, -1; add.f32 $0, k, r; }"
+)
+
+
+@triton.jit
+def _bfly(lo, hi, M: tl.constexpr):
+    """One reduce-scatter step between lanes l and l ^ M (elementwise over lo and hi)."""
+    if M == 16:
+        return tl.inline_asm_elementwise(_BFLY16, "=r,r,r", [lo, hi], dtype=tl.float32, is_pure=True, pack=1)
+    elif M == 8:
+        return tl.inline_asm_elementwise(_BFLY8, "=r,r,r", [lo, hi], dtype=tl.float32, is_pure=True, pack=1)
+    elif M == 4:
+        return tl.inline_asm_elementwise(_BFLY4, "=r,r,r", [lo, hi], dtype=tl.float32, is_pure=True, pack=1)
+    elif M == 2:
+        return tl.inline_asm_elementwise(_BFLY2, "=r,r,r", [lo, hi], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(_BFLY1, "=r,r,r", [lo, hi], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _halve(x, M: tl.constexpr):
+    """(R, 32) -> (R/2, 32): rows [0, R/2) summed into the lanes with bit M clear, the rest into
+    the others."""
+    R: tl.constexpr = x.shape[0]
+    lo, hi = tl.split(tl.permute(tl.reshape(x, (2, R // 2, 32)), (1, 2, 0)))
+    return _bfly(lo, hi, M)
+
+
+@triton.jit
+def _store_dbc_rs(part, t, ok, dBp, dCp):
+    """Store sum over channels of dBp and dCp (16, 32) to part[t, 0:16] and part[t, 16:32]."""
+    v = _bfly(dBp, dCp, 16)  # (16, 32): lanes 0-15 hold dB, 16-31 dC, each summed over 2 lanes
+    v = _halve(v, 8)
+    v = _halve(v, 4)
+    v = _halve(v, 2)
+    v = _halve(v, 1)  # (1, 32): lane l holds value l of [dB | dC], summed over the 32 lanes
+    lid = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
+    tl.store(part + t * 32 + lid, v, mask=ok)
+
+
 @triton.jit
 def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, ch, At2, Dv,
-             dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D):  # fmt: skip
+             dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS: tl.constexpr):  # fmt: skip
     """Gradients at token t (ok: in range; m: and channel in range) given its inputs (u, raw dt
     with bias, delta), the gradient dy of the
     gated output, z, the ungated branch sum ys (used by the forward branch), its state s (BN, BE),
@@ -359,8 +423,11 @@ def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, ch, At
     tl.store(ddt_base + t * sd_l + ch, (ddelta * _sigmoid(raw)).to(ddt_base.dtype.element_ty), mask=m)
     if D == 0:
         tl.store(dz_base + t * sdz_l, (dy * ys * 0.5 * _dsilu(z)).to(dz_base.dtype.element_ty), mask=m)
-    tl.store(part + t * (2 * N) + n, tl.sum(dh * du_, axis=1, keep_dims=True), mask=mn & ok)
-    tl.store(part + t * (2 * N) + N + n, tl.sum(s * g, axis=1, keep_dims=True), mask=mn & ok)
+    if RS:
+        _store_dbc_rs(part, t, ok, dh * du_, s * g)
+    else:
+        tl.store(part + t * (2 * N) + n, tl.sum(dh * du_, axis=1, keep_dims=True), mask=mn & ok)
+        tl.store(part + t * (2 * N) + N + n, tl.sum(s * g, axis=1, keep_dims=True), mask=mn & ok)
     return a * dh, dA, dD
 
 
@@ -370,7 +437,7 @@ def scan_bwd_kernel(
     du_ptr, ddt_ptr, dz_ptr, dbc_part_ptr, dA_ptr, dD_ptr,
     L, E, N, R, n_eblocks,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, sdz_b, sdz_l,
-    BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, KEEP: tl.constexpr,
+    BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, KEEP: tl.constexpr, RS: tl.constexpr,
 ):  # fmt: skip
     """Backward of :func:`scan_fwd_kernel` for one branch (program axis 2), one batch row and BE
     channels. dy (B, L, E): gradient of the gated output. Writes du (B, L, 2E): gradient of u;
@@ -385,7 +452,8 @@ def scan_bwd_kernel(
     (no division by a decay). Both passes load the next group's inputs (and the second its
     checkpoint) before computing the current one. KEEP keeps the four recomputed decays in
     registers instead of computing them again (one exp per state and token fewer, more
-    registers)."""
+    registers). RS sums dB and dC over the channels with the lane reduce-scatter (needs N == 16,
+    BE == 32, one warp, PTX)."""
     pid_e, b, D = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     e = pid_e * BE + tl.arange(0, BE)[None, :]  # (1, BE)
     me = e < E
@@ -519,22 +587,22 @@ def scan_bwd_kernel(
             a3 = _decay(At2, _delta(_ld(db, t3, sd_l, m3) + bias, m3))
         w, dA, dD = _bwd_tok(t3, i0 + 3 < L, m3, u3, r3, d3, y3, z3, s3, h3, a3,
                              _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N),
-                             w, dA, dD, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D)  # fmt: skip
+                             w, dA, dD, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
         if not KEEP:
             a2 = _decay(At2, _delta(_ld(db, t2, sd_l, m2) + bias, m2))
         w, dA, dD = _bwd_tok(t2, i0 + 2 < L, m2, u2, r2, d2, y2, z2, s2, h2, a2,
                              _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N),
-                             w, dA, dD, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D)  # fmt: skip
+                             w, dA, dD, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
         if not KEEP:
             a1 = _decay(At2, _delta(_ld(db, t1, sd_l, m1) + bias, m1))
         w, dA, dD = _bwd_tok(t1, i0 + 1 < L, m1, u1, r1, d1, y1, z1, s1, h1, a1,
                              _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N),
-                             w, dA, dD, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D)  # fmt: skip
+                             w, dA, dD, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
         if not KEEP:
             a0 = _decay(At2, _delta(_ld(db, t0, sd_l, m0) + bias, m0))
         w, dA, dD = _bwd_tok(t0, i0 < L, m0, u0, r0, d0, y0, z0, s0, h0, a0,
                              _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N),
-                             w, dA, dD, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D)  # fmt: skip
+                             w, dA, dD, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
         h = nh
         u0, r0, y0, z0, s0 = nu0, nr0, ny0, nz0, ns0
         u1, r1, y1, z1, s1 = nu1, nr1, ny1, nz1, ns1
