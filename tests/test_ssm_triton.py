@@ -58,8 +58,13 @@ def test_auto_uses_the_reference_on_cpu():
 def test_auto_on_gpu_picks_by_shape_among_installed_paths():
     sms = 132
     # many parallel sequences (224 px, batch 128): triton; few (1024 px, batch 8): mamba-ssm
-    assert auto_gpu_path(128 * 768, sms, triton_ok=True, cuda_ok=True) == "triton"
+    assert auto_gpu_path(128 * 768, sms, triton_ok=True, cuda_ok=True, tokens=197) == "triton"
+    assert auto_gpu_path(8 * 768, sms, triton_ok=True, cuda_ok=True, tokens=4097) == "cuda"
     assert auto_gpu_path(8 * 768, sms, triton_ok=True, cuda_ok=True) == "cuda"
+    # the measured crossover: Vim-T at 512 px, batch 32 (12,288 rows of 1,025 tokens) is triton's;
+    # as many rows of 4,097 tokens (Vim-B at 1024 px, batch 8) stay with mamba-ssm
+    assert auto_gpu_path(32 * 384, sms, triton_ok=True, cuda_ok=True, tokens=1025) == "triton"
+    assert auto_gpu_path(8 * 1536, sms, triton_ok=True, cuda_ok=True, tokens=4097) == "cuda"
     assert auto_gpu_path(None, sms, triton_ok=True, cuda_ok=True) == "triton"
     # a missing path is never chosen; triton beats the reference at any shape
     assert auto_gpu_path(8 * 768, sms, triton_ok=True, cuda_ok=False) == "triton"

@@ -53,18 +53,25 @@ def triton_kernels_available() -> bool:
     return triton_core.available()
 
 
-# ``auto`` takes the triton path when the scan has at least this many (batch row x channel)
-# sequences per SM to run in parallel; below that (small batches of long sequences, e.g. batch 8
-# at 1024 px) mamba-ssm's kernels, which also parallelise over the tokens, were faster. Measured
-# on an H100 (docs/benchmarks.md): the triton path won every 224 px row and the 512 px rows of
-# Vim-S and Vim-B (>= 24,576 rows on 132 SMs), lost Vim-T at 512 px (12,288) and all 1024 px rows.
-AUTO_TRITON_ROWS_PER_SM = 128
+# ``auto`` takes the triton path when the scan has enough (batch row x channel) sequences per SM to
+# run in parallel; below that (small batches of long sequences, e.g. batch 8 at 1024 px) mamba-ssm's
+# kernels, which also parallelise over the tokens, are faster. Measured on an H100 with the v6
+# kernels (docs/benchmarks.md, docs/kernel-notes.md): triton won every 224 px row and every 512 px
+# row (down to Vim-T at 512 px, 12,288 rows on 132 SMs = 93 per SM) and lost Vim-S at 1024 px,
+# batch 8 (6,144 rows). Sequences longer than 1,025 tokens (beyond 512 px) keep the earlier, more
+# conservative threshold: the only longer rows measured favour mamba-ssm.
+AUTO_TRITON_ROWS_PER_SM = 64
+AUTO_TRITON_ROWS_PER_SM_LONG = 128
+AUTO_LONG_TOKENS = 1025
 
 
-def auto_gpu_path(rows: int | None, sm_count: int, triton_ok: bool, cuda_ok: bool) -> str:
+def auto_gpu_path(
+    rows: int | None, sm_count: int, triton_ok: bool, cuda_ok: bool, tokens: int | None = None
+) -> str:
     """The path ``auto`` takes on a GPU, for a scan over ``rows`` = batch x inner channels
-    sequences (None: unknown, e.g. the norm between blocks)."""
-    if triton_ok and (not cuda_ok or rows is None or rows >= AUTO_TRITON_ROWS_PER_SM * sm_count):
+    sequences of ``tokens`` tokens (None: unknown, e.g. the norm between blocks)."""
+    per_sm = AUTO_TRITON_ROWS_PER_SM_LONG if (tokens or 0) > AUTO_LONG_TOKENS else AUTO_TRITON_ROWS_PER_SM
+    if triton_ok and (not cuda_ok or rows is None or rows >= per_sm * sm_count):
         return "triton"
     if cuda_ok:
         return "cuda"
@@ -76,9 +83,12 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def resolve_backend(backend: str, device: torch.device, rows: int | None = None) -> str:
+def resolve_backend(
+    backend: str, device: torch.device, rows: int | None = None, tokens: int | None = None
+) -> str:
     """Map ``auto`` to a concrete path for tensors on ``device``; validate forced choices.
-    ``rows`` (batch x inner channels of the scan) lets ``auto`` pick by shape on a GPU."""
+    ``rows`` (batch x inner channels of the scan) and ``tokens`` (its length) let ``auto`` pick
+    by shape on a GPU."""
     check_backend(backend)
     if backend == "torch":
         return "torch"
@@ -107,7 +117,7 @@ def resolve_backend(backend: str, device: torch.device, rows: int | None = None)
     chosen = "torch"
     if device.type == "cuda":
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        chosen = auto_gpu_path(rows, sms, triton_kernels_available(), cuda_kernels_available())
+        chosen = auto_gpu_path(rows, sms, triton_kernels_available(), cuda_kernels_available(), tokens)
     if (device.type, chosen) not in _logged:
         _logged.add((device.type, chosen))
         log.info("vimssl backend 'auto' chose %r for %s tensors", chosen, device.type)

@@ -205,11 +205,12 @@ def conv_bwd_dx_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # selective scan, both directions, D skip, SiLU(z) gate and combine. A program owns one batch row
-# and BE channels; each thread holds its channels' N states in registers (tensors (BN, BE); the
-# per-channel vectors are (1, BE) in the same layout, so nothing is converted through shared
-# memory), the recurrence needs no cross-thread traffic, and the loop takes four tokens per
-# iteration while the next four tokens' per-channel inputs are already being loaded (software
-# prefetch: the scans are otherwise bound by global-load latency). Decays are
+# and BE channels; each thread holds its channels' N states in registers (tensors (BN, BE)), the
+# recurrence needs no cross-thread traffic, and the loops take four tokens per iteration. The
+# forward loads a group's four tokens together before computing them; the backward keeps its
+# per-channel vectors as (1, BE) tensors in the state layout (no shared-memory conversions) and
+# loads the next group's inputs while computing the current one (software prefetch: it is
+# otherwise bound by global-load latency). Decays are
 # exp2(A log2(e) * delta): the launchers pass A log2(e), transposed ("At2", (N, 2E)).
 # ----------------------------------------------------------------------------------------------
 
