@@ -10,8 +10,7 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
-from throughput import build
+from throughput import build, time_fn, train_step_fn
 
 
 def main() -> None:
@@ -28,23 +27,8 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.img, args.img, device="cuda")
     y = torch.randint(0, 1000, (args.batch,), device="cuda")
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        for p in model.parameters():
-            p.grad = None
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    wall_ms = start.elapsed_time(end) / 5
+    step = train_step_fn(model, x, y)
+    wall_ms = 1000 * time_fn(step, warmup=3, iters=5, windows=1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             step()

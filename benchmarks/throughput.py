@@ -57,11 +57,9 @@ def time_fn(fn, warmup: int, iters: int, windows: int = 3) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, path: str, img: int, batch: int, iters: int) -> dict:
-    torch.manual_seed(0)
-    model = build(name, path, img).cuda()
-    x = torch.randn(batch, 3, img, img, device="cuda")
-    y = torch.randint(0, 1000, (batch,), device="cuda")
+def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """One training step as timed here: forward + cross-entropy backward under bf16 autocast, no
+    optimiser (gradients dropped)."""
 
     def train_step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -69,6 +67,17 @@ def measure(name: str, path: str, img: int, batch: int, iters: int) -> dict:
         loss.backward()
         for p in model.parameters():
             p.grad = None
+
+    return train_step
+
+
+def measure(name: str, path: str, img: int, batch: int, iters: int) -> dict:
+    torch.manual_seed(0)
+    model = build(name, path, img).cuda()
+    x = torch.randn(batch, 3, img, img, device="cuda")
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+
+    train_step = train_step_fn(model, x, y)
 
     def infer_step():
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):

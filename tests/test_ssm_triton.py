@@ -70,3 +70,19 @@ def test_auto_on_gpu_picks_by_shape_among_installed_paths():
     assert auto_gpu_path(8 * 768, sms, triton_ok=True, cuda_ok=False) == "triton"
     assert auto_gpu_path(128 * 768, sms, triton_ok=False, cuda_ok=True) == "cuda"
     assert auto_gpu_path(128 * 768, sms, triton_ok=False, cuda_ok=False) == "torch"
+
+
+def test_mixer_tells_auto_its_scan_shape(monkeypatch):
+    # auto's GPU choice depends on batch x inner channels and the sequence length
+    from vimssl.models import mixer as mixer_mod
+
+    seen = []
+
+    def spy(backend, device, rows=None, tokens=None):
+        seen.append((rows, tokens))
+        return "torch"
+
+    monkeypatch.setattr(mixer_mod, "resolve_backend", spy)
+    m = mixer_mod.BiMambaMixer(16, d_state=4)
+    m(torch.randn(3, 11, 16))
+    assert seen == [(3 * m.d_inner, 11)]

@@ -15,7 +15,6 @@ conv output and delta are recomputed. Triton is imported only when this module i
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -122,8 +121,7 @@ def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum):
 def _rs(be: int, d_state: int) -> bool:
     """Whether the scan backward uses the lane reduce-scatter (inline PTX: not under the CPU
     interpreter)."""
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return SEQ_RS and be == 32 and d_state == 16 and SEQ_WARPS == 1 and not interpreted
+    return SEQ_RS and be == 32 and d_state == 16 and SEQ_WARPS == 1 and bool(K._PTX.value)
 
 
 def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
