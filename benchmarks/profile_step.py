@@ -1,5 +1,6 @@
 """Where a training step's GPU time goes: torch.profiler over two forward+backward steps of one
 model and path (bf16 autocast, like ``throughput.py``), kernels grouped by name, top first.
+``--infer`` profiles the inference step instead (forward under ``torch.inference_mode``).
 
     python benchmarks/profile_step.py --model vim_small_patch16_224 --path triton --batch 128
 """
@@ -21,6 +22,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default=None, help="write the table as JSON here")
+    ap.add_argument("--infer", action="store_true", help="profile the inference step")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = build(args.model, args.path, args.img).cuda().train()
@@ -28,6 +30,13 @@ def main() -> None:
     y = torch.randint(0, 1000, (args.batch,), device="cuda")
 
     step = train_step_fn(model, x, y)
+    if args.infer:
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                model(x)
+
     wall_ms = 1000 * time_fn(step, warmup=3, iters=5, windows=1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
@@ -41,7 +50,8 @@ def main() -> None:
     rows.sort(key=lambda r: -r["ms_per_step"])
     total = sum(r["ms_per_step"] for r in rows)
     print(
-        f"{args.model} {args.path} {args.img}px batch {args.batch}: {total:.1f} ms of kernels in a "
+        f"{args.model} {args.path} {args.img}px batch {args.batch} {'inference' if args.infer else 'training'}: "
+        f"{total:.1f} ms of kernels in a "
         f"{wall_ms:.1f} ms step (GPU busy {100 * total / wall_ms:.0f}%), "
         f"{sum(r['calls_per_step'] for r in rows):.0f} launches"
     )
@@ -51,7 +61,14 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(
-                dict(model=args.model, path=args.path, total_ms=total, wall_ms=wall_ms, kernels=rows),
+                dict(
+                    model=args.model,
+                    path=args.path,
+                    infer=args.infer,
+                    total_ms=total,
+                    wall_ms=wall_ms,
+                    kernels=rows,
+                ),
                 f,
                 indent=1,
             )

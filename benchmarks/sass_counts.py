@@ -35,7 +35,7 @@ def tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def counts(kernel: str, consts: dict, warps: int = 1) -> dict:
+def counts(kernel: str, consts: dict, warps: int = 1, maxnreg: int | None = None) -> dict:
     fn = getattr(K, kernel)
     sig = {
         a: "constexpr"
@@ -46,7 +46,11 @@ def counts(kernel: str, consts: dict, warps: int = 1) -> dict:
         for a in fn.arg_names
     }
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ck = triton.compile(
+        src,
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})},
+    )
     with tempfile.TemporaryDirectory() as d:
         cubin, ptx = Path(d) / "k.cubin", Path(d) / "k.ptx"
         cubin.write_bytes(ck.asm["cubin"])
@@ -66,6 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernel", choices=sorted(DEFAULTS), nargs="*", default=sorted(DEFAULTS))
     ap.add_argument("--set", nargs="*", default=[], help="constexpr overrides, e.g. BE=64 RS=False")
+    ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (ptxas)")
     args = ap.parse_args()
     for kernel in args.kernel:
         consts = dict(DEFAULTS[kernel])
@@ -73,7 +78,7 @@ def main() -> None:
             k, v = kv.split("=")
             if k in consts:
                 consts[k] = v == "True" if v in ("True", "False") else int(v)
-        r = counts(kernel, consts)
+        r = counts(kernel, consts, maxnreg=args.maxnreg)
         print(f"{kernel} {r['consts']}: {r['registers']} registers, {r['spill_store_bytes']} bytes of spill "
               f"stores, {r['total']} instructions: {r['ops']}")  # fmt: skip
 

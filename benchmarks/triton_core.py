@@ -143,6 +143,37 @@ def core_times(bsz=128, seqlen=197, d=384) -> dict:
     return res
 
 
+def norm_times(bsz=128, seqlen=197, d=384) -> dict:
+    """The fused add + RMSNorm between blocks, forward + backward at the Vim-S training shape:
+    vimssl's Triton kernels against mamba-ssm's (the cuda path's) and the plain PyTorch one. The
+    fewest bytes: read x (bf16) and the residual, write the residual and the output; backward read
+    both gradients and the residual, write the two input gradients."""
+    from vimssl.layers.norm import RMSNorm
+    from vimssl.layers.norm import add_rms_norm as plain
+    from vimssl.ssm import cuda, triton_norm
+
+    norm = RMSNorm(d).cuda()
+    x = torch.randn(bsz, seqlen, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    res = torch.randn(bsz, seqlen, d, device="cuda", requires_grad=True)
+    g = torch.randn(bsz, seqlen, d, device="cuda", dtype=torch.bfloat16)
+    gr = torch.randn(bsz, seqlen, d, device="cuda")
+    paths = {"triton": triton_norm.add_rms_norm, "plain": plain}
+    if cuda.available():
+        paths["mamba_ssm"] = cuda.add_rms_norm
+    res_ms = {}
+    for name, fn in paths.items():
+
+        def step(fn=fn):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out, r = fn(x, res, norm)
+            torch.autograd.backward([out, r], [g.to(out.dtype), gr])
+
+        res_ms[f"norm_{name}_fwd_bwd_ms"] = do_bench(step, warmup=20, rep=200, return_mode="median")
+    tok = bsz * seqlen * d
+    res_ms["norm_min_bytes"] = tok * (2 + 4 + 4 + 2) + tok * (2 + 4 + 4 + 2 + 4)
+    return res_ms
+
+
 def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     m = mixer(d)
     e, n = m.d_inner, m.d_state
@@ -157,12 +188,24 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     gy = torch.randn(bsz, seqlen, e, **bf)
     dz = torch.empty(bsz, seqlen, e, **bf)
     rows = []
-    saved = (tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS, tc.SEQ_KEEP, tc.SEQ_RS)
-    # channels per program, warps, whether the scan backward keeps its recomputed decays, and
-    # whether it sums dB/dC with the lane reduce-scatter
-    configs = [(32, 1, False, False), (32, 1, False, True), (64, 1, False, False)]
-    for BE, W, keep, rs in configs:
-        tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS, tc.SEQ_KEEP, tc.SEQ_RS = BE, BE, W, keep, rs
+    names = (
+        "SEQ_BE_FWD",
+        "SEQ_BE_BWD",
+        "SEQ_WARPS",
+        "SEQ_KEEP",
+        "SEQ_RS",
+        "SEQ_MAXNREG_FWD",
+        "SEQ_MAXNREG_BWD",
+    )
+    saved = [getattr(tc, k) for k in names]
+    # channels per program, warps, whether the scan backward keeps its recomputed decays, whether
+    # it sums dB/dC with the lane reduce-scatter, and the register cap of both scans
+    configs = [(32, 1, False, True, None), (32, 1, False, True, 168), (32, 1, False, True, 128),
+               (16, 1, False, False, None), (16, 1, False, False, 168), (16, 1, False, False, 128),
+               (64, 1, False, False, 128)]  # fmt: skip
+    for BE, W, keep, rs, nreg in configs:
+        for k, v in zip(names, (BE, BE, W, keep, rs, nreg, nreg)):
+            setattr(tc, k, v)
         try:
             f = do_bench(lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True), return_mode="median")
             _, ysum = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True)
@@ -170,17 +213,28 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
                 lambda ys=ysum: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ys, dz), return_mode="median"
             )
         except Exception as err:  # out of resources
-            print(
-                f"sweep BE={BE} W={W} keep={keep} rs={rs}: {type(err).__name__}: {str(err)[:200]}", flush=True
-            )
+            print(f"sweep BE={BE} rs={rs} maxnreg={nreg}: {type(err).__name__}: {str(err)[:200]}", flush=True)
             continue
         regs = {k: (h.n_regs, h.n_spills) for k, h in tc.LAST.items() if k.startswith("scan")}
-        rows.append(dict(impl="seq", BE=BE, warps=W, keep=keep, rs=rs, fwd_ms=f, bwd_ms=b, regs_spills=regs))
+        rows.append(
+            dict(
+                impl="seq",
+                BE=BE,
+                warps=W,
+                keep=keep,
+                rs=rs,
+                maxnreg=nreg,
+                fwd_ms=f,
+                bwd_ms=b,
+                regs_spills=regs,
+            )
+        )
         print(
-            f"sweep seq BE={BE:3d} W={W} keep={keep:d} rs={rs:d}: fwd {f:.3f} ms  bwd {b:.3f} ms  {regs}",
+            f"sweep seq BE={BE:3d} W={W} keep={keep:d} rs={rs:d} maxnreg={nreg}: fwd {f:.3f} ms  bwd {b:.3f} ms  {regs}",
             flush=True,
         )
-    tc.SEQ_BE_FWD, tc.SEQ_BE_BWD, tc.SEQ_WARPS, tc.SEQ_KEEP, tc.SEQ_RS = saved
+    for k, v in zip(names, saved):
+        setattr(tc, k, v)
     x = xc[..., :e]
     cw = torch.randn(2 * e, 4, device="cuda")
     cb = torch.randn(2 * e, device="cuda")
@@ -211,6 +265,7 @@ def main():
     if args.parity:
         out["parity"] = parity()
     out["times"] = core_times()
+    out["times"].update(norm_times())
     out["regs_spills"] = {k: (h.n_regs, h.n_spills) for k, h in tc.LAST.items()}
     print("registers, spills:", out["regs_spills"])
     for k, v in out["times"].items():
@@ -223,6 +278,7 @@ def main():
         print("best scan fwd / bwd / conv:", bf, bb, bc, flush=True)
         tc.SEQ_WARPS, tc.SEQ_BE_FWD, tc.SEQ_BE_BWD = 1, bf["BE"], bb["BE"]
         tc.SEQ_KEEP, tc.SEQ_RS = bb["keep"], bb["rs"]
+        tc.SEQ_MAXNREG_FWD, tc.SEQ_MAXNREG_BWD = bf["maxnreg"], bb["maxnreg"]
         tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS = bc["T"], bc["BE"], bc["warps"]
         out["times_best"] = core_times()
         print({k: round(v, 4) for k, v in out["times_best"].items() if k.endswith("_ms")}, flush=True)

@@ -177,3 +177,27 @@ def test_auto_picks_by_shape_on_this_gpu():
     model = create_model("vim_test", backend="auto").cuda()
     for batch in (1, 64):
         assert torch.isfinite(model(torch.randn(batch, 3, 32, 32, device="cuda"))).all()
+
+
+@pytest.mark.parametrize("d", [192, 384, 1024, 1000])
+@pytest.mark.parametrize("amp", [False, True])
+def test_fused_add_rms_norm_matches_float64(d, amp):
+    from triton_interpreter_check import add_rms_norm_run
+
+    from vimssl.layers.norm import add_rms_norm as plain
+    from vimssl.ssm import triton_norm
+
+    torch.manual_seed(d)
+    weight = 1 + 0.2 * torch.randn(d, device="cuda")
+    res = torch.randn(3, 197, d, device="cuda")
+    x = torch.randn(3, 197, d, device="cuda", dtype=torch.bfloat16 if amp else torch.float32)
+    g_out, g_res = torch.randn_like(res), torch.randn_like(res)
+    ref = add_rms_norm_run(plain, torch.float64, weight, res, x, g_out, g_res)
+    torch.empty(64 * 2**20, device="cuda").fill_(float("nan"))  # poison what the allocator hands back
+    got = add_rms_norm_run(triton_norm.add_rms_norm, torch.float32, weight, res, x, g_out, g_res, amp=amp)
+    # under autocast the normalised output comes out in bf16, like the next linear layer's input
+    assert got[0].dtype == (torch.bfloat16 if amp else torch.float32) and got[1].dtype == torch.float32
+    assert got[4].dtype == x.dtype
+    tol = [1e-2 if amp else 1e-5, 1e-6, 1e-5, 1e-2 if amp else 1e-5, 1e-2 if amp else 1e-5]
+    errs = [rel_err(a, b) for a, b in zip(got, ref)]
+    assert all(e < t for e, t in zip(errs, tol)), errs

@@ -35,6 +35,18 @@ def test_kernels_match_reference_under_interpreter():
     for dtype, r in report["half"].items():  # rounding of the inputs and stored intermediates
         assert r["dtypes"] == [dtype, dtype]
         assert r["out"] < 2e-2 and r["xz"] < 5e-2, (dtype, r)
+    cache = report["cache"]
+    assert cache["cached"] and cache["first_vs_second"] > 1e-3, cache  # the changed D_b is seen
+    assert cache["second_vs_grad_path"] == 0 and cache["inference_mode_vs_grad_path"] == 0, cache
+    norms = report["norm"]
+    assert len(norms) == 3
+    for r in norms:
+        for name, err in r["errors"].items():  # x's gradient is rounded to x's dtype
+            assert err < (8e-3 if name == "d_x" and "bfloat16" in r["x_dtype"] else 1e-5), (r, name)
+        # residual stream float32, every gradient in its input's dtype
+        assert r["dtypes"][:4] == ["torch.float32"] * 4, r
+        if r["x_dtype"] != "None":
+            assert r["dtypes"][4] == r["x_dtype"], r
 
 
 def test_triton_is_a_backend_choice():

@@ -81,7 +81,74 @@ def main() -> None:
         out = tc.bimamba_core_triton(xzt, m)
         (gx,) = torch.autograd.grad(out, [xzt], g.to(dtype))
         half[str(dtype)] = dict(dtypes=[str(out.dtype), str(gx.dtype)], out=rel(out, ref), xz=rel(gx, gref))
-    print(json.dumps(dict(shapes=results, half=half)))
+    print(json.dumps(dict(shapes=results, half=half, norm=norm_errors(), cache=inference_cache())))
+
+
+def inference_cache() -> dict:
+    """Without gradients the core takes its derived weights from a cache on the mixer: the same
+    output as the autograd path, and a changed parameter is seen on the next call."""
+    m = BiMambaMixer(8, d_state=4)
+    xz = torch.randn(2, 9, 2 * m.d_inner)
+    with torch.no_grad():
+        first = tc.bimamba_core_triton(xz, m)
+        cached = "_triton_weights" in m.__dict__
+        m.D_b.add_(1.0)  # in place, as an optimizer step or load_state_dict would
+        second = tc.bimamba_core_triton(xz, m)
+    grad_path = tc.bimamba_core_triton(xz.clone().requires_grad_(), m)
+    with torch.inference_mode():
+        third = tc.bimamba_core_triton(xz, m)
+    return dict(
+        cached=cached,
+        first_vs_second=rel(first, second),
+        second_vs_grad_path=rel(second, grad_path.detach()),
+        inference_mode_vs_grad_path=rel(third, grad_path.detach()),
+    )
+
+
+def add_rms_norm_run(fn, dtype, weight, res, x, g_out, g_res, amp=False) -> list[torch.Tensor]:
+    """``fn`` (an add_rms_norm) with the residual and norm weight in ``dtype`` and x in its own
+    dtype (in float64 for a float64 run; x may be None), optionally under bf16 autocast; returns
+    [normed, residual, d_residual, d_weight(, d_x)] for the loss sum(normed * g_out) +
+    sum(residual * g_res) (g_res None: no gradient into the returned residual)."""
+    from vimssl.layers.norm import RMSNorm
+
+    nd = RMSNorm(weight.shape[0]).to(device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        nd.weight.copy_(weight)
+    r = res.to(dtype).requires_grad_()
+    xx = None if x is None else x.to(dtype if dtype == torch.float64 else x.dtype).requires_grad_()
+    with torch.autocast(res.device.type, dtype=torch.bfloat16, enabled=amp):
+        o, ro = fn(xx, r, nd)
+    loss = (o.to(dtype) * g_out.to(dtype)).sum()
+    if g_res is not None:
+        loss = loss + (ro.to(dtype) * g_res.to(dtype)).sum()
+    return [o, ro, *torch.autograd.grad(loss, [r, nd.weight] + ([xx] if x is not None else []))]
+
+
+def norm_errors() -> list[dict]:
+    """The fused add + RMSNorm against the plain float64 version: with and without x, a width
+    that is not a power of two, several row tiles (with a partial last one), bf16 x (as under
+    autocast; the reference sums its rounded values), and with and without a gradient flowing
+    into the returned residual."""
+    from vimssl.layers.norm import add_rms_norm as plain
+    from vimssl.ssm import triton_norm as tn
+
+    out = []
+    for rows, d, x_dtype, d_res in [
+        (37, 24, torch.float32, True),
+        (5, 48, None, True),
+        (70, 24, torch.bfloat16, False),
+    ]:
+        weight = 1 + 0.2 * torch.randn(d)
+        res = torch.randn(2, rows, d)
+        x = None if x_dtype is None else torch.randn(2, rows, d).to(x_dtype)
+        g_out, g_res = torch.randn(2, rows, d), torch.randn(2, rows, d) if d_res else None
+        ref = add_rms_norm_run(plain, torch.float64, weight, res, x, g_out, g_res)
+        got = add_rms_norm_run(tn.add_rms_norm, torch.float32, weight, res, x, g_out, g_res)
+        names = ["out", "residual", "d_residual", "d_weight", "d_x"]
+        out.append(dict(rows=rows, d=d, x_dtype=str(x_dtype), dtypes=[str(t.dtype) for t in got],
+                        errors={k: rel(a, b) for k, a, b in zip(names, got, ref)}))  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ SEQ_BE_FWD, SEQ_BE_BWD, SEQ_WARPS = 64, 32, 1
 SEQ_KEEP = False
 SEQ_RS = True  # scan backward: lane reduce-scatter for the dB/dC sums (see the kernel)
 SEQ_NARROW = True  # narrower scan programs when a batch gives fewer than two per SM (see below)
+# register caps per thread of the scan kernels (None: the compiler's choice), forward and backward:
+# fewer registers let more warps share an SM, at the price of spills
+SEQ_MAXNREG_FWD: int | None = None
+SEQ_MAXNREG_BWD: int | None = None
 CONV_BT, CONV_BE, CONV_WARPS = 16, 128, 2
 LAST: dict = {}  # the last launch handle of each kernel (registers and spills, for benchmarks)
 
@@ -113,9 +117,14 @@ def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum):
     be, bn = _seq_channels(xc, bsz, e, SEQ_BE_FWD), triton.next_power_of_2(d_state)
     LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(triton.cdiv(e, be), bsz)](
         xc, dt, bc, z, At2, D, dt_bias, y, ysum, seqlen, e, d_state, 0, *strides,
-        SAVE_SUM=save_sum, BE=be, BN=bn, EVEN_N=bn == d_state, num_warps=SEQ_WARPS,
+        SAVE_SUM=save_sum, BE=be, BN=bn, EVEN_N=bn == d_state, num_warps=SEQ_WARPS, **_cap(SEQ_MAXNREG_FWD),
     )  # fmt: skip
     return y, (ysum if save_sum else None)
+
+
+def _cap(maxnreg: int | None) -> dict:
+    """Launch options capping registers per thread (not under the CPU interpreter)."""
+    return {"maxnreg": maxnreg} if maxnreg and K._PTX.value else {}
 
 
 def _rs(be: int, d_state: int) -> bool:
@@ -147,9 +156,42 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
         bc.stride(0), bc.stride(1), bc.stride(2), z.stride(0), z.stride(1),
         dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1),
         BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), num_warps=SEQ_WARPS,
+        **_cap(SEQ_MAXNREG_BWD),
     )  # fmt: skip
     dbc = part.sum(2, dtype=xc.dtype).transpose(1, 2)  # over the channel blocks
     return du, ddt, dbc, dA.sum(0).t(), dD.sum(0)
+
+
+def derived_weights(conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dt_bias, A_log, D, dtype) -> tuple:
+    """What the kernels and matmuls take, from the mixer's parameters (both branches stacked):
+    conv weight (2E, K) and bias (2E,) float32; block-diagonal x_proj (2(R+2N), 2E) and dt_proj
+    (2E, 2R) weights in the activation ``dtype``; A log2(e) (N, 2E), D and dt bias (2E,) float32."""
+    return (
+        conv_w.float().reshape(conv_w.shape[0], -1).contiguous(),
+        conv_b.float().contiguous(),
+        torch.block_diag(x_w_f, x_w_b).to(dtype),
+        torch.block_diag(dt_w_f, dt_w_b).to(dtype),
+        a_log2(A_log),
+        D.float(),
+        dt_bias.float(),
+    )
+
+
+def core_forward(xz, weights, d_state: int, save_sum: bool):
+    """xz (B, L, 2E) -> y (B, L, E) with ``weights`` from :func:`derived_weights`; also returns
+    the dt_proj input (B*L, 2R), packed B/C and the ungated branch sum (None unless ``save_sum``),
+    which the backward keeps."""
+    cw, cb, x_w, dt_w, At2, D32, dtb32 = weights
+    bsz, seqlen, e2 = xz.shape
+    e, r = e2 // 2, dt_w.shape[1] // 2
+    x, z = xz[..., :e], xz[..., e:]
+    xc = conv_fwd(x, cw, cb, torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype))
+    dbc = (xc.view(-1, e2) @ x_w.t()).view(bsz, seqlen, 2, r + 2 * d_state)
+    dt_in = dbc[..., :r].reshape(bsz * seqlen, 2 * r)  # (B*L, 2R): forward | backward
+    dt = (dt_in @ dt_w.t()).view(bsz, seqlen, e2)
+    bc = _bc_pack(dbc, r)
+    y, ysum = scan_fwd(xc, dt, bc, z, At2, D32, dtb32, save_sum=save_sum)
+    return y, dt_in, bc, ysum
 
 
 class BiMambaCoreFn(torch.autograd.Function):
@@ -160,24 +202,13 @@ class BiMambaCoreFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xz, conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dt_bias, A_log, D, d_state: int):
-        bsz, seqlen, e2 = xz.shape
-        e, r = e2 // 2, dt_w_f.shape[1]
-        cw = conv_w.float().reshape(conv_w.shape[0], -1).contiguous()  # (2E, K)
-        cb = conv_b.float().contiguous()
-        x_w = torch.block_diag(x_w_f, x_w_b).to(xz.dtype)  # (2(R+2N), 2E)
-        dt_w = torch.block_diag(dt_w_f, dt_w_b).to(xz.dtype)  # (2E, 2R)
-        At2, D32, dtb32 = a_log2(A_log), D.float(), dt_bias.float()
-        x, z = xz[..., :e], xz[..., e:]
-        xc = conv_fwd(x, cw, cb, torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype))
-        dbc = (xc.view(-1, e2) @ x_w.t()).view(bsz, seqlen, 2, r + 2 * d_state)
-        dt_in = dbc[..., :r].reshape(bsz * seqlen, 2 * r)  # (B*L, 2R): forward | backward
-        dt = (dt_in @ dt_w.t()).view(bsz, seqlen, e2)
-        bc = _bc_pack(dbc, r)
+        params = (conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dt_bias, A_log, D)
+        weights = derived_weights(*params, xz.dtype)
         save = any(ctx.needs_input_grad)  # (grad mode is always off inside forward)
-        y, ysum = scan_fwd(xc, dt, bc, z, At2, D32, dtb32, save_sum=save)
+        y, dt_in, bc, ysum = core_forward(xz, weights, d_state, save_sum=save)
         if save:
-            ctx.save_for_backward(xz, dt_in, bc, ysum, cw, cb, x_w, dt_w, At2, D32, dtb32)
-            ctx.dtypes = [t.dtype for t in (conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dt_bias, A_log, D)]
+            ctx.save_for_backward(xz, dt_in, bc, ysum, *weights)
+            ctx.dtypes = [t.dtype for t in params]
         return y
 
     @staticmethod
@@ -208,20 +239,44 @@ class BiMambaCoreFn(torch.autograd.Function):
         return (dxz,) + tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes)) + (None,)
 
 
+def _params(m) -> tuple:
+    """The mixer's parameters as the core takes them, both branches stacked where they are
+    per-channel."""
+    return (
+        torch.cat([m.conv1d.weight, m.conv1d_b.weight]),  # (2E, 1, K)
+        torch.cat([m.conv1d.bias, m.conv1d_b.bias]),
+        m.x_proj.weight,
+        m.x_proj_b.weight,
+        m.dt_proj.weight,
+        m.dt_proj_b.weight,
+        torch.cat([m.dt_proj.bias, m.dt_proj_b.bias]),
+        torch.cat([m.A_log, m.A_b_log]),
+        torch.cat([m.D, m.D_b]),
+    )
+
+
+def _cached_weights(m, dtype: torch.dtype) -> tuple:
+    """:func:`derived_weights` of mixer ``m`` for inference, kept on the mixer until a parameter
+    changes (its storage or version counter: optimizer steps, ``load_state_dict`` and other
+    in-place updates all bump the counter). Saves about twenty small launches per layer and call,
+    which is what bounds inference at batch 128."""
+    key = (dtype,) + tuple((p.data_ptr(), p._version) for p in m.parameters())
+    cache = m.__dict__.get("_triton_weights")
+    if cache is None or cache[0] != key:
+        with torch.no_grad():
+            cache = (key, derived_weights(*_params(m), dtype))
+        m.__dict__["_triton_weights"] = cache
+    return cache[1]
+
+
 def bimamba_core_triton(xz: torch.Tensor, m) -> torch.Tensor:
     """xz (B, L, 2E) -> (B, L, E) for a :class:`~vimssl.models.mixer.BiMambaMixer` ``m``."""
     _check(xz, m.d_inner)
     if not xz.is_contiguous():
         xz = xz.contiguous()
-    conv_w = torch.cat([m.conv1d.weight, m.conv1d_b.weight])  # (2E, 1, K)
-    conv_b = torch.cat([m.conv1d.bias, m.conv1d_b.bias])
-    dt_bias = torch.cat([m.dt_proj.bias, m.dt_proj_b.bias])
-    A_log = torch.cat([m.A_log, m.A_b_log])
-    D = torch.cat([m.D, m.D_b])
-    return BiMambaCoreFn.apply(
-        xz, conv_w, conv_b, m.x_proj.weight, m.x_proj_b.weight, m.dt_proj.weight, m.dt_proj_b.weight,
-        dt_bias, A_log, D, m.d_state,
-    )  # fmt: skip
+    if not torch.is_grad_enabled() or not (xz.requires_grad or any(p.requires_grad for p in m.parameters())):
+        return core_forward(xz, _cached_weights(m, xz.dtype), m.d_state, save_sum=False)[0]
+    return BiMambaCoreFn.apply(xz, *_params(m), m.d_state)
 
 
 @functools.cache
@@ -234,12 +289,8 @@ def available() -> bool:
 
 
 def add_rms_norm(x, residual, norm):
-    """``residual + x`` then RMSNorm: mamba-ssm's fused Triton kernel when that package is there,
-    otherwise the plain PyTorch version."""
-    from vimssl.ssm import cuda
+    """``residual + x`` then RMSNorm: vimssl's own fused Triton kernels (:mod:`vimssl.ssm.triton_norm`),
+    so the triton path needs nothing from mamba-ssm."""
+    from vimssl.ssm import triton_norm
 
-    if cuda.available():
-        return cuda.add_rms_norm(x, residual, norm)
-    from vimssl.layers.norm import add_rms_norm as plain
-
-    return plain(x, residual, norm)
+    return triton_norm.add_rms_norm(x, residual, norm)
