@@ -23,6 +23,9 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default=None, help="write the table as JSON here")
     ap.add_argument("--infer", action="store_true", help="profile the inference step")
+    ap.add_argument(
+        "--host", action="store_true", help="also profile the host side (cProfile, top functions)"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     model = build(args.model, args.path, args.img).cuda().train()
@@ -38,10 +41,27 @@ def main() -> None:
                 model(x)
 
     wall_ms = 1000 * time_fn(step, warmup=3, iters=5, windows=1)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    acts = [torch.profiler.ProfilerActivity.CUDA] + (
+        [torch.profiler.ProfilerActivity.CPU] if args.ops else []
+    )
+    with torch.profiler.profile(activities=acts, record_shapes=args.ops) as prof:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
+    if args.host:  # where the Python time of a step goes
+        import cProfile
+        import pstats
+
+        with cProfile.Profile() as pr:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+    if args.ops:
+        table = prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cuda_time_total", row_limit=25
+        )
+        print(table)
     rows = []
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)

@@ -188,23 +188,16 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     gy = torch.randn(bsz, seqlen, e, **bf)
     dz = torch.empty(bsz, seqlen, e, **bf)
     rows = []
-    names = (
-        "SEQ_BE_FWD",
-        "SEQ_BE_BWD",
-        "SEQ_WARPS",
-        "SEQ_KEEP",
-        "SEQ_RS",
-        "SEQ_MAXNREG_FWD",
-        "SEQ_MAXNREG_BWD",
-    )
+    names = ("SEQ_BE_FWD", "SEQ_BE_BWD", "SEQ_WARPS", "SEQ_KEEP", "SEQ_RS", "SEQ_VEC")
     saved = [getattr(tc, k) for k in names]
     # channels per program, warps, whether the scan backward keeps its recomputed decays, whether
-    # it sums dB/dC with the lane reduce-scatter, and the register cap of both scans
-    configs = [(32, 1, False, True, None), (32, 1, False, True, 168), (32, 1, False, True, 128),
-               (16, 1, False, False, None), (16, 1, False, False, 168), (16, 1, False, False, 128),
-               (64, 1, False, False, 128)]  # fmt: skip
-    for BE, W, keep, rs, nreg in configs:
-        for k, v in zip(names, (BE, BE, W, keep, rs, nreg, nreg)):
+    # it sums dB/dC with the lane reduce-scatter, and whether B/C are loaded as 16-byte vectors
+    # (register caps through ptxas were tried in the third session, see docs/kernel-notes.md:
+    # every cap was slower)
+    configs = [(32, 1, False, True, True), (32, 1, False, True, False), (64, 1, False, False, True),
+               (64, 1, False, False, False)]  # fmt: skip
+    for BE, W, keep, rs, vec in configs:
+        for k, v in zip(names, (BE, BE, W, keep, rs, vec)):
             setattr(tc, k, v)
         try:
             f = do_bench(lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True), return_mode="median")
@@ -213,7 +206,7 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
                 lambda ys=ysum: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ys, dz), return_mode="median"
             )
         except Exception as err:  # out of resources
-            print(f"sweep BE={BE} rs={rs} maxnreg={nreg}: {type(err).__name__}: {str(err)[:200]}", flush=True)
+            print(f"sweep BE={BE} rs={rs}: {type(err).__name__}: {str(err)[:200]}", flush=True)
             continue
         regs = {k: (h.n_regs, h.n_spills) for k, h in tc.LAST.items() if k.startswith("scan")}
         rows.append(
@@ -223,14 +216,14 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
                 warps=W,
                 keep=keep,
                 rs=rs,
-                maxnreg=nreg,
+                vec=vec,
                 fwd_ms=f,
                 bwd_ms=b,
                 regs_spills=regs,
             )
         )
         print(
-            f"sweep seq BE={BE:3d} W={W} keep={keep:d} rs={rs:d} maxnreg={nreg}: fwd {f:.3f} ms  bwd {b:.3f} ms  {regs}",
+            f"sweep seq BE={BE:3d} W={W} keep={keep:d} rs={rs:d} vec={vec:d}: fwd {f:.3f} ms  bwd {b:.3f} ms  {regs}",
             flush=True,
         )
     for k, v in zip(names, saved):
@@ -240,7 +233,7 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     cb = torch.randn(2 * e, device="cuda")
     out = torch.empty_like(xc)
     dx = torch.empty_like(z)
-    for bt, be, w in [(16, 128, 2), (64, 32, 2), (16, 256, 2)]:
+    for bt, be, w in [(16, 128, 2), (16, 128, 4), (16, 128, 8), (32, 128, 4), (8, 256, 4), (32, 64, 4)]:
         tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS = bt, be, w
         f = do_bench(lambda: tc.conv_fwd(x, cw, cb, out), return_mode="median")
         b = do_bench(lambda: tc.conv_bwd(x, cw, cb, xc.clone(), dx), return_mode="median")
@@ -277,8 +270,7 @@ def main():
         bc = min((r for r in out["sweep"] if r["impl"] == "conv"), key=lambda r: r["bwd_ms"])
         print("best scan fwd / bwd / conv:", bf, bb, bc, flush=True)
         tc.SEQ_WARPS, tc.SEQ_BE_FWD, tc.SEQ_BE_BWD = 1, bf["BE"], bb["BE"]
-        tc.SEQ_KEEP, tc.SEQ_RS = bb["keep"], bb["rs"]
-        tc.SEQ_MAXNREG_FWD, tc.SEQ_MAXNREG_BWD = bf["maxnreg"], bb["maxnreg"]
+        tc.SEQ_KEEP, tc.SEQ_RS, tc.SEQ_VEC = bb["keep"], bb["rs"], bb["vec"]
         tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS = bc["T"], bc["BE"], bc["warps"]
         out["times_best"] = core_times()
         print({k: round(v, 4) for k, v in out["times_best"].items() if k.endswith("_ms")}, flush=True)

@@ -3,6 +3,9 @@ core's output and the gradients of its input and every parameter (float32 and bf
 batch 1, one token, 4,097 tokens, a non-power-of-two state size), the whole model against the
 ``torch`` path, bit-for-bit determinism, and every output element written. Skipped without a GPU."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,6 +20,15 @@ pytestmark = [
         reason="needs a CUDA GPU (compute capability 8.0+) with triton",
     ),
 ]
+
+
+def _interpreter_check():
+    """tests/triton_interpreter_check.py as a module (its helpers), by path."""
+    path = Path(__file__).with_name("triton_interpreter_check.py")
+    spec = importlib.util.spec_from_file_location("triton_interpreter_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -94,11 +106,14 @@ def test_core_matches_float64_reference(shape, dtype):
     "be,keep,rs", [(64, False, False), (64, True, False), (32, False, False), (32, True, False),
                    (32, False, True), (32, True, True), (16, False, False)],
 )  # fmt: skip
-def test_scan_variants_match_float64_reference(monkeypatch, be, keep, rs):
+@pytest.mark.parametrize("vec", [True, False])  # B/C through 16-byte vector loads
+def test_scan_variants_match_float64_reference(monkeypatch, be, keep, rs, vec):
     from vimssl.ssm import triton_core as tc
 
-    for k, v in dict(SEQ_BE_FWD=be, SEQ_BE_BWD=be, SEQ_KEEP=keep, SEQ_RS=rs, SEQ_NARROW=False).items():
+    settings = dict(SEQ_BE_FWD=be, SEQ_BE_BWD=be, SEQ_KEEP=keep, SEQ_RS=rs, SEQ_VEC=vec, SEQ_NARROW=False)
+    for k, v in settings.items():
         monkeypatch.setattr(tc, k, v)
+    assert tc._vec(16, 16) == vec
     assert tc._rs(be, 16) == rs  # the lane reduce-scatter really runs where asked for
     err_out, errs = core_errors((3, 37, 80, 16), torch.float32)
     assert err_out < 1e-5
@@ -182,8 +197,6 @@ def test_auto_picks_by_shape_on_this_gpu():
 @pytest.mark.parametrize("d", [192, 384, 1024, 1000])
 @pytest.mark.parametrize("amp", [False, True])
 def test_fused_add_rms_norm_matches_float64(d, amp):
-    from triton_interpreter_check import add_rms_norm_run
-
     from vimssl.layers.norm import add_rms_norm as plain
     from vimssl.ssm import triton_norm
 
@@ -192,6 +205,7 @@ def test_fused_add_rms_norm_matches_float64(d, amp):
     res = torch.randn(3, 197, d, device="cuda")
     x = torch.randn(3, 197, d, device="cuda", dtype=torch.bfloat16 if amp else torch.float32)
     g_out, g_res = torch.randn_like(res), torch.randn_like(res)
+    add_rms_norm_run = _interpreter_check().add_rms_norm_run  # the same harness as the CPU test
     ref = add_rms_norm_run(plain, torch.float64, weight, res, x, g_out, g_res)
     torch.empty(64 * 2**20, device="cuda").fill_(float("nan"))  # poison what the allocator hands back
     got = add_rms_norm_run(triton_norm.add_rms_norm, torch.float32, weight, res, x, g_out, g_res, amp=amp)

@@ -309,3 +309,17 @@ def test_import_is_light():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("size,stride", [((48, 40), 16), ((50, 37), 16), ((48, 40), 8)])
+def test_patch_embed_equals_its_conv(size, stride):
+    # the non-overlapping case runs as a matmul over unfolded patches: the same numbers as the
+    # strided conv, including sizes that leave a remainder (cropped) and the overlapping case
+    from vimssl.layers.patch_embed import PatchEmbed
+
+    pe = PatchEmbed(patch_size=16, stride=stride, embed_dim=24)
+    x = torch.randn(2, 3, *size)
+    tokens, grid = pe(x)
+    ref = pe.proj(x)
+    assert grid == tuple(ref.shape[2:])
+    torch.testing.assert_close(tokens, ref.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)

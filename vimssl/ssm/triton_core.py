@@ -27,11 +27,8 @@ SEQ_BE_FWD, SEQ_BE_BWD, SEQ_WARPS = 64, 32, 1
 # scan backward: keep the recomputed decays in registers (see the kernel)
 SEQ_KEEP = False
 SEQ_RS = True  # scan backward: lane reduce-scatter for the dB/dC sums (see the kernel)
+SEQ_VEC = True  # scans: 16-byte vector loads of B and C through inline PTX (see the kernels' _vec)
 SEQ_NARROW = True  # narrower scan programs when a batch gives fewer than two per SM (see below)
-# register caps per thread of the scan kernels (None: the compiler's choice), forward and backward:
-# fewer registers let more warps share an SM, at the price of spills
-SEQ_MAXNREG_FWD: int | None = None
-SEQ_MAXNREG_BWD: int | None = None
 CONV_BT, CONV_BE, CONV_WARPS = 16, 128, 2
 LAST: dict = {}  # the last launch handle of each kernel (registers and spills, for benchmarks)
 
@@ -117,14 +114,16 @@ def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum):
     be, bn = _seq_channels(xc, bsz, e, SEQ_BE_FWD), triton.next_power_of_2(d_state)
     LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(triton.cdiv(e, be), bsz)](
         xc, dt, bc, z, At2, D, dt_bias, y, ysum, seqlen, e, d_state, 0, *strides,
-        SAVE_SUM=save_sum, BE=be, BN=bn, EVEN_N=bn == d_state, num_warps=SEQ_WARPS, **_cap(SEQ_MAXNREG_FWD),
+        SAVE_SUM=save_sum, BE=be, BN=bn, EVEN_N=bn == d_state, VEC=_vec(bn, d_state), num_warps=SEQ_WARPS,
     )  # fmt: skip
     return y, (ysum if save_sum else None)
 
 
-def _cap(maxnreg: int | None) -> dict:
-    """Launch options capping registers per thread (not under the CPU interpreter)."""
-    return {"maxnreg": maxnreg} if maxnreg and K._PTX.value else {}
+def _vec(bn: int, d_state: int) -> bool:
+    """Whether the scans load B and C with 16-byte vector loads (inline PTX: not under the CPU
+    interpreter). B and C rows are float32, 2N per branch, from :func:`_bc_pack`: 16-byte aligned
+    when N is a power of two of at least 4."""
+    return SEQ_VEC and bn == d_state and bn % 4 == 0 and bool(K._PTX.value)
 
 
 def _rs(be: int, d_state: int) -> bool:
@@ -135,8 +134,8 @@ def _rs(be: int, d_state: int) -> bool:
 
 def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
     """Inputs as :func:`scan_fwd`, dy (B, L, E) the gradient of y. Returns du, ddt (B, L, 2E) in
-    xc's dtype, dBC (B, L, 2, 2N) in xc's dtype, dA_log (2E, N) and dD (2E,) float32; writes
-    dz (B, L, E)."""
+    xc's dtype, dBC (B, L, 2, 2N) in xc's dtype, dA_log (2E, N), dD and d_dt_bias (2E,) float32;
+    writes dz (B, L, E)."""
     bsz, seqlen, e2 = xc.shape
     e, d_state = e2 // 2, bc.shape[-1] // 2
     bn = triton.next_power_of_2(d_state)
@@ -148,18 +147,19 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
     part = torch.empty(bsz, 2, n_eb, seqlen, 2 * d_state, **f32)
     dA = torch.empty(bsz, d_state, e2, **f32)
     dD = torch.empty(bsz, e2, **f32)
+    d_dtb = torch.empty(bsz, e2, **f32)
     dy = dy.contiguous()
     LAST["scan_bwd_kernel"] = K.scan_bwd_kernel[(n_eb, bsz, 2)](
-        xc, dt, bc, z, At2, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, dA, dD,
+        xc, dt, bc, z, At2, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, dA, dD, d_dtb,
         seqlen, e, d_state, 0, n_eb,
         xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
         bc.stride(0), bc.stride(1), bc.stride(2), z.stride(0), z.stride(1),
         dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1),
-        BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), num_warps=SEQ_WARPS,
-        **_cap(SEQ_MAXNREG_BWD),
+        BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), VEC=_vec(bn, d_state),
+        num_warps=SEQ_WARPS,
     )  # fmt: skip
     dbc = part.sum(2, dtype=xc.dtype).transpose(1, 2)  # over the channel blocks
-    return du, ddt, dbc, dA.sum(0).t(), dD.sum(0)
+    return du, ddt, dbc, dA.sum(0).t(), dD.sum(0), d_dtb.sum(0)
 
 
 def derived_weights(conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dt_bias, A_log, D, dtype) -> tuple:
@@ -220,14 +220,13 @@ class BiMambaCoreFn(torch.autograd.Function):
         xc = conv_fwd(x, cw, cb, torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype))
         dt = (dt_in @ dt_w.t()).view(bsz, seqlen, e2)
         dxz = torch.empty_like(xz)
-        du, ddt, dBC, dA_log, dD = scan_bwd(
+        du, ddt, dBC, dA_log, dD, d_dt_bias = scan_bwd(
             xc, dt, bc, z, At2, D32, dtb32, dy.to(xz.dtype), ysum, dxz[..., e:]
         )
         # dt_proj: dt = dt_in @ dt_w.T (+ bias inside the kernel)
         ddt2 = ddt.view(-1, e2)
         d_dt_in = (ddt2 @ dt_w).view(bsz, seqlen, 2, r)
         d_dt_w = (ddt2.t() @ dt_in).float()  # (2E, 2R), block diagonal
-        d_dt_bias = ddt2.sum(0, dtype=torch.float32)
         # x_proj: dbc = xc @ x_w.T
         d_dbc = torch.cat([d_dt_in, dBC], dim=-1).view(-1, 2 * (r + 2 * n))
         du = du.view(-1, e2).addmm_(d_dbc, x_w).view(bsz, seqlen, e2)
@@ -239,32 +238,32 @@ class BiMambaCoreFn(torch.autograd.Function):
         return (dxz,) + tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes)) + (None,)
 
 
-def _params(m) -> tuple:
-    """The mixer's parameters as the core takes them, both branches stacked where they are
-    per-channel."""
+def _core_params(m) -> tuple:
+    """The mixer parameters the core uses (not in_proj/out_proj), by attribute: cheaper than
+    walking ``m.parameters()`` on every call."""
     return (
-        torch.cat([m.conv1d.weight, m.conv1d_b.weight]),  # (2E, 1, K)
-        torch.cat([m.conv1d.bias, m.conv1d_b.bias]),
-        m.x_proj.weight,
-        m.x_proj_b.weight,
-        m.dt_proj.weight,
-        m.dt_proj_b.weight,
-        torch.cat([m.dt_proj.bias, m.dt_proj_b.bias]),
-        torch.cat([m.A_log, m.A_b_log]),
-        torch.cat([m.D, m.D_b]),
-    )
+        m.conv1d.weight, m.conv1d_b.weight, m.conv1d.bias, m.conv1d_b.bias, m.x_proj.weight, m.x_proj_b.weight,
+        m.dt_proj.weight, m.dt_proj_b.weight, m.dt_proj.bias, m.dt_proj_b.bias, m.A_log, m.A_b_log, m.D, m.D_b,
+    )  # fmt: skip
 
 
-def _cached_weights(m, dtype: torch.dtype) -> tuple:
+def _stacked(p: tuple) -> tuple:
+    """:func:`_core_params` as the core takes them, both branches stacked where they are
+    per-channel: conv weight (2E, 1, K) and bias, the four projection weights, dt bias, A_log, D."""
+    cat = torch.cat
+    return (cat(p[0:2]), cat(p[2:4]), p[4], p[5], p[6], p[7], cat(p[8:10]), cat(p[10:12]), cat(p[12:14]))
+
+
+def _cached_weights(m, params: tuple, dtype: torch.dtype) -> tuple:
     """:func:`derived_weights` of mixer ``m`` for inference, kept on the mixer until a parameter
     changes (its storage or version counter: optimizer steps, ``load_state_dict`` and other
     in-place updates all bump the counter). Saves about twenty small launches per layer and call,
     which is what bounds inference at batch 128."""
-    key = (dtype,) + tuple((p.data_ptr(), p._version) for p in m.parameters())
+    key = (dtype,) + tuple((p.data_ptr(), p._version) for p in params)
     cache = m.__dict__.get("_triton_weights")
     if cache is None or cache[0] != key:
         with torch.no_grad():
-            cache = (key, derived_weights(*_params(m), dtype))
+            cache = (key, derived_weights(*_stacked(params), dtype))
         m.__dict__["_triton_weights"] = cache
     return cache[1]
 
@@ -274,9 +273,10 @@ def bimamba_core_triton(xz: torch.Tensor, m) -> torch.Tensor:
     _check(xz, m.d_inner)
     if not xz.is_contiguous():
         xz = xz.contiguous()
-    if not torch.is_grad_enabled() or not (xz.requires_grad or any(p.requires_grad for p in m.parameters())):
-        return core_forward(xz, _cached_weights(m, xz.dtype), m.d_state, save_sum=False)[0]
-    return BiMambaCoreFn.apply(xz, *_params(m), m.d_state)
+    params = _core_params(m)
+    if not torch.is_grad_enabled() or not (xz.requires_grad or any(p.requires_grad for p in params)):
+        return core_forward(xz, _cached_weights(m, params, xz.dtype), m.d_state, save_sum=False)[0]
+    return BiMambaCoreFn.apply(xz, *_stacked(params), m.d_state)
 
 
 @functools.cache

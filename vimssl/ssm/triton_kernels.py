@@ -227,9 +227,23 @@ def _ld(base, t, stride, m):
 
 
 @triton.jit
-def _vec(bc_base, t, sbc_l, off, n, mn, EVEN_N: tl.constexpr):
-    """B or C of token t as (BN, 1) float32; t is always in range, so only the state mask remains."""
-    if EVEN_N:
+def _vec(bc_base, t, sbc_l, off, n, mn, EVEN_N: tl.constexpr, VEC: tl.constexpr = False):
+    """B or C of token t as (BN,) or (BN, 1) float32 (n's shape), every state in each thread; t is
+    always in range, so only the state mask remains. VEC: 16-byte vector loads through inline PTX
+    (every lane loads the same 16 floats; Triton's own loads of an in-thread column are scalar:
+    16 instructions instead of 4). Needs EVEN_N, BN % 4 == 0 and 16-byte aligned rows. Not marked
+    pure: the compiler would otherwise merge the backward's repeated loads of a token's B and keep
+    them live across the group, and spill."""
+    if VEC:
+        return tl.inline_asm_elementwise(
+            "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];",
+            "=r,=r,=r,=r,l,l,l,l",
+            [bc_base + t * sbc_l + off + n],
+            dtype=tl.float32,
+            is_pure=False,
+            pack=4,
+        )
+    elif EVEN_N:
         return tl.load(bc_base + t * sbc_l + off + n).to(tl.float32)
     else:
         return tl.load(bc_base + t * sbc_l + off + n, mask=mn, other=0.0).to(tl.float32)
@@ -261,7 +275,7 @@ def scan_fwd_kernel(
     u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, y_ptr, ysum_ptr,
     L, E, N, R,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l,
-    SAVE_SUM: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr,
+    SAVE_SUM: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, VEC: tl.constexpr,
 ):  # fmt: skip
     """Both branches of one batch row and BE channels.
 
@@ -292,20 +306,20 @@ def scan_fwd_kernel(
             t2, m2, u2, _, d2 = _tok_in(u_base, dt_base, i0 + 2, L, D, ch, me, bias, su_l, sd_l)
             t3, m3, u3, _, d3 = _tok_in(u_base, dt_base, i0 + 3, L, D, ch, me, bias, su_l, sd_l)
             B0, C0 = (
-                _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N),
-                _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N),
+                _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N, VEC),
+                _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N, VEC),
             )
             B1, C1 = (
-                _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N),
-                _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N),
+                _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N, VEC),
+                _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N, VEC),
             )
             B2, C2 = (
-                _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N),
-                _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N),
+                _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N, VEC),
+                _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N, VEC),
             )
             B3, C3 = (
-                _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N),
-                _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N),
+                _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N, VEC),
+                _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N, VEC),
             )
             h = _decay(At2, d0) * h + B0[:, None] * (d0 * u0)[None, :]
             y0 = tl.sum(h * C0[:, None], axis=0) + Dv * u0
@@ -403,14 +417,14 @@ def _store_dbc_rs(part, t, ok, dBp, dCp):
 
 
 @triton.jit
-def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, ch, At2, Dv,
+def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, dtb, ch, At2, Dv,
              dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS: tl.constexpr):  # fmt: skip
     """Gradients at token t (ok: in range; m: and channel in range) given its inputs (u, raw dt
     with bias, delta), the gradient dy of the
     gated output, z, the ungated branch sum ys (used by the forward branch), its state s (BN, BE),
     decay a, and w = a_next * dh_next. Stores du, ddt, this program's share of dB and dC (and dz
     in the forward-branch programs); returns the new w (for the token before) and the updated
-    dA, dD accumulators."""
+    dA, dD and dt-bias gradient accumulators."""
     g = dy * _silu(z) * 0.5  # (1, BE)
     du_ = delta * u
     dh = Cv * g + w  # (BN, BE)
@@ -420,8 +434,10 @@ def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, ch, At
     ddelta = tl.sum(q * At2, axis=0, keep_dims=True) * LN2 + u * dB_in
     dA += q * delta
     dD += g * u
+    draw = tl.where(m, ddelta * _sigmoid(raw), 0.0)  # gradient of the raw dt (and of its bias)
+    dtb += draw
     tl.store(du_base + t * su_l + ch, (Dv * g + delta * dB_in).to(du_base.dtype.element_ty), mask=m)
-    tl.store(ddt_base + t * sd_l + ch, (ddelta * _sigmoid(raw)).to(ddt_base.dtype.element_ty), mask=m)
+    tl.store(ddt_base + t * sd_l + ch, draw.to(ddt_base.dtype.element_ty), mask=m)
     if D == 0:
         tl.store(dz_base + t * sdz_l, (dy * ys * 0.5 * _dsilu(z)).to(dz_base.dtype.element_ty), mask=m)
     if RS:
@@ -429,23 +445,24 @@ def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, ch, At
     else:
         tl.store(part + t * (2 * N) + n, tl.sum(dh * du_, axis=1, keep_dims=True), mask=mn & ok)
         tl.store(part + t * (2 * N) + N + n, tl.sum(s * g, axis=1, keep_dims=True), mask=mn & ok)
-    return a * dh, dA, dD
+    return a * dh, dA, dD, dtb
 
 
 @triton.jit
 def scan_bwd_kernel(
     u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, dy_ptr, ysum_ptr, hst_ptr,
-    du_ptr, ddt_ptr, dz_ptr, dbc_part_ptr, dA_ptr, dD_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dbc_part_ptr, dA_ptr, dD_ptr, dtb_grad_ptr,
     L, E, N, R, n_eblocks,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, sdz_b, sdz_l,
     BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, KEEP: tl.constexpr, RS: tl.constexpr,
+    VEC: tl.constexpr,
 ):  # fmt: skip
     """Backward of :func:`scan_fwd_kernel` for one branch (program axis 2), one batch row and BE
     channels. dy (B, L, E): gradient of the gated output. Writes du (B, L, 2E): gradient of u;
     ddt (B, L, 2E): gradient of the raw dt (before bias and softplus); dz (B, L, E, strided): the
     gradient of z (by the forward-branch programs); dbc_part (B, 2, eblocks, L, 2N): this
-    program's share of the gradients of B and C; dA (B, N, 2E) (gradient of A_log) and dD (B, 2E):
-    this batch row's share. hst: float32 scratch (B, ceil(L / 4), BN, 2E).
+    program's share of the gradients of B and C; dA (B, N, 2E) (gradient of A_log), dD and
+    dtb_grad (B, 2E) (gradients of D and of the dt bias): this batch row's share. hst: float32 scratch (B, ceil(L / 4), BN, 2E).
 
     The first pass stores the state entering every group of four tokens; the second walks the
     groups backwards, recomputes their four states in registers and runs the gradient recurrence
@@ -486,13 +503,19 @@ def scan_bwd_kernel(
         nu2, nr2 = _ld(ub, t2, su_l, me & (i1 + 2 < L)), _ld(db, t2, sd_l, me & (i1 + 2 < L))
         nu3, nr3 = _ld(ub, t3, su_l, me & (i1 + 3 < L)), _ld(db, t3, sd_l, me & (i1 + 3 < L))
         d0 = _delta(r0 + bias, me & (i0 < L))
-        h = _decay(At2, d0) * h + _vec(bc_base, _tpos(i0, L, D), sbc_l, off, n, mn, EVEN_N) * (d0 * u0)
+        h = _decay(At2, d0) * h + _vec(bc_base, _tpos(i0, L, D), sbc_l, off, n, mn, EVEN_N, VEC) * (d0 * u0)
         d1 = _delta(r1 + bias, me & (i0 + 1 < L))
-        h = _decay(At2, d1) * h + _vec(bc_base, _tpos(i0 + 1, L, D), sbc_l, off, n, mn, EVEN_N) * (d1 * u1)
+        h = _decay(At2, d1) * h + _vec(bc_base, _tpos(i0 + 1, L, D), sbc_l, off, n, mn, EVEN_N, VEC) * (
+            d1 * u1
+        )
         d2 = _delta(r2 + bias, me & (i0 + 2 < L))
-        h = _decay(At2, d2) * h + _vec(bc_base, _tpos(i0 + 2, L, D), sbc_l, off, n, mn, EVEN_N) * (d2 * u2)
+        h = _decay(At2, d2) * h + _vec(bc_base, _tpos(i0 + 2, L, D), sbc_l, off, n, mn, EVEN_N, VEC) * (
+            d2 * u2
+        )
         d3 = _delta(r3 + bias, me & (i0 + 3 < L))
-        h = _decay(At2, d3) * h + _vec(bc_base, _tpos(i0 + 3, L, D), sbc_l, off, n, mn, EVEN_N) * (d3 * u3)
+        h = _decay(At2, d3) * h + _vec(bc_base, _tpos(i0 + 3, L, D), sbc_l, off, n, mn, EVEN_N, VEC) * (
+            d3 * u3
+        )
         u0, r0, u1, r1, u2, r2, u3, r3 = nu0, nr0, nu1, nr1, nu2, nr2, nu3, nr3
     tl.debug_barrier()
 
@@ -505,6 +528,7 @@ def scan_bwd_kernel(
     w = tl.zeros((BN, BE), tl.float32)
     dA = tl.zeros((BN, BE), tl.float32)
     dD = tl.zeros((1, BE), tl.float32)
+    dtb = tl.zeros((1, BE), tl.float32)
     i0 = (n_groups - 1) * 4
     h = tl.load(hst + (n_groups - 1) * (BN * 2 * E), mask=mA, other=0.0)
     t0, t1, t2, t3 = _tpos(i0, L, D), _tpos(i0 + 1, L, D), _tpos(i0 + 2, L, D), _tpos(i0 + 3, L, D)
@@ -577,33 +601,33 @@ def scan_bwd_kernel(
         r0, r1, r2, r3 = r0 + bias, r1 + bias, r2 + bias, r3 + bias
         d0, d1, d2, d3 = _delta(r0, m0), _delta(r1, m1), _delta(r2, m2), _delta(r3, m3)
         a0 = _decay(At2, d0)
-        h0 = a0 * h + _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N) * (d0 * u0)
+        h0 = a0 * h + _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N, VEC) * (d0 * u0)
         a1 = _decay(At2, d1)
-        h1 = a1 * h0 + _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N) * (d1 * u1)
+        h1 = a1 * h0 + _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N, VEC) * (d1 * u1)
         a2 = _decay(At2, d2)
-        h2 = a2 * h1 + _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N) * (d2 * u2)
+        h2 = a2 * h1 + _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N, VEC) * (d2 * u2)
         a3 = _decay(At2, d3)
-        h3 = a3 * h2 + _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N) * (d3 * u3)
+        h3 = a3 * h2 + _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N, VEC) * (d3 * u3)
         if not KEEP:  # decays again from a fresh delta, so that the first ones are not kept live
             a3 = _decay(At2, _delta(_ld(db, t3, sd_l, m3) + bias, m3))
-        w, dA, dD = _bwd_tok(t3, i0 + 3 < L, m3, u3, r3, d3, y3, z3, s3, h3, a3,
-                             _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N),
-                             w, dA, dD, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
+        w, dA, dD, dtb = _bwd_tok(t3, i0 + 3 < L, m3, u3, r3, d3, y3, z3, s3, h3, a3,
+                             _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N, VEC), _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N, VEC),
+                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
         if not KEEP:
             a2 = _decay(At2, _delta(_ld(db, t2, sd_l, m2) + bias, m2))
-        w, dA, dD = _bwd_tok(t2, i0 + 2 < L, m2, u2, r2, d2, y2, z2, s2, h2, a2,
-                             _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N),
-                             w, dA, dD, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
+        w, dA, dD, dtb = _bwd_tok(t2, i0 + 2 < L, m2, u2, r2, d2, y2, z2, s2, h2, a2,
+                             _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N, VEC), _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N, VEC),
+                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
         if not KEEP:
             a1 = _decay(At2, _delta(_ld(db, t1, sd_l, m1) + bias, m1))
-        w, dA, dD = _bwd_tok(t1, i0 + 1 < L, m1, u1, r1, d1, y1, z1, s1, h1, a1,
-                             _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N),
-                             w, dA, dD, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
+        w, dA, dD, dtb = _bwd_tok(t1, i0 + 1 < L, m1, u1, r1, d1, y1, z1, s1, h1, a1,
+                             _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N, VEC), _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N, VEC),
+                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
         if not KEEP:
             a0 = _decay(At2, _delta(_ld(db, t0, sd_l, m0) + bias, m0))
-        w, dA, dD = _bwd_tok(t0, i0 < L, m0, u0, r0, d0, y0, z0, s0, h0, a0,
-                             _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N),
-                             w, dA, dD, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
+        w, dA, dD, dtb = _bwd_tok(t0, i0 < L, m0, u0, r0, d0, y0, z0, s0, h0, a0,
+                             _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N, VEC), _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N, VEC),
+                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
         h = nh
         u0, r0, y0, z0, s0 = nu0, nr0, ny0, nz0, ns0
         u1, r1, y1, z1, s1 = nu1, nr1, ny1, nz1, ns1
@@ -611,3 +635,4 @@ def scan_bwd_kernel(
         u3, r3, y3, z3, s3 = nu3, nr3, ny3, nz3, ns3
     tl.store(dA_ptr + (b * N + n) * (2 * E) + ch, dA * At2 * LN2, mask=mA)  # d/dA_log = d/dA * A
     tl.store(dD_ptr + b * 2 * E + ch, dD, mask=me)
+    tl.store(dtb_grad_ptr + b * 2 * E + ch, dtb, mask=me)
