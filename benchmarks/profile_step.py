@@ -24,6 +24,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the table as JSON here")
     ap.add_argument("--infer", action="store_true", help="profile the inference step")
     ap.add_argument(
+        "--ops", action="store_true", help="also list the top PyTorch ops by GPU time, with shapes"
+    )
+    ap.add_argument(
         "--host", action="store_true", help="also profile the host side (cProfile, top functions)"
     )
     args = ap.parse_args()

@@ -25,10 +25,8 @@ from vimssl.ssm import triton_kernels as K
 FLOAT32_ARGS = {"At_ptr", "D_ptr", "dtb_ptr", "hst_ptr", "dbc_part_ptr", "dA_ptr", "dD_ptr", "bc_ptr",
                 "w_ptr", "bias_ptr", "dw_ptr", "db_ptr"}  # fmt: skip
 DEFAULTS = {
-    "scan_fwd_kernel": dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, VEC=tc.SEQ_VEC),
-    "scan_bwd_kernel": dict(
-        BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, VEC=tc.SEQ_VEC
-    ),
+    "scan_fwd_kernel": dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True),
+    "scan_bwd_kernel": dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS),
 }
 OPS = ["MUFU", "SHFL", "FFMA", "FMUL", "FADD", "LDG", "STG", "LDL", "STL", "LDS", "STS", "BAR", "IMAD", "SEL"]
 

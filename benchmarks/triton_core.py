@@ -188,16 +188,14 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     gy = torch.randn(bsz, seqlen, e, **bf)
     dz = torch.empty(bsz, seqlen, e, **bf)
     rows = []
-    names = ("SEQ_BE_FWD", "SEQ_BE_BWD", "SEQ_WARPS", "SEQ_KEEP", "SEQ_RS", "SEQ_VEC")
+    names = ("SEQ_BE_FWD", "SEQ_BE_BWD", "SEQ_WARPS", "SEQ_KEEP", "SEQ_RS")
     saved = [getattr(tc, k) for k in names]
-    # channels per program, warps, whether the scan backward keeps its recomputed decays, whether
-    # it sums dB/dC with the lane reduce-scatter, and whether B/C are loaded as 16-byte vectors
-    # (register caps through ptxas were tried in the third session, see docs/kernel-notes.md:
-    # every cap was slower)
-    configs = [(32, 1, False, True, True), (32, 1, False, True, False), (64, 1, False, False, True),
-               (64, 1, False, False, False)]  # fmt: skip
-    for BE, W, keep, rs, vec in configs:
-        for k, v in zip(names, (BE, BE, W, keep, rs, vec)):
+    # channels per program, warps, whether the scan backward keeps its recomputed decays, and
+    # whether it sums dB/dC with the lane reduce-scatter (register caps through ptxas and 16-byte
+    # B/C loads through inline PTX were tried in the third session: docs/kernel-notes.md)
+    configs = [(32, 1, False, True), (32, 1, False, False), (64, 1, False, False)]
+    for BE, W, keep, rs in configs:
+        for k, v in zip(names, (BE, BE, W, keep, rs)):
             setattr(tc, k, v)
         try:
             f = do_bench(lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True), return_mode="median")
@@ -216,14 +214,13 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
                 warps=W,
                 keep=keep,
                 rs=rs,
-                vec=vec,
                 fwd_ms=f,
                 bwd_ms=b,
                 regs_spills=regs,
             )
         )
         print(
-            f"sweep seq BE={BE:3d} W={W} keep={keep:d} rs={rs:d} vec={vec:d}: fwd {f:.3f} ms  bwd {b:.3f} ms  {regs}",
+            f"sweep seq BE={BE:3d} W={W} keep={keep:d} rs={rs:d}: fwd {f:.3f} ms  bwd {b:.3f} ms  {regs}",
             flush=True,
         )
     for k, v in zip(names, saved):
@@ -270,7 +267,7 @@ def main():
         bc = min((r for r in out["sweep"] if r["impl"] == "conv"), key=lambda r: r["bwd_ms"])
         print("best scan fwd / bwd / conv:", bf, bb, bc, flush=True)
         tc.SEQ_WARPS, tc.SEQ_BE_FWD, tc.SEQ_BE_BWD = 1, bf["BE"], bb["BE"]
-        tc.SEQ_KEEP, tc.SEQ_RS, tc.SEQ_VEC = bb["keep"], bb["rs"], bb["vec"]
+        tc.SEQ_KEEP, tc.SEQ_RS = bb["keep"], bb["rs"]
         tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS = bc["T"], bc["BE"], bc["warps"]
         out["times_best"] = core_times()
         print({k: round(v, 4) for k, v in out["times_best"].items() if k.endswith("_ms")}, flush=True)

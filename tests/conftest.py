@@ -39,3 +39,52 @@ def offline(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def _model_outputs(model, x, backend: str, amp: bool):
+    """Logits and every parameter's gradient of a logsumexp loss, on ``backend``."""
+    model.set_backend(backend)
+    model.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        logits = model(x)
+    logits.float().logsumexp(-1).mean().backward()
+    return logits.float(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _model_parity(name: str, img, batch: int, backend: str, amp: bool) -> None:
+    """A Vim model on ``backend`` against the ``torch`` reference path: outputs and every gradient.
+    float32: within 1e-3. bf16 autocast: both paths carry bf16 rounding, which 24 layers amplify
+    unevenly (a small weight gradient at batch 1 can move by 10%), so each is compared with the
+    float32 reference and ``backend`` may be off by at most twice the reference path's own error
+    under the same autocast, plus 1e-2."""
+    torch.manual_seed(0)
+    from vimssl.models import create_model
+
+    model = create_model(name, num_classes=10, backend="torch").cuda().train()
+    with torch.no_grad():  # off the init, so the backward branch's dt bias etc. matter
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    h, w = (img, img) if isinstance(img, int) else img
+    x = torch.randn(batch, 3, h, w, device="cuda")
+
+    def rel(a, b):
+        a, b = a.double(), b.double()
+        return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
+
+    out_ref, g_ref = _model_outputs(model, x, "torch", False)
+    out, g = _model_outputs(model, x, backend, amp)
+    if not amp:
+        assert rel(out, out_ref) < 1e-3
+        bad = {n: rel(g[n], g_ref[n]) for n in g_ref if not rel(g[n], g_ref[n]) < 3e-3}
+    else:
+        out_base, g_base = _model_outputs(model, x, "torch", True)
+        assert rel(out, out_ref) < 2 * rel(out_base, out_ref) + 1e-2
+        errs = {n: (rel(g[n], g_ref[n]), rel(g_base[n], g_ref[n])) for n in g_ref}
+        bad = {n: e for n, e in errs.items() if not e[0] < 2 * e[1] + 1e-2}
+    assert not bad, bad
+
+
+@pytest.fixture
+def model_parity():
+    """``check(name, img, batch, backend, amp)``: see :func:`_model_parity`."""
+    return _model_parity

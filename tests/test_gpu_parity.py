@@ -5,7 +5,6 @@ skipped elsewhere."""
 import pytest
 import torch
 
-from vimssl.models import create_model
 from vimssl.ssm import causal_conv1d_ref, cuda_kernels_available, selective_scan_ref
 
 pytestmark = [
@@ -77,28 +76,8 @@ def test_causal_conv_parity(dtype):
     [("vim_test", 32, 4), ("vim_tiny_patch16_224", 224, 2), ("vim_tiny_patch16_224", (160, 96), 1)],
 )
 @pytest.mark.parametrize("amp", [False, True])
-def test_model_parity_outputs_and_all_gradients(name, img, batch, amp):
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=10, backend="torch").cuda().train()
-    with torch.no_grad():  # move off the init so the backward branch's dt bias etc. matter
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    h, w = (img, img) if isinstance(img, int) else img
-    x = torch.randn(batch, 3, h, w, device="cuda")
-    results = {}
-    for backend in ("torch", "cuda"):
-        model.set_backend(backend)
-        model.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-        loss = logits.float().logsumexp(-1).mean()
-        loss.backward()
-        results[backend] = (logits.float(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    (out_ref, g_ref), (out, g) = results["torch"], results["cuda"]
-    tol = 1e-3 if not amp else 3e-2
-    assert rel_err(out, out_ref) < tol
-    bad = {n: rel_err(g[n], g_ref[n]) for n in g_ref if not rel_err(g[n], g_ref[n]) < tol * 3}
-    assert not bad, bad
+def test_model_parity_outputs_and_all_gradients(name, img, batch, amp, model_parity):
+    model_parity(name, img, batch, "cuda", amp)
 
 
 def test_fused_add_norm_matches_plain():

@@ -106,14 +106,11 @@ def test_core_matches_float64_reference(shape, dtype):
     "be,keep,rs", [(64, False, False), (64, True, False), (32, False, False), (32, True, False),
                    (32, False, True), (32, True, True), (16, False, False)],
 )  # fmt: skip
-@pytest.mark.parametrize("vec", [True, False])  # B/C through 16-byte vector loads
-def test_scan_variants_match_float64_reference(monkeypatch, be, keep, rs, vec):
+def test_scan_variants_match_float64_reference(monkeypatch, be, keep, rs):
     from vimssl.ssm import triton_core as tc
 
-    settings = dict(SEQ_BE_FWD=be, SEQ_BE_BWD=be, SEQ_KEEP=keep, SEQ_RS=rs, SEQ_VEC=vec, SEQ_NARROW=False)
-    for k, v in settings.items():
+    for k, v in dict(SEQ_BE_FWD=be, SEQ_BE_BWD=be, SEQ_KEEP=keep, SEQ_RS=rs, SEQ_NARROW=False).items():
         monkeypatch.setattr(tc, k, v)
-    assert tc._vec(16, 16) == vec
     assert tc._rs(be, 16) == rs  # the lane reduce-scatter really runs where asked for
     err_out, errs = core_errors((3, 37, 80, 16), torch.float32)
     assert err_out < 1e-5
@@ -146,27 +143,8 @@ def test_core_is_deterministic_and_writes_every_element():
     [("vim_test", 32, 4), ("vim_tiny_patch16_224", 224, 2), ("vim_tiny_patch16_224", (160, 96), 1)],
 )
 @pytest.mark.parametrize("amp", [False, True])
-def test_model_matches_torch_path(name, img, batch, amp):
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=10, backend="torch").cuda().train()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    h, w = (img, img) if isinstance(img, int) else img
-    x = torch.randn(batch, 3, h, w, device="cuda")
-    results = {}
-    for backend in ("torch", "triton"):
-        model.set_backend(backend)
-        model.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-        logits.float().logsumexp(-1).mean().backward()
-        results[backend] = (logits.float(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    (out_ref, g_ref), (out, g) = results["torch"], results["triton"]
-    tol = 1e-3 if not amp else 3e-2
-    assert rel_err(out, out_ref) < tol
-    bad = {n: rel_err(g[n], g_ref[n]) for n in g_ref if not rel_err(g[n], g_ref[n]) < tol * 3}
-    assert not bad, bad
+def test_model_matches_torch_path(name, img, batch, amp, model_parity):
+    model_parity(name, img, batch, "triton", amp)
 
 
 def test_masked_subset_of_tokens():
@@ -212,6 +190,7 @@ def test_fused_add_rms_norm_matches_float64(d, amp):
     # under autocast the normalised output comes out in bf16, like the next linear layer's input
     assert got[0].dtype == (torch.bfloat16 if amp else torch.float32) and got[1].dtype == torch.float32
     assert got[4].dtype == x.dtype
-    tol = [1e-2 if amp else 1e-5, 1e-6, 1e-5, 1e-2 if amp else 1e-5, 1e-2 if amp else 1e-5]
+    # under autocast the output and its incoming gradient are bf16: bf16 rounding in all but the residual
+    tol = [1e-2, 1e-6, 1e-2, 1e-2, 1e-2] if amp else [1e-5, 1e-6, 1e-5, 1e-5, 1e-5]
     errs = [rel_err(a, b) for a, b in zip(got, ref)]
     assert all(e < t for e, t in zip(errs, tol)), errs

@@ -27,7 +27,6 @@ SEQ_BE_FWD, SEQ_BE_BWD, SEQ_WARPS = 64, 32, 1
 # scan backward: keep the recomputed decays in registers (see the kernel)
 SEQ_KEEP = False
 SEQ_RS = True  # scan backward: lane reduce-scatter for the dB/dC sums (see the kernel)
-SEQ_VEC = True  # scans: 16-byte vector loads of B and C through inline PTX (see the kernels' _vec)
 SEQ_NARROW = True  # narrower scan programs when a batch gives fewer than two per SM (see below)
 CONV_BT, CONV_BE, CONV_WARPS = 16, 128, 2
 LAST: dict = {}  # the last launch handle of each kernel (registers and spills, for benchmarks)
@@ -114,16 +113,9 @@ def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum):
     be, bn = _seq_channels(xc, bsz, e, SEQ_BE_FWD), triton.next_power_of_2(d_state)
     LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(triton.cdiv(e, be), bsz)](
         xc, dt, bc, z, At2, D, dt_bias, y, ysum, seqlen, e, d_state, 0, *strides,
-        SAVE_SUM=save_sum, BE=be, BN=bn, EVEN_N=bn == d_state, VEC=_vec(bn, d_state), num_warps=SEQ_WARPS,
+        SAVE_SUM=save_sum, BE=be, BN=bn, EVEN_N=bn == d_state, num_warps=SEQ_WARPS,
     )  # fmt: skip
     return y, (ysum if save_sum else None)
-
-
-def _vec(bn: int, d_state: int) -> bool:
-    """Whether the scans load B and C with 16-byte vector loads (inline PTX: not under the CPU
-    interpreter). B and C rows are float32, 2N per branch, from :func:`_bc_pack`: 16-byte aligned
-    when N is a power of two of at least 4."""
-    return SEQ_VEC and bn == d_state and bn % 4 == 0 and bool(K._PTX.value)
 
 
 def _rs(be: int, d_state: int) -> bool:
@@ -155,7 +147,7 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
         xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
         bc.stride(0), bc.stride(1), bc.stride(2), z.stride(0), z.stride(1),
         dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1),
-        BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), VEC=_vec(bn, d_state),
+        BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state),
         num_warps=SEQ_WARPS,
     )  # fmt: skip
     dbc = part.sum(2, dtype=xc.dtype).transpose(1, 2)  # over the channel blocks

@@ -227,23 +227,9 @@ def _ld(base, t, stride, m):
 
 
 @triton.jit
-def _vec(bc_base, t, sbc_l, off, n, mn, EVEN_N: tl.constexpr, VEC: tl.constexpr = False):
-    """B or C of token t as (BN,) or (BN, 1) float32 (n's shape), every state in each thread; t is
-    always in range, so only the state mask remains. VEC: 16-byte vector loads through inline PTX
-    (every lane loads the same 16 floats; Triton's own loads of an in-thread column are scalar:
-    16 instructions instead of 4). Needs EVEN_N, BN % 4 == 0 and 16-byte aligned rows. Not marked
-    pure: the compiler would otherwise merge the backward's repeated loads of a token's B and keep
-    them live across the group, and spill."""
-    if VEC:
-        return tl.inline_asm_elementwise(
-            "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];",
-            "=r,=r,=r,=r,l,l,l,l",
-            [bc_base + t * sbc_l + off + n],
-            dtype=tl.float32,
-            is_pure=False,
-            pack=4,
-        )
-    elif EVEN_N:
+def _vec(bc_base, t, sbc_l, off, n, mn, EVEN_N: tl.constexpr):
+    """B or C of token t as (BN, 1) float32; t is always in range, so only the state mask remains."""
+    if EVEN_N:
         return tl.load(bc_base + t * sbc_l + off + n).to(tl.float32)
     else:
         return tl.load(bc_base + t * sbc_l + off + n, mask=mn, other=0.0).to(tl.float32)
@@ -275,7 +261,7 @@ def scan_fwd_kernel(
     u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, y_ptr, ysum_ptr,
     L, E, N, R,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l,
-    SAVE_SUM: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, VEC: tl.constexpr,
+    SAVE_SUM: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
     """Both branches of one batch row and BE channels.
 
@@ -306,20 +292,20 @@ def scan_fwd_kernel(
             t2, m2, u2, _, d2 = _tok_in(u_base, dt_base, i0 + 2, L, D, ch, me, bias, su_l, sd_l)
             t3, m3, u3, _, d3 = _tok_in(u_base, dt_base, i0 + 3, L, D, ch, me, bias, su_l, sd_l)
             B0, C0 = (
-                _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N, VEC),
-                _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N, VEC),
+                _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N),
+                _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N),
             )
             B1, C1 = (
-                _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N, VEC),
-                _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N, VEC),
+                _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N),
+                _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N),
             )
             B2, C2 = (
-                _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N, VEC),
-                _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N, VEC),
+                _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N),
+                _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N),
             )
             B3, C3 = (
-                _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N, VEC),
-                _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N, VEC),
+                _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N),
+                _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N),
             )
             h = _decay(At2, d0) * h + B0[:, None] * (d0 * u0)[None, :]
             y0 = tl.sum(h * C0[:, None], axis=0) + Dv * u0
@@ -455,7 +441,6 @@ def scan_bwd_kernel(
     L, E, N, R, n_eblocks,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, sdz_b, sdz_l,
     BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, KEEP: tl.constexpr, RS: tl.constexpr,
-    VEC: tl.constexpr,
 ):  # fmt: skip
     """Backward of :func:`scan_fwd_kernel` for one branch (program axis 2), one batch row and BE
     channels. dy (B, L, E): gradient of the gated output. Writes du (B, L, 2E): gradient of u;
@@ -503,19 +488,13 @@ def scan_bwd_kernel(
         nu2, nr2 = _ld(ub, t2, su_l, me & (i1 + 2 < L)), _ld(db, t2, sd_l, me & (i1 + 2 < L))
         nu3, nr3 = _ld(ub, t3, su_l, me & (i1 + 3 < L)), _ld(db, t3, sd_l, me & (i1 + 3 < L))
         d0 = _delta(r0 + bias, me & (i0 < L))
-        h = _decay(At2, d0) * h + _vec(bc_base, _tpos(i0, L, D), sbc_l, off, n, mn, EVEN_N, VEC) * (d0 * u0)
+        h = _decay(At2, d0) * h + _vec(bc_base, _tpos(i0, L, D), sbc_l, off, n, mn, EVEN_N) * (d0 * u0)
         d1 = _delta(r1 + bias, me & (i0 + 1 < L))
-        h = _decay(At2, d1) * h + _vec(bc_base, _tpos(i0 + 1, L, D), sbc_l, off, n, mn, EVEN_N, VEC) * (
-            d1 * u1
-        )
+        h = _decay(At2, d1) * h + _vec(bc_base, _tpos(i0 + 1, L, D), sbc_l, off, n, mn, EVEN_N) * (d1 * u1)
         d2 = _delta(r2 + bias, me & (i0 + 2 < L))
-        h = _decay(At2, d2) * h + _vec(bc_base, _tpos(i0 + 2, L, D), sbc_l, off, n, mn, EVEN_N, VEC) * (
-            d2 * u2
-        )
+        h = _decay(At2, d2) * h + _vec(bc_base, _tpos(i0 + 2, L, D), sbc_l, off, n, mn, EVEN_N) * (d2 * u2)
         d3 = _delta(r3 + bias, me & (i0 + 3 < L))
-        h = _decay(At2, d3) * h + _vec(bc_base, _tpos(i0 + 3, L, D), sbc_l, off, n, mn, EVEN_N, VEC) * (
-            d3 * u3
-        )
+        h = _decay(At2, d3) * h + _vec(bc_base, _tpos(i0 + 3, L, D), sbc_l, off, n, mn, EVEN_N) * (d3 * u3)
         u0, r0, u1, r1, u2, r2, u3, r3 = nu0, nr0, nu1, nr1, nu2, nr2, nu3, nr3
     tl.debug_barrier()
 
@@ -601,32 +580,32 @@ def scan_bwd_kernel(
         r0, r1, r2, r3 = r0 + bias, r1 + bias, r2 + bias, r3 + bias
         d0, d1, d2, d3 = _delta(r0, m0), _delta(r1, m1), _delta(r2, m2), _delta(r3, m3)
         a0 = _decay(At2, d0)
-        h0 = a0 * h + _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N, VEC) * (d0 * u0)
+        h0 = a0 * h + _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N) * (d0 * u0)
         a1 = _decay(At2, d1)
-        h1 = a1 * h0 + _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N, VEC) * (d1 * u1)
+        h1 = a1 * h0 + _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N) * (d1 * u1)
         a2 = _decay(At2, d2)
-        h2 = a2 * h1 + _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N, VEC) * (d2 * u2)
+        h2 = a2 * h1 + _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N) * (d2 * u2)
         a3 = _decay(At2, d3)
-        h3 = a3 * h2 + _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N, VEC) * (d3 * u3)
+        h3 = a3 * h2 + _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N) * (d3 * u3)
         if not KEEP:  # decays again from a fresh delta, so that the first ones are not kept live
             a3 = _decay(At2, _delta(_ld(db, t3, sd_l, m3) + bias, m3))
         w, dA, dD, dtb = _bwd_tok(t3, i0 + 3 < L, m3, u3, r3, d3, y3, z3, s3, h3, a3,
-                             _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N, VEC), _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N, VEC),
+                             _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N),
                              w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
         if not KEEP:
             a2 = _decay(At2, _delta(_ld(db, t2, sd_l, m2) + bias, m2))
         w, dA, dD, dtb = _bwd_tok(t2, i0 + 2 < L, m2, u2, r2, d2, y2, z2, s2, h2, a2,
-                             _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N, VEC), _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N, VEC),
+                             _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N),
                              w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
         if not KEEP:
             a1 = _decay(At2, _delta(_ld(db, t1, sd_l, m1) + bias, m1))
         w, dA, dD, dtb = _bwd_tok(t1, i0 + 1 < L, m1, u1, r1, d1, y1, z1, s1, h1, a1,
-                             _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N, VEC), _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N, VEC),
+                             _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N),
                              w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
         if not KEEP:
             a0 = _decay(At2, _delta(_ld(db, t0, sd_l, m0) + bias, m0))
         w, dA, dD, dtb = _bwd_tok(t0, i0 < L, m0, u0, r0, d0, y0, z0, s0, h0, a0,
-                             _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N, VEC), _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N, VEC),
+                             _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N),
                              w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
         h = nh
         u0, r0, y0, z0, s0 = nu0, nr0, ny0, nz0, ns0
