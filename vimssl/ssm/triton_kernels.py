@@ -404,18 +404,24 @@ def _store_dbc_rs(part, t, ok, dBp, dCp):
 
 @triton.jit
 def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, dtb, ch, At2, Dv,
-             dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS: tl.constexpr):  # fmt: skip
+             dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS: tl.constexpr,
+             hp, PREV: tl.constexpr):  # fmt: skip
     """Gradients at token t (ok: in range; m: and channel in range) given its inputs (u, raw dt
     with bias, delta), the gradient dy of the
     gated output, z, the ungated branch sum ys (used by the forward branch), its state s (BN, BE),
     decay a, and w = a_next * dh_next. Stores du, ddt, this program's share of dB and dC (and dz
     in the forward-branch programs); returns the new w (for the token before) and the updated
-    dA, dD and dt-bias gradient accumulators."""
+    dA, dD and dt-bias gradient accumulators. PREV: ``hp`` is the state before (h_{t-1}), so
+    dh a_t h_{t-1} comes as w_new h_{t-1} with w_new = a_t dh, which is needed anyway; otherwise
+    a_t h_{t-1} = h_t - delta_t u_t B_t."""
     g = dy * _silu(z) * 0.5  # (1, BE)
     du_ = delta * u
     dh = Cv * g + w  # (BN, BE)
-    h_in = s - Bv * du_  # a_t * h_{t-1}
-    q = dh * h_in
+    w_new = a * dh
+    if PREV:
+        q = w_new * hp  # dh * a_t * h_{t-1}
+    else:
+        q = dh * (s - Bv * du_)
     dB_in = tl.sum(dh * Bv, axis=0, keep_dims=True)
     ddelta = tl.sum(q * At2, axis=0, keep_dims=True) * LN2 + u * dB_in
     dA += q * delta
@@ -431,7 +437,7 @@ def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, dtb, c
     else:
         tl.store(part + t * (2 * N) + n, tl.sum(dh * du_, axis=1, keep_dims=True), mask=mn & ok)
         tl.store(part + t * (2 * N) + N + n, tl.sum(s * g, axis=1, keep_dims=True), mask=mn & ok)
-    return a * dh, dA, dD, dtb
+    return w_new, dA, dD, dtb
 
 
 @triton.jit
@@ -591,22 +597,22 @@ def scan_bwd_kernel(
             a3 = _decay(At2, _delta(_ld(db, t3, sd_l, m3) + bias, m3))
         w, dA, dD, dtb = _bwd_tok(t3, i0 + 3 < L, m3, u3, r3, d3, y3, z3, s3, h3, a3,
                              _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N),
-                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
+                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, h2, True)  # fmt: skip
         if not KEEP:
             a2 = _decay(At2, _delta(_ld(db, t2, sd_l, m2) + bias, m2))
         w, dA, dD, dtb = _bwd_tok(t2, i0 + 2 < L, m2, u2, r2, d2, y2, z2, s2, h2, a2,
                              _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N),
-                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
+                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, h1, True)  # fmt: skip
         if not KEEP:
             a1 = _decay(At2, _delta(_ld(db, t1, sd_l, m1) + bias, m1))
         w, dA, dD, dtb = _bwd_tok(t1, i0 + 1 < L, m1, u1, r1, d1, y1, z1, s1, h1, a1,
                              _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N),
-                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
+                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, h0, True)  # fmt: skip
         if not KEEP:
             a0 = _decay(At2, _delta(_ld(db, t0, sd_l, m0) + bias, m0))
         w, dA, dD, dtb = _bwd_tok(t0, i0 < L, m0, u0, r0, d0, y0, z0, s0, h0, a0,
                              _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N),
-                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS)  # fmt: skip
+                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, h0, False)  # fmt: skip
         h = nh
         u0, r0, y0, z0, s0 = nu0, nr0, ny0, nz0, ns0
         u1, r1, y1, z1, s1 = nu1, nr1, ny1, nz1, ns1
