@@ -68,7 +68,9 @@ def main() -> None:
     rows = []
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if t > 0:
+        # with --ops the CPU-side ops carry their kernels' time too: count the kernels only
+        on_gpu = not args.ops or getattr(ev, "device_type", None) == torch.autograd.DeviceType.CUDA
+        if t > 0 and on_gpu:
             rows.append(dict(name=ev.key, ms_per_step=t / 1000 / 2, calls_per_step=ev.count / 2))
     rows.sort(key=lambda r: -r["ms_per_step"])
     total = sum(r["ms_per_step"] for r in rows)
