@@ -55,22 +55,30 @@ def triton_kernels_available() -> bool:
 
 # ``auto`` takes the triton path when the scan has enough (batch row x channel) sequences per SM to
 # run in parallel; below that (small batches of long sequences, e.g. batch 8 at 1024 px) mamba-ssm's
-# kernels, which also parallelise over the tokens, are faster. Measured on an H100 with the v6
-# kernels (docs/benchmarks.md, docs/kernel-notes.md): triton won every 224 px row and every 512 px
-# row (down to Vim-T at 512 px, 12,288 rows on 132 SMs = 93 per SM) and lost Vim-S at 1024 px,
-# batch 8 (6,144 rows). Sequences longer than 1,025 tokens (beyond 512 px) keep the earlier, more
-# conservative threshold: the only longer rows measured favour mamba-ssm.
+# kernels, which also parallelise over the tokens, are faster. Measured on an H100 (v6 and v7
+# kernels, docs/benchmarks.md, docs/kernel-notes.md): triton won every 224 px and 512 px row, in
+# training and inference, down to Vim-T at 512 px, batch 32 (12,288 rows on 132 SMs = 93 per SM).
+# At 1024 px (4,097 tokens), batch 8, triton won Vim-B's training (12,288 rows: 1.75x) but not its
+# inference (0.90x), and lost Vim-S (6,144 rows: 0.79x / 0.41x) and Vim-T (3,072 rows) both ways.
+# So sequences longer than 1,025 tokens keep a higher threshold when no gradient is being taken.
 AUTO_TRITON_ROWS_PER_SM = 64
-AUTO_TRITON_ROWS_PER_SM_LONG = 128
+AUTO_TRITON_ROWS_PER_SM_LONG_INFERENCE = 128
 AUTO_LONG_TOKENS = 1025
 
 
 def auto_gpu_path(
-    rows: int | None, sm_count: int, triton_ok: bool, cuda_ok: bool, tokens: int | None = None
+    rows: int | None,
+    sm_count: int,
+    triton_ok: bool,
+    cuda_ok: bool,
+    tokens: int | None = None,
+    grad: bool = True,
 ) -> str:
     """The path ``auto`` takes on a GPU, for a scan over ``rows`` = batch x inner channels
-    sequences of ``tokens`` tokens (None: unknown, e.g. the norm between blocks)."""
-    per_sm = AUTO_TRITON_ROWS_PER_SM_LONG if (tokens or 0) > AUTO_LONG_TOKENS else AUTO_TRITON_ROWS_PER_SM
+    sequences of ``tokens`` tokens (None: unknown, e.g. the norm between blocks), with or without
+    a gradient being taken (``grad``)."""
+    long_inference = (tokens or 0) > AUTO_LONG_TOKENS and not grad
+    per_sm = AUTO_TRITON_ROWS_PER_SM_LONG_INFERENCE if long_inference else AUTO_TRITON_ROWS_PER_SM
     if triton_ok and (not cuda_ok or rows is None or rows >= per_sm * sm_count):
         return "triton"
     if cuda_ok:
@@ -84,11 +92,15 @@ def _sm_count(index: int) -> int:
 
 
 def resolve_backend(
-    backend: str, device: torch.device, rows: int | None = None, tokens: int | None = None
+    backend: str,
+    device: torch.device,
+    rows: int | None = None,
+    tokens: int | None = None,
+    grad: bool = True,
 ) -> str:
     """Map ``auto`` to a concrete path for tensors on ``device``; validate forced choices.
-    ``rows`` (batch x inner channels of the scan) and ``tokens`` (its length) let ``auto`` pick
-    by shape on a GPU."""
+    ``rows`` (batch x inner channels of the scan), ``tokens`` (its length) and ``grad`` (whether
+    a gradient is being taken) let ``auto`` pick by shape on a GPU."""
     check_backend(backend)
     if backend == "torch":
         return "torch"
@@ -117,7 +129,7 @@ def resolve_backend(
     chosen = "torch"
     if device.type == "cuda":
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        chosen = auto_gpu_path(rows, sms, triton_kernels_available(), cuda_kernels_available(), tokens)
+        chosen = auto_gpu_path(rows, sms, triton_kernels_available(), cuda_kernels_available(), tokens, grad)
     if (device.type, chosen) not in _logged:
         _logged.add((device.type, chosen))
         log.info("vimssl backend 'auto' chose %r for %s tensors", chosen, device.type)
