@@ -1,7 +1,8 @@
 """The ``triton`` kernel path on a GPU against the float64 pure-PyTorch reference: the fused mixer
 core's output and the gradients of its input and every parameter (float32 and bf16, odd lengths,
 batch 1, one token, 4,097 tokens, a non-power-of-two state size), the whole model against the
-``torch`` path, bit-for-bit determinism, and every output element written. Skipped without a GPU."""
+``torch`` path, bit-for-bit determinism, every output element written, and the fused add + RMSNorm
+between blocks (float32 and under bf16 autocast). Skipped without a GPU."""
 
 import importlib.util
 from pathlib import Path
