@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call for the triton path: its GPU tests, the kernel sweep, then the throughput table
-# (cuda, triton and DeiT side by side in each process), most important rows first. Usage (device
+# (cuda, triton and DeiT side by side in each process), most important rows first (about 9 minutes
+# in all on an H100: the last rows may not fit one device call). Usage (device
 # machine, repo root, after `source .gpu/activate.sh`):  bash benchmarks/gpu_triton_session.sh "$OUT"
 # If the scan variants' parity tests fail, the measurements fall back to the plain dB/dC sums.
 set -uo pipefail
@@ -26,3 +27,5 @@ run vim_base_patch16_224 224
 run vim_small_patch16_224 512 1024
 run vim_tiny_patch16_224 512
 run vim_base_patch16_224 512
+run vim_base_patch16_224 1024
+run vim_tiny_patch16_224 1024
