@@ -453,7 +453,8 @@ def scan_bwd_kernel(
     ddt (B, L, 2E): gradient of the raw dt (before bias and softplus); dz (B, L, E, strided): the
     gradient of z (by the forward-branch programs); dbc_part (B, 2, eblocks, L, 2N): this
     program's share of the gradients of B and C; dA (B, N, 2E) (gradient of A_log), dD and
-    dtb_grad (B, 2E) (gradients of D and of the dt bias): this batch row's share. hst: float32 scratch (B, ceil(L / 4), BN, 2E).
+    dtb_grad (B, 2E) (gradients of D and of the dt bias): this batch row's share. hst: float32
+    scratch (B, ceil(L / 4), BN, 2E).
 
     The first pass stores the state entering every group of four tokens; the second walks the
     groups backwards, recomputes their four states in registers and runs the gradient recurrence
