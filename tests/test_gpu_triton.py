@@ -4,6 +4,7 @@ batch 1, one token, 4,097 tokens, a non-power-of-two state size), the whole mode
 ``torch`` path, bit-for-bit determinism, every output element written, and the fused add + RMSNorm
 between blocks (float32 and under bf16 autocast). Skipped without a GPU."""
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from vimssl.models import create_model
-from vimssl.models.mixer import BiMambaMixer, bimamba_core
-from vimssl.ssm.dispatch import get_ops, triton_kernels_available
+from vimssl.models.mixer import BiMambaMixer
+from vimssl.ssm.dispatch import triton_kernels_available
 
 pytestmark = [
     pytest.mark.gpu,
@@ -23,6 +24,7 @@ pytestmark = [
 ]
 
 
+@functools.cache
 def _interpreter_check():
     """tests/triton_interpreter_check.py as a module (its helpers), by path."""
     path = Path(__file__).with_name("triton_interpreter_check.py")
@@ -70,17 +72,8 @@ def core_errors(shape, dtype) -> tuple[float, dict]:
 
     bsz, seqlen, d, n = shape
     m = perturbed_mixer(d, n, seed=sum(shape))
-    names = [k for k, _ in m.named_parameters() if not k.startswith(("in_proj", "out_proj"))]
-    params = [dict(m.named_parameters())[k] for k in names]
     xz = torch.randn(bsz, seqlen, 2 * m.d_inner, device="cuda")
-
-    md = BiMambaMixer(d, d_state=n).cuda().double()
-    md.load_state_dict(m.state_dict())
-    xzd = xz.double().requires_grad_()
-    ref = bimamba_core(xzd, md, get_ops("torch"))
-    g = torch.randn_like(ref)
-    pd = [dict(md.named_parameters())[k] for k in names]
-    gref = torch.autograd.grad(ref, [xzd] + pd, g, allow_unused=True, materialize_grads=True)
+    names, params, ref, g, gref = _interpreter_check().core_reference(m, xz)
 
     xzt = xz.to(dtype).requires_grad_()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):

@@ -27,6 +27,22 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
+def core_reference(m: BiMambaMixer, xz: torch.Tensor):
+    """The float64 pure-PyTorch core of mixer ``m`` on ``xz``: (names of the core parameters, m's
+    parameters in that order, the reference output, a random output gradient g, the reference
+    gradients of xz and of each parameter for g)."""
+    names = [k for k, _ in m.named_parameters() if not k.startswith(("in_proj", "out_proj"))]
+    params = [dict(m.named_parameters())[k] for k in names]
+    md = BiMambaMixer(m.d_model, d_state=m.d_state).to(xz.device).double()
+    md.load_state_dict(m.state_dict())
+    xzd = xz.double().requires_grad_()
+    ref = bimamba_core(xzd, md, get_ops("torch"))
+    g = torch.randn_like(ref)
+    pd = [dict(md.named_parameters())[k] for k in names]
+    gref = torch.autograd.grad(ref, [xzd] + pd, g, allow_unused=True, materialize_grads=True)
+    return names, params, ref, g, gref
+
+
 def main() -> None:
     tc.SEQ_BE_FWD = tc.SEQ_BE_BWD = 4
     tc.CONV_BT, tc.CONV_BE = 4, 8
@@ -38,17 +54,8 @@ def main() -> None:
         with torch.no_grad():
             for p in m.parameters():
                 p.add_(0.1 * torch.randn_like(p))
-        names = [k for k, _ in m.named_parameters() if not k.startswith(("in_proj", "out_proj"))]
-        params = [dict(m.named_parameters())[k] for k in names]
         xz = torch.randn(bsz, seqlen, 2 * m.d_inner)
-
-        md = BiMambaMixer(d, d_state=n).double()
-        md.load_state_dict(m.state_dict())
-        xzd = xz.double().requires_grad_()
-        ref = bimamba_core(xzd, md, get_ops("torch"))
-        g = torch.randn_like(ref)
-        pd = [dict(md.named_parameters())[k] for k in names]
-        gref = torch.autograd.grad(ref, [xzd] + pd, g, allow_unused=True, materialize_grads=True)
+        names, params, ref, g, gref = core_reference(m, xz)
 
         runs = []
         for _ in range(2):

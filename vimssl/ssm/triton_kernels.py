@@ -227,6 +227,12 @@ def _ld(base, t, stride, m):
 
 
 @triton.jit
+def _ud(ub, db, t, m, su_l, sd_l):
+    """u and raw dt (without bias) of token t; ub, db already offset to the row and channels."""
+    return _ld(ub, t, su_l, m), _ld(db, t, sd_l, m)
+
+
+@triton.jit
 def _vec(bc_base, t, sbc_l, off, n, mn, EVEN_N: tl.constexpr):
     """B or C of token t as (BN, 1) float32; t is always in range, so only the state mask remains."""
     if EVEN_N:
@@ -251,9 +257,17 @@ def _tok_in(u_base, dt_base, i, L, D, ch, me, bias, su_l, sd_l):
     """Inputs of scan step i: token t, mask m (false past the end), u, raw dt (with bias), delta."""
     t = _tpos(i, L, D)
     m = me & (i < L)
-    u = _ld(u_base + ch, t, su_l, m)
-    raw = _ld(dt_base + ch, t, sd_l, m) + bias
+    u, raw = _ud(u_base + ch, dt_base + ch, t, m, su_l, sd_l)
+    raw += bias
     return t, m, u, raw, _delta(raw, m)
+
+
+@triton.jit
+def _rev_in(ub, db, dyb, zb, sb, t, m, fwd, su_l, sd_l, sy_l, sz_l):
+    """What the reverse pass reads at token t: u, raw dt, the gradient dy of the gated output, z,
+    and the ungated branch sum (only for the forward-branch programs, ``fwd``)."""
+    u, r = _ud(ub, db, t, m, su_l, sd_l)
+    return u, r, _ld(dyb, t, sy_l, m), _ld(zb, t, sz_l, m), _ld(sb, t, sy_l, m & fwd)
 
 
 @triton.jit
@@ -482,18 +496,18 @@ def scan_bwd_kernel(
 
     # pass 1: the state entering every group of four tokens
     h = tl.zeros((BN, BE), tl.float32)
-    u0, r0 = _ld(ub, _tpos(0, L, D), su_l, me & (0 < L)), _ld(db, _tpos(0, L, D), sd_l, me & (0 < L))
-    u1, r1 = _ld(ub, _tpos(1, L, D), su_l, me & (1 < L)), _ld(db, _tpos(1, L, D), sd_l, me & (1 < L))
-    u2, r2 = _ld(ub, _tpos(2, L, D), su_l, me & (2 < L)), _ld(db, _tpos(2, L, D), sd_l, me & (2 < L))
-    u3, r3 = _ld(ub, _tpos(3, L, D), su_l, me & (3 < L)), _ld(db, _tpos(3, L, D), sd_l, me & (3 < L))
+    u0, r0 = _ud(ub, db, _tpos(0, L, D), me & (0 < L), su_l, sd_l)
+    u1, r1 = _ud(ub, db, _tpos(1, L, D), me & (1 < L), su_l, sd_l)
+    u2, r2 = _ud(ub, db, _tpos(2, L, D), me & (2 < L), su_l, sd_l)
+    u3, r3 = _ud(ub, db, _tpos(3, L, D), me & (3 < L), su_l, sd_l)
     for g4 in range(n_groups):
         tl.store(hst + g4 * (BN * 2 * E), h, mask=mA)
         i0, i1 = g4 * 4, g4 * 4 + 4
         t0, t1, t2, t3 = _tpos(i1, L, D), _tpos(i1 + 1, L, D), _tpos(i1 + 2, L, D), _tpos(i1 + 3, L, D)
-        nu0, nr0 = _ld(ub, t0, su_l, me & (i1 < L)), _ld(db, t0, sd_l, me & (i1 < L))
-        nu1, nr1 = _ld(ub, t1, su_l, me & (i1 + 1 < L)), _ld(db, t1, sd_l, me & (i1 + 1 < L))
-        nu2, nr2 = _ld(ub, t2, su_l, me & (i1 + 2 < L)), _ld(db, t2, sd_l, me & (i1 + 2 < L))
-        nu3, nr3 = _ld(ub, t3, su_l, me & (i1 + 3 < L)), _ld(db, t3, sd_l, me & (i1 + 3 < L))
+        nu0, nr0 = _ud(ub, db, t0, me & (i1 < L), su_l, sd_l)
+        nu1, nr1 = _ud(ub, db, t1, me & (i1 + 1 < L), su_l, sd_l)
+        nu2, nr2 = _ud(ub, db, t2, me & (i1 + 2 < L), su_l, sd_l)
+        nu3, nr3 = _ud(ub, db, t3, me & (i1 + 3 < L), su_l, sd_l)
         d0 = _delta(r0 + bias, me & (i0 < L))
         h = _decay(At2, d0) * h + _vec(bc_base, _tpos(i0, L, D), sbc_l, off, n, mn, EVEN_N) * (d0 * u0)
         d1 = _delta(r1 + bias, me & (i0 + 1 < L))
@@ -519,68 +533,20 @@ def scan_bwd_kernel(
     h = tl.load(hst + (n_groups - 1) * (BN * 2 * E), mask=mA, other=0.0)
     t0, t1, t2, t3 = _tpos(i0, L, D), _tpos(i0 + 1, L, D), _tpos(i0 + 2, L, D), _tpos(i0 + 3, L, D)
     m0, m1, m2, m3 = me & (i0 < L), me & (i0 + 1 < L), me & (i0 + 2 < L), me & (i0 + 3 < L)
-    u0, r0, y0, z0, s0 = (
-        _ld(ub, t0, su_l, m0),
-        _ld(db, t0, sd_l, m0),
-        _ld(dyb, t0, sy_l, m0),
-        _ld(zb, t0, sz_l, m0),
-        _ld(sb, t0, sy_l, m0 & fwd),
-    )
-    u1, r1, y1, z1, s1 = (
-        _ld(ub, t1, su_l, m1),
-        _ld(db, t1, sd_l, m1),
-        _ld(dyb, t1, sy_l, m1),
-        _ld(zb, t1, sz_l, m1),
-        _ld(sb, t1, sy_l, m1 & fwd),
-    )
-    u2, r2, y2, z2, s2 = (
-        _ld(ub, t2, su_l, m2),
-        _ld(db, t2, sd_l, m2),
-        _ld(dyb, t2, sy_l, m2),
-        _ld(zb, t2, sz_l, m2),
-        _ld(sb, t2, sy_l, m2 & fwd),
-    )
-    u3, r3, y3, z3, s3 = (
-        _ld(ub, t3, su_l, m3),
-        _ld(db, t3, sd_l, m3),
-        _ld(dyb, t3, sy_l, m3),
-        _ld(zb, t3, sz_l, m3),
-        _ld(sb, t3, sy_l, m3 & fwd),
-    )
+    u0, r0, y0, z0, s0 = _rev_in(ub, db, dyb, zb, sb, t0, m0, fwd, su_l, sd_l, sy_l, sz_l)
+    u1, r1, y1, z1, s1 = _rev_in(ub, db, dyb, zb, sb, t1, m1, fwd, su_l, sd_l, sy_l, sz_l)
+    u2, r2, y2, z2, s2 = _rev_in(ub, db, dyb, zb, sb, t2, m2, fwd, su_l, sd_l, sy_l, sz_l)
+    u3, r3, y3, z3, s3 = _rev_in(ub, db, dyb, zb, sb, t3, m3, fwd, su_l, sd_l, sy_l, sz_l)
     for gg in range(n_groups):
         i0 = (n_groups - 1 - gg) * 4
         # prefetch the group before (clamped at group 0, whose repeat load is never used)
         j0 = tl.maximum(i0 - 4, 0)
         nh = tl.load(hst + (j0 // 4) * (BN * 2 * E), mask=mA, other=0.0)
         q0, q1, q2, q3 = _tpos(j0, L, D), _tpos(j0 + 1, L, D), _tpos(j0 + 2, L, D), _tpos(j0 + 3, L, D)
-        nu0, nr0, ny0, nz0, ns0 = (
-            _ld(ub, q0, su_l, me),
-            _ld(db, q0, sd_l, me),
-            _ld(dyb, q0, sy_l, me),
-            _ld(zb, q0, sz_l, me),
-            _ld(sb, q0, sy_l, me & fwd),
-        )
-        nu1, nr1, ny1, nz1, ns1 = (
-            _ld(ub, q1, su_l, me),
-            _ld(db, q1, sd_l, me),
-            _ld(dyb, q1, sy_l, me),
-            _ld(zb, q1, sz_l, me),
-            _ld(sb, q1, sy_l, me & fwd),
-        )
-        nu2, nr2, ny2, nz2, ns2 = (
-            _ld(ub, q2, su_l, me),
-            _ld(db, q2, sd_l, me),
-            _ld(dyb, q2, sy_l, me),
-            _ld(zb, q2, sz_l, me),
-            _ld(sb, q2, sy_l, me & fwd),
-        )
-        nu3, nr3, ny3, nz3, ns3 = (
-            _ld(ub, q3, su_l, me),
-            _ld(db, q3, sd_l, me),
-            _ld(dyb, q3, sy_l, me),
-            _ld(zb, q3, sz_l, me),
-            _ld(sb, q3, sy_l, me & fwd),
-        )
+        nu0, nr0, ny0, nz0, ns0 = _rev_in(ub, db, dyb, zb, sb, q0, me, fwd, su_l, sd_l, sy_l, sz_l)
+        nu1, nr1, ny1, nz1, ns1 = _rev_in(ub, db, dyb, zb, sb, q1, me, fwd, su_l, sd_l, sy_l, sz_l)
+        nu2, nr2, ny2, nz2, ns2 = _rev_in(ub, db, dyb, zb, sb, q2, me, fwd, su_l, sd_l, sy_l, sz_l)
+        nu3, nr3, ny3, nz3, ns3 = _rev_in(ub, db, dyb, zb, sb, q3, me, fwd, su_l, sd_l, sy_l, sz_l)
 
         t0, t1, t2, t3 = _tpos(i0, L, D), _tpos(i0 + 1, L, D), _tpos(i0 + 2, L, D), _tpos(i0 + 3, L, D)
         m0, m1, m2, m3 = me & (i0 < L), me & (i0 + 1 < L), me & (i0 + 2 < L), me & (i0 + 3 < L)
