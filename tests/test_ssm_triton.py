@@ -104,3 +104,14 @@ def test_mixer_tells_auto_its_scan_shape(monkeypatch):
     with torch.no_grad():
         m(torch.randn(2, 5, 16))
     assert seen == [(3 * m.d_inner, 11, True), (2 * m.d_inner, 5, False)]
+
+
+def test_fused_norm_names_mismatched_shapes():
+    from vimssl.layers.norm import RMSNorm
+    from vimssl.ssm import triton_norm
+
+    res = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match=r"x \(2, 5, 6\) and residual \(2, 5, 8\)"):
+        triton_norm.add_rms_norm(torch.randn(2, 5, 6), res, RMSNorm(8))
+    with pytest.raises(ValueError, match=r"norm weight \(6,\) does not match the width 8"):
+        triton_norm.add_rms_norm(None, res, RMSNorm(6))
