@@ -4,6 +4,7 @@ for the v5/v6 kernels in docs/kernel-notes.md (the loop bodies dominate the coun
 
     python benchmarks/sass_counts.py                      # scan forward and backward, defaults
     python benchmarks/sass_counts.py --kernel scan_bwd_kernel --set BE=64 KEEP=True RS=False
+    python benchmarks/sass_counts.py --kernel scan_fwd_kernel scan_bwd_kernel --set CHUNKED=True
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from vimssl.ssm import triton_core as tc
 from vimssl.ssm import triton_kernels as K
 
 FLOAT32_ARGS = {"At_ptr", "D_ptr", "dtb_ptr", "hst_ptr", "dbc_part_ptr", "dA_ptr", "dD_ptr", "bc_ptr",
-                "w_ptr", "bias_ptr", "dw_ptr", "db_ptr"}  # fmt: skip
+                "w_ptr", "bias_ptr", "dw_ptr", "db_ptr", "hc_ptr", "sc_ptr", "wc_ptr"}  # fmt: skip
 DEFAULTS = {
-    "scan_fwd_kernel": dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True),
-    "scan_bwd_kernel": dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS),
+    "scan_fwd_kernel": dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False),
+    "scan_bwd_kernel": dict(
+        BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False
+    ),
+    "scan_state_kernel": dict(GRAD=False, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True),
 }
 OPS = ["MUFU", "SHFL", "FFMA", "FMUL", "FADD", "LDG", "STG", "LDL", "STL", "LDS", "STS", "BAR", "IMAD", "SEL"]
 

@@ -9,6 +9,9 @@
   paths, with the floors: bytes the core must move over the measured copy bandwidth, and the
   exp count over the special-function rate.
 * ``--sweep``: channels per scan program and warps; the conv tile.
+* ``--chunks sweep`` (alone): the two-level scan's chunk length at long and short sequences,
+  whole core, inference and training, against the cuda path; ``--chunks small``: the launchers'
+  choice against the cuda path at small batches (where ``auto`` has to choose).
 """
 
 from __future__ import annotations
@@ -143,6 +146,64 @@ def core_times(bsz=128, seqlen=197, d=384) -> dict:
     return res
 
 
+# (label, batch, tokens, d_model): the whole-model table's long-sequence rows, and two short ones
+CHUNK_SHAPES = [
+    ("vim_s_1024_b8", 8, 4097, 384), ("vim_t_1024_b8", 8, 4097, 192), ("vim_b_1024_b8", 8, 4097, 768),
+    ("vim_t_512_b32", 32, 1025, 192), ("vim_s_512_b32", 32, 1025, 384), ("vim_t_224_b128", 128, 197, 192),
+    ("vim_s_224_b128", 128, 197, 384),
+]  # fmt: skip
+
+
+# small batches, where ``auto`` has to choose between the paths (the launchers' chunks only)
+SMALL_SHAPES = [
+    ("vim_s_1024_b1", 1, 4097, 384), ("vim_s_1024_b2", 2, 4097, 384), ("vim_t_1024_b2", 2, 4097, 192),
+    ("vim_t_1024_b4", 4, 4097, 192), ("vim_s_512_b4", 4, 1025, 384), ("vim_t_512_b4", 4, 1025, 192),
+    ("vim_s_224_b8", 8, 197, 384), ("vim_s_224_b32", 32, 197, 384), ("vim_t_224_b32", 32, 197, 192),
+]  # fmt: skip
+
+
+def chunk_sweep(chunks=(0, None, 2048, 1024, 512, 256, 128), shapes=CHUNK_SHAPES) -> list[dict]:
+    """One layer's mixer core, inference (forward without gradients) and training (forward +
+    backward), for the two-level scan's chunk lengths (0: one chunk; None: what the launchers
+    pick), against the composed cuda path, at the shapes in CHUNK_SHAPES."""
+    cuda_ops = get_ops("cuda")
+    rows = []
+    saved = tc.SEQ_CHUNK
+    for label, bsz, seqlen, d in shapes:
+        m = mixer(d)
+        e = m.d_inner
+        xz = (torch.randn(bsz, seqlen, 2 * e, device="cuda") * 0.5).to(torch.bfloat16).requires_grad_()
+        gy = torch.randn(bsz, seqlen, e, device="cuda", dtype=torch.bfloat16)
+
+        def timed(fn, train, xz=xz, m=m, gy=gy):
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(train):
+                    y = fn(xz, m)
+                if train:
+                    y.backward(gy)
+
+            return do_bench(step, warmup=20, rep=150, return_mode="median")
+
+        row = dict(shape=label, batch=bsz, tokens=seqlen, d_model=d)
+        row["cuda_infer_ms"] = timed(lambda x, mm: bimamba_core(x, mm, cuda_ops), False)
+        row["cuda_train_ms"] = timed(lambda x, mm: bimamba_core(x, mm, cuda_ops), True)
+        for chunk in chunks:
+            tc.SEQ_CHUNK = chunk
+            key = "auto" if chunk is None else str(chunk)
+            row[f"triton_{key}_infer_ms"] = timed(tc.bimamba_core_triton, False)
+            row[f"triton_{key}_train_ms"] = timed(tc.bimamba_core_triton, True)
+            if chunk is None:  # the chunk lengths the launchers picked (forward, backward)
+                row["auto_chunks"] = (
+                    tc._chunk_len(xz, seqlen, bsz * -(-e // tc.SEQ_BE_FWD), tc.SEQ_FILL_FWD),
+                    tc._chunk_len(xz, seqlen, 2 * bsz * -(-e // tc.SEQ_BE_BWD), tc.SEQ_FILL_BWD),
+                )
+        tc.SEQ_CHUNK = saved
+        rows.append(row)
+        cells = "  ".join(f"{k[:-3]} {v:.3f}" for k, v in row.items() if k.endswith("_ms"))
+        print(f"chunks {label} auto={row['auto_chunks']}: {cells}", flush=True)
+    return rows
+
+
 def norm_times(bsz=128, seqlen=197, d=384) -> dict:
     """The fused add + RMSNorm between blocks, forward + backward at the Vim-S training shape:
     vimssl's Triton kernels against mamba-ssm's (the cuda path's) and the plain PyTorch one. The
@@ -246,12 +307,23 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parity", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument(
+        "--chunks", choices=["sweep", "small"], default=None,
+        help="only the two-level scan's chunk sweep, or the launchers' choice at small batches",
+    )  # fmt: skip
     ap.add_argument("--out", default=None)
     ap.add_argument(
         "--models", nargs="*", default=[], help="whole-model throughput (cuda, triton, deit) after the sweep"
     )
     args = ap.parse_args()
     out = {"gpu": torch.cuda.get_device_name(0)}
+    if args.chunks:
+        small = args.chunks == "small"
+        out["chunks"] = chunk_sweep((None,), SMALL_SHAPES) if small else chunk_sweep()
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
+        return
     if args.parity:
         out["parity"] = parity()
     out["times"] = core_times()

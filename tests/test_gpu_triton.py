@@ -1,6 +1,7 @@
 """The ``triton`` kernel path on a GPU against the float64 pure-PyTorch reference: the fused mixer
 core's output and the gradients of its input and every parameter (float32 and bf16, odd lengths,
-batch 1, one token, 4,097 tokens, a non-power-of-two state size), the whole model against the
+batch 1, one token, 4,097 tokens, a non-power-of-two state size; the two-level scan of long
+sequences), the whole model against the
 ``torch`` path, bit-for-bit determinism, every output element written, and the fused add + RMSNorm
 between blocks (float32 and under bf16 autocast). Skipped without a GPU."""
 
@@ -112,9 +113,33 @@ def test_scan_variants_match_float64_reference(monkeypatch, be, keep, rs):
     assert not bad, bad
 
 
-def test_core_is_deterministic_and_writes_every_element():
+# the two-level scan: forced chunk lengths at full program width (with the lane reduce-scatter at
+# 32 channels), including a last chunk shorter than a 4-token group, and the launchers' own choice
+@pytest.mark.parametrize(
+    "chunk,shape", [(64, (3, 257, 80, 16)), (12, (2, 50, 64, 5)), (128, (1, 1025, 128, 16)), (None, (1, 1025, 64, 16))]
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_level_scan_matches_float64_reference(monkeypatch, chunk, shape, dtype):
+    from vimssl.ssm import triton_core as tc
+
+    monkeypatch.setattr(tc, "SEQ_CHUNK", chunk)
+    monkeypatch.setattr(tc, "SEQ_NARROW", chunk is None)
+    bsz, seqlen, d, _ = shape
+    x = torch.empty(1, device="cuda")
+    programs = bsz * -(-2 * d // tc.SEQ_BE_FWD)
+    assert tc._chunk_len(x, seqlen, programs, tc.SEQ_FILL_FWD) < seqlen  # it really chunks
+    err_out, errs = core_errors(shape, dtype)
+    tol_out, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 3e-2)
+    assert err_out < tol_out
+    bad = {name: e for name, e in errs.items() if not e < tol_grad}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("chunk", [0, 64])
+def test_core_is_deterministic_and_writes_every_element(monkeypatch, chunk):
     from vimssl.ssm import triton_core
 
+    monkeypatch.setattr(triton_core, "SEQ_CHUNK", chunk)
     m = perturbed_mixer(192, 16, seed=1)
     xz = torch.randn(4, 197, 2 * m.d_inner, device="cuda", dtype=torch.bfloat16)
     g = torch.randn(4, 197, m.d_inner, device="cuda", dtype=torch.bfloat16)

@@ -25,7 +25,8 @@ def test_kernels_match_reference_under_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     results = report["shapes"]
-    assert len(results) == 6 and sum(r["keep"] for r in results) == 2
+    assert len(results) == 9 and sum(r["keep"] for r in results) == 2
+    assert sorted(r["chunk"] for r in results if r["chunk"]) == [3, 4, 8]  # the two-level scan
     for r in results:
         assert r["finite"], r["shape"]
         assert r["deterministic"], r["shape"]

@@ -20,6 +20,9 @@ from vimssl.ssm.dispatch import get_ops
 SHAPES = [(2, 7, 8, 4), (1, 1, 8, 4), (3, 13, 6, 3), (1, 37, 8, 16)]
 # the scan backward that keeps its recomputed decays in registers, on two of them
 KEEP_SHAPES = [(2, 7, 8, 4), (1, 37, 8, 16)]
+# the two-level scan (chunk length in tokens): several chunks, a last chunk shorter than a
+# 4-token group (7 = 3 + 3 + 1), and chunks that are not a multiple of 4
+CHUNK_SHAPES = [((2, 7, 8, 4), 3), ((3, 13, 6, 3), 4), ((1, 37, 8, 16), 8)]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,8 +51,10 @@ def main() -> None:
     tc.CONV_BT, tc.CONV_BE = 4, 8
     torch.manual_seed(0)
     results = []
-    for (bsz, seqlen, d, n), keep in [(s, False) for s in SHAPES] + [(s, True) for s in KEEP_SHAPES]:
-        tc.SEQ_KEEP = keep
+    runs_cfg = [(s, False, 0) for s in SHAPES] + [(s, True, 0) for s in KEEP_SHAPES]
+    runs_cfg += [(s, False, chunk) for s, chunk in CHUNK_SHAPES]
+    for (bsz, seqlen, d, n), keep, chunk in runs_cfg:
+        tc.SEQ_KEEP, tc.SEQ_CHUNK = keep, chunk
         m = BiMambaMixer(d, d_state=n)
         with torch.no_grad():
             for p in m.parameters():
@@ -69,9 +74,16 @@ def main() -> None:
         errs.update({name: rel(a, b) for name, a, b in zip(["xz"] + names, grads, gref)})
         finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(t).all()) for t in grads)
         results.append(
-            dict(shape=[bsz, seqlen, d, n], keep=keep, errors=errs, deterministic=same, finite=finite)
+            dict(
+                shape=[bsz, seqlen, d, n],
+                keep=keep,
+                chunk=chunk,
+                errors=errs,
+                deterministic=same,
+                finite=finite,
+            )
         )
-    tc.SEQ_KEEP = False
+    tc.SEQ_KEEP, tc.SEQ_CHUNK = False, None
 
     # half-precision inputs (fp16, bf16): outputs and input gradients in the input dtype
     half = {}

@@ -30,6 +30,13 @@ SEQ_BE_FWD, SEQ_BE_BWD, SEQ_WARPS = 64, 32, 1
 SEQ_KEEP = False
 SEQ_RS = True  # scan backward: lane reduce-scatter for the dB/dC sums (see the kernel)
 SEQ_NARROW = True  # narrower scan programs when a batch gives fewer than two per SM (see below)
+# Two-level (chunked) scans for long sequences, see _chunk_len. SEQ_CHUNK: None picks the chunk
+# length by occupancy on a GPU; an int forces that many tokens per chunk (tests and sweeps), 0
+# never chunks. SEQ_FILL_{FWD,BWD} = (start, aim): chunking starts when the unchunked scan has
+# fewer one-warp programs than ``start`` per SM (about what fits by registers) and aims at ``aim``
+# per SM; chunks are at least SEQ_MIN_CHUNK tokens. From the H100 chunk sweep (docs/kernel-notes.md).
+SEQ_CHUNK: int | None = None
+SEQ_FILL_FWD, SEQ_FILL_BWD, SEQ_MIN_CHUNK = (12, 24), (8, 48), 128
 CONV_BT, CONV_BE, CONV_WARPS = 16, 128, 2
 LAST: dict = {}  # the last launch handle of each kernel (registers and spills, for benchmarks)
 
@@ -87,6 +94,25 @@ def _seq_channels(x: torch.Tensor, bsz: int, e: int, widest: int) -> int:
     return be
 
 
+def _chunk_len(x: torch.Tensor, seqlen: int, programs: int, fill: tuple[int, int]) -> int:
+    """Tokens per chunk of the two-level scan (``seqlen``: no chunking). A sequential scan runs
+    one warp per (batch row, channel block, branch): batch 8 at 1024 px gives a few hundred
+    programs of 4,097 steps each, too few to fill an H100's warp slots (about 12 per SM for the
+    forward, 8 for the backward, by registers). Splitting the tokens into chunks multiplies the
+    programs; the cost is one more pass over the tokens for the chunk-local carries. More
+    programs than fit at once still help (shorter tails, more latency hidden), hence ``aim``."""
+    if SEQ_CHUNK is not None:
+        return min(SEQ_CHUNK, seqlen) if SEQ_CHUNK > 0 else seqlen
+    if x.device.type != "cuda":
+        return seqlen
+    sms = _sm_count(x.device.index or 0)
+    start, aim = fill
+    if programs >= start * sms or seqlen < 2 * SEQ_MIN_CHUNK:
+        return seqlen
+    n_ch = triton.cdiv(aim * sms, programs)
+    return max(SEQ_MIN_CHUNK, 4 * triton.cdiv(triton.cdiv(seqlen, n_ch), 4))
+
+
 def _bc_pack(dbc: torch.Tensor, r: int) -> torch.Tensor:
     """B and C of both branches from the x_proj output (B, L, 2, R+2N), repacked contiguous
     float32, (B, L, 2, 2N): 16-byte vector loads with no conversion in the scan loops."""
@@ -112,12 +138,38 @@ def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum):
         xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
         bc.stride(0), bc.stride(1), bc.stride(2), z.stride(0), z.stride(1), y.stride(0), y.stride(1),
     )  # fmt: skip
-    be, bn = _seq_channels(xc, bsz, e, SEQ_BE_FWD), triton.next_power_of_2(d_state)
-    LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(triton.cdiv(e, be), bsz)](
-        xc, dt, bc, z, At2, D, dt_bias, y, ysum, seqlen, e, d_state, 0, *strides,
-        SAVE_SUM=save_sum, BE=be, BN=bn, EVEN_N=bn == d_state, num_warps=SEQ_WARPS,
+    bn = triton.next_power_of_2(d_state)
+    chunk = _chunk_len(xc, seqlen, bsz * triton.cdiv(e, SEQ_BE_FWD), SEQ_FILL_FWD)
+    n_ch = triton.cdiv(seqlen, chunk)
+    be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_FWD)
+    hc, sc = _chunk_states(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, strides[:-2], y.stride())
+    LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(triton.cdiv(e, be), bsz, n_ch)](
+        xc, dt, bc, z, At2, D, dt_bias, y, ysum, hc, sc, seqlen, e, d_state, 0, chunk, n_ch, *strides,
+        SAVE_SUM=save_sum, BE=be, BN=bn, EVEN_N=bn == d_state, CHUNKED=n_ch > 1, num_warps=SEQ_WARPS,
     )  # fmt: skip
     return y, (ysum if save_sum else None)
+
+
+def _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy_strides):
+    """The chunk-local carries of the two-level scan (:func:`K.scan_state_kernel`): the states
+    and sums of delta (``dy`` None) or the gradient carries (``dy`` given). Returns (carries
+    (B, n_ch, BN, 2E), sums of delta (B, n_ch, 2E) or None) float32; (xc, None) placeholders when
+    there is one chunk."""
+    if n_ch == 1:
+        return xc, xc
+    bsz, seqlen, e2 = xc.shape
+    e, d_state = e2 // 2, bc.shape[-1] // 2
+    bn = triton.next_power_of_2(d_state)
+    f32 = dict(device=xc.device, dtype=torch.float32)
+    carry = torch.empty(bsz, n_ch, bn, e2, **f32)
+    sums = torch.empty(bsz, n_ch, e2, **f32) if dy is None else xc
+    grad = dy is not None
+    name = "scan_state_kernel" + ("_grad" if grad else "")
+    LAST[name] = K.scan_state_kernel[(triton.cdiv(e, be), bsz, 2 * n_ch)](
+        xc, dt, bc, z, dy if grad else xc, At2, dt_bias, carry, sums, seqlen, e, d_state, 0, chunk, n_ch,
+        *in_strides, *dy_strides[:2], GRAD=grad, BE=be, BN=bn, EVEN_N=bn == d_state, num_warps=SEQ_WARPS,
+    )  # fmt: skip
+    return carry, (sums if not grad else None)
 
 
 def _rs(be: int, d_state: int) -> bool:
@@ -133,23 +185,31 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
     bsz, seqlen, e2 = xc.shape
     e, d_state = e2 // 2, bc.shape[-1] // 2
     bn = triton.next_power_of_2(d_state)
-    be = _seq_channels(xc, bsz, e, SEQ_BE_BWD)
+    chunk = _chunk_len(xc, seqlen, 2 * bsz * triton.cdiv(e, SEQ_BE_BWD), SEQ_FILL_BWD)
+    n_ch = triton.cdiv(seqlen, chunk)
+    be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_BWD)
     n_eb = triton.cdiv(e, be)
     f32 = dict(device=xc.device, dtype=torch.float32)
-    hst = torch.empty(bsz, triton.cdiv(seqlen, 4), bn, e2, **f32)  # state entering each 4 tokens
+    # the state entering each group of 4 tokens, per chunk
+    hst = torch.empty(bsz, n_ch, triton.cdiv(chunk, 4), bn, e2, **f32)
     du, ddt = torch.empty_like(xc), torch.empty_like(xc)
     part = torch.empty(bsz, 2, n_eb, seqlen, 2 * d_state, **f32)
-    dA = torch.empty(bsz, d_state, e2, **f32)
-    dD = torch.empty(bsz, e2, **f32)
-    d_dtb = torch.empty(bsz, e2, **f32)
+    dA = torch.empty(bsz * n_ch, d_state, e2, **f32)
+    dD = torch.empty(bsz * n_ch, e2, **f32)
+    d_dtb = torch.empty(bsz * n_ch, e2, **f32)
     dy = dy.contiguous()
-    LAST["scan_bwd_kernel"] = K.scan_bwd_kernel[(n_eb, bsz, 2)](
-        xc, dt, bc, z, At2, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, dA, dD, d_dtb,
-        seqlen, e, d_state, 0, n_eb,
+    in_strides = (
         xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
         bc.stride(0), bc.stride(1), bc.stride(2), z.stride(0), z.stride(1),
+    )  # fmt: skip
+    # the two-level scan's chunk-local carries (placeholders when there is one chunk)
+    hc, sc = _chunk_states(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride())
+    wc, _ = _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride())
+    LAST["scan_bwd_kernel"] = K.scan_bwd_kernel[(n_eb, bsz, 2 * n_ch)](
+        xc, dt, bc, z, At2, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, dA, dD, d_dtb, hc, sc, wc,
+        seqlen, e, d_state, 0, n_eb, chunk, n_ch, *in_strides,
         dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1),
-        BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state),
+        BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), CHUNKED=n_ch > 1,
         num_warps=SEQ_WARPS,
     )  # fmt: skip
     dbc = part.sum(2, dtype=xc.dtype).transpose(1, 2)  # over the channel blocks

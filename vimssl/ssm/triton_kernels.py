@@ -216,9 +216,36 @@ def conv_bwd_dx_kernel(
 
 
 @triton.jit
-def _tpos(i, L, D):
-    """Token index of scan step i (t = i forward, L-1-i backward), clamped into [0, L)."""
-    return tl.minimum(tl.maximum(tl.where(D == 0, i, L - 1 - i), 0), L - 1)
+def _tp(i, lo, cnt, D):
+    """Token index of step i of the chunk of ``cnt`` tokens from ``lo`` (lo + i in the forward
+    branch, lo + cnt-1-i in the backward branch), clamped into the chunk. Unchunked: lo 0, cnt L."""
+    return lo + tl.minimum(tl.maximum(tl.where(D == 0, i, cnt - 1 - i), 0), cnt - 1)
+
+
+@triton.jit
+def _chunk(c, T, L, CHUNKED: tl.constexpr):
+    """First token and token count of chunk c of T tokens (unchunked: 0 and L, which cost no
+    registers in the scan loops: the backward kernel is at 255)."""
+    if CHUNKED:
+        lo = c * T
+        return lo, tl.minimum(T, L - lo)
+    else:
+        return 0, L
+
+
+@triton.jit
+def _lookback(loc, sdel, c, n_ch, At2, mA, me, ASC, cs_loc, cs_s):
+    """The carry entering chunk ``c`` from the chunks before it in scan order, from their
+    chunk-local carries ``loc`` (pointers at chunk 0, (BN, BE)) and sums of delta ``sdel``
+    (pointers at chunk 0, channel-shaped): x <- exp2(A log2(e) * sum delta) * x + loc over chunks
+    0..c-1 (``ASC``) or n_ch-1 down to c+1. The same recurrence carries the states forwards and the
+    gradient w = a dh backwards; a chunk's decay product is exp(A * its sum of delta)."""
+    x = tl.zeros(At2.shape, tl.float32)
+    for k in range(tl.where(ASC, c, n_ch - 1 - c)):
+        cc = tl.where(ASC, k, n_ch - 1 - k)
+        s = tl.load(sdel + cc * cs_s, mask=me, other=0.0)
+        x = _exp2(At2 * s) * x + tl.load(loc + cc * cs_loc, mask=mA, other=0.0)
+    return x
 
 
 @triton.jit
@@ -253,10 +280,11 @@ def _decay(At2, delta):
 
 
 @triton.jit
-def _tok_in(u_base, dt_base, i, L, D, ch, me, bias, su_l, sd_l):
-    """Inputs of scan step i: token t, mask m (false past the end), u, raw dt (with bias), delta."""
-    t = _tpos(i, L, D)
-    m = me & (i < L)
+def _tok_in(u_base, dt_base, i, lo, cnt, D, ch, me, bias, su_l, sd_l):
+    """Inputs of step i of the chunk: token t, mask m (false past its end), u, raw dt (with bias),
+    delta."""
+    t = _tp(i, lo, cnt, D)
+    m = me & (i < cnt)
     u, raw = _ud(u_base + ch, dt_base + ch, t, m, su_l, sd_l)
     raw += bias
     return t, m, u, raw, _delta(raw, m)
@@ -272,21 +300,27 @@ def _rev_in(ub, db, dyb, zb, sb, t, m, fwd, su_l, sd_l, sy_l, sz_l):
 
 @triton.jit
 def scan_fwd_kernel(
-    u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, y_ptr, ysum_ptr,
-    L, E, N, R,
+    u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, y_ptr, ysum_ptr, hc_ptr, sc_ptr,
+    L, E, N, R, T, n_ch,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l,
     SAVE_SUM: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr,
+    CHUNKED: tl.constexpr,
 ):  # fmt: skip
-    """Both branches of one batch row and BE channels.
+    """Both branches of one batch row, BE channels and one chunk of T tokens (program axis 2;
+    unchunked: T = L, one chunk).
 
     u (xc, B, L, 2E), dt (raw dt_proj output without bias, B, L, 2E), bc (B and C of both
     branches, B, L, 2, 2N, strided by sbc_d between branches, starting at offset R), z (B, L, E),
     At = A log2(e) transposed (N, 2E) with A = -exp(A_log), D and dt bias (2E,), all float32.
     Writes y = (y_fwd + y_bwd) / 2 * SiLU(z) to y (B, L, E), and the ungated y_fwd + y_bwd to
     ysum when SAVE_SUM (kept for the backward). The forward branch's outputs are parked in y
-    until the backward branch combines them. EVEN_N: N == BN (no state mask).
+    until the backward branch combines them. EVEN_N: N == BN (no state mask). CHUNKED: each
+    branch starts its chunk from the carry of the chunks before it (:func:`_lookback` over the
+    chunk-local states hc (B, n_ch, BN, 2E) and sums of delta sc (B, n_ch, 2E) written by
+    :func:`scan_state_kernel`).
     """
-    pid_e, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pid_e, b, c = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    lo, cnt = _chunk(c, T, L, CHUNKED)
     e = pid_e * BE + tl.arange(0, BE)
     me = e < E
     n = tl.arange(0, BN)
@@ -299,12 +333,18 @@ def scan_fwd_kernel(
         Dv = tl.load(D_ptr + ch, mask=me, other=0.0)
         bias = tl.load(dtb_ptr + ch, mask=me, other=0.0)
         off = D * sbc_d + R
-        h = tl.zeros((BN, BE), tl.float32)
-        for i0 in range(0, L, 4):
-            t0, m0, u0, _, d0 = _tok_in(u_base, dt_base, i0, L, D, ch, me, bias, su_l, sd_l)
-            t1, m1, u1, _, d1 = _tok_in(u_base, dt_base, i0 + 1, L, D, ch, me, bias, su_l, sd_l)
-            t2, m2, u2, _, d2 = _tok_in(u_base, dt_base, i0 + 2, L, D, ch, me, bias, su_l, sd_l)
-            t3, m3, u3, _, d3 = _tok_in(u_base, dt_base, i0 + 3, L, D, ch, me, bias, su_l, sd_l)
+        if CHUNKED:
+            hc = hc_ptr + (b * n_ch * BN + n[:, None]) * (2 * E) + ch[None, :]
+            sc = sc_ptr + b * n_ch * (2 * E) + ch[None, :]
+            mA = mn[:, None] & me[None, :]
+            h = _lookback(hc, sc, c, n_ch, At2, mA, me[None, :], D == 0, BN * 2 * E, 2 * E)
+        else:
+            h = tl.zeros((BN, BE), tl.float32)
+        for i0 in range(0, cnt, 4):
+            t0, m0, u0, _, d0 = _tok_in(u_base, dt_base, i0, lo, cnt, D, ch, me, bias, su_l, sd_l)
+            t1, m1, u1, _, d1 = _tok_in(u_base, dt_base, i0 + 1, lo, cnt, D, ch, me, bias, su_l, sd_l)
+            t2, m2, u2, _, d2 = _tok_in(u_base, dt_base, i0 + 2, lo, cnt, D, ch, me, bias, su_l, sd_l)
+            t3, m3, u3, _, d3 = _tok_in(u_base, dt_base, i0 + 3, lo, cnt, D, ch, me, bias, su_l, sd_l)
             B0, C0 = (
                 _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N),
                 _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N),
@@ -350,6 +390,62 @@ def _combine(y_base, z_base, s_base, t, m, y_b, sy_l, sz_l, SAVE_SUM: tl.constex
     tl.store(y_base + t * sy_l, (ys * _silu(z) * 0.5).to(y_base.dtype.element_ty), mask=m)
     if SAVE_SUM:
         tl.store(s_base + t * sy_l, ys.to(s_base.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def scan_state_kernel(
+    u_ptr, dt_ptr, bc_ptr, z_ptr, dy_ptr, At_ptr, dtb_ptr, hc_ptr, sc_ptr,
+    L, E, N, R, T, n_ch,
+    su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l,
+    GRAD: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr,
+):  # fmt: skip
+    """First level of the chunked (two-level) scan, for sequences too long for one sequential
+    program per (batch row, channel block) to fill the GPU. Program (channel block, batch row,
+    2 c + D) walks chunk c (tokens [c T, c T + T)) of branch D from a zero carry and stores the
+    chunk-local carry to hc (B, n_ch, BN, 2E):
+    - GRAD false: the state at the chunk's end in scan order, and the chunk's sum of delta to
+      sc (B, n_ch, 2E) (its decay product is exp(A * that sum));
+    - GRAD true: the gradient carry w = a dh leaving the chunk's first step, from the reverse
+      recurrence dh_t = C_t g_t + a_{t+1} dh_{t+1} started at zero at the chunk's end.
+    The scan kernels then start each chunk from :func:`_lookback` over these carries."""
+    pid_e, b, pid2 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    D, c = pid2 % 2, pid2 // 2
+    lo = c * T
+    cnt = tl.minimum(T, L - lo)
+    e = pid_e * BE + tl.arange(0, BE)[None, :]  # (1, BE)
+    me = e < E
+    n = tl.arange(0, BN)[:, None]  # (BN, 1)
+    mn = n < N
+    ch = D * E + e
+    mA = mn & me
+    At2 = tl.load(At_ptr + n * (2 * E) + ch, mask=mA, other=0.0)
+    bias = tl.load(dtb_ptr + ch, mask=me, other=0.0)
+    ub, db = u_ptr + b * su_b + ch, dt_ptr + b * sd_b + ch
+    bc_base = bc_ptr + b * sbc_b
+    off = D * sbc_d + R
+    x = tl.zeros((BN, BE), tl.float32)
+    if GRAD:
+        dyb, zb = dy_ptr + b * sy_b + e, z_ptr + b * sz_b + e
+        for i0 in range(0, cnt, 4):
+            for k in tl.static_range(4):
+                i = cnt - 1 - (i0 + k)  # the chunk's steps in reverse
+                t = _tp(i, lo, cnt, D)
+                m = me & (i >= 0)
+                d = _delta(_ld(db, t, sd_l, m) + bias, m)
+                g = _ld(dyb, t, sy_l, m) * _silu(_ld(zb, t, sz_l, m)) * 0.5
+                x = _decay(At2, d) * (_vec(bc_base, t, sbc_l, off + N, n, mn, EVEN_N) * g + x)
+    else:
+        ssum = tl.zeros((1, BE), tl.float32)
+        for i0 in range(0, cnt, 4):
+            for k in tl.static_range(4):
+                t = _tp(i0 + k, lo, cnt, D)
+                m = me & (i0 + k < cnt)
+                u, r = _ud(ub, db, t, m, su_l, sd_l)
+                d = _delta(r + bias, m)
+                x = _decay(At2, d) * x + _vec(bc_base, t, sbc_l, off, n, mn, EVEN_N) * (d * u)
+                ssum += d
+        tl.store(sc_ptr + (b * n_ch + c) * (2 * E) + ch, ssum, mask=me)
+    tl.store(hc_ptr + ((b * n_ch + c) * BN + n) * (2 * E) + ch, x, mask=mA)
 
 
 # Lane reduce-scatter (RS): the sums over a warp's 32 channels of a token's 16 dB and 16 dC
@@ -457,18 +553,21 @@ def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, dtb, c
 @triton.jit
 def scan_bwd_kernel(
     u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, dy_ptr, ysum_ptr, hst_ptr,
-    du_ptr, ddt_ptr, dz_ptr, dbc_part_ptr, dA_ptr, dD_ptr, dtb_grad_ptr,
-    L, E, N, R, n_eblocks,
+    du_ptr, ddt_ptr, dz_ptr, dbc_part_ptr, dA_ptr, dD_ptr, dtb_grad_ptr, hc_ptr, sc_ptr, wc_ptr,
+    L, E, N, R, n_eblocks, T, n_ch,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, sdz_b, sdz_l,
     BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, KEEP: tl.constexpr, RS: tl.constexpr,
+    CHUNKED: tl.constexpr,
 ):  # fmt: skip
-    """Backward of :func:`scan_fwd_kernel` for one branch (program axis 2), one batch row and BE
-    channels. dy (B, L, E): gradient of the gated output. Writes du (B, L, 2E): gradient of u;
+    """Backward of :func:`scan_fwd_kernel` for one branch and one chunk of T tokens (program axis
+    2: 2 chunk + branch; unchunked T = L), one batch row and BE channels. dy (B, L, E): gradient of the gated output. Writes du (B, L, 2E): gradient of u;
     ddt (B, L, 2E): gradient of the raw dt (before bias and softplus); dz (B, L, E, strided): the
     gradient of z (by the forward-branch programs); dbc_part (B, 2, eblocks, L, 2N): this
-    program's share of the gradients of B and C; dA (B, N, 2E) (gradient of A_log), dD and
-    dtb_grad (B, 2E) (gradients of D and of the dt bias): this batch row's share. hst: float32
-    scratch (B, ceil(L / 4), BN, 2E).
+    program's share of the gradients of B and C; dA (B, n_ch, N, 2E) (gradient of A_log), dD and
+    dtb_grad (B, n_ch, 2E) (gradients of D and of the dt bias): this batch row's and chunk's share.
+    hst: float32 scratch (B, n_ch, ceil(T / 4), BN, 2E). CHUNKED: the chunk starts from the state
+    carried in from the chunks before it and the gradient carry w from those after it
+    (:func:`_lookback` over hc, sc and wc from :func:`scan_state_kernel`).
 
     The first pass stores the state entering every group of four tokens; the second walks the
     groups backwards, recomputes their four states in registers and runs the gradient recurrence
@@ -478,7 +577,12 @@ def scan_bwd_kernel(
     registers instead of computing them again (one exp per state and token fewer, more
     registers). RS sums dB and dC over the channels with the lane reduce-scatter (needs N == 16,
     BE == 32, one warp, PTX)."""
-    pid_e, b, D = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    pid_e, b, pid2 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    if CHUNKED:
+        D, c, nc = pid2 % 2, pid2 // 2, n_ch
+    else:  # (constants: the kernel is at 255 registers)
+        D, c, nc = pid2, 0, 1
+    lo, cnt = _chunk(c, T, L, CHUNKED)
     e = pid_e * BE + tl.arange(0, BE)[None, :]  # (1, BE)
     me = e < E
     n = tl.arange(0, BN)[:, None]  # (BN, 1)
@@ -491,31 +595,45 @@ def scan_bwd_kernel(
     ub, db = u_ptr + b * su_b + ch, dt_ptr + b * sd_b + ch
     bc_base = bc_ptr + b * sbc_b
     off = D * sbc_d + R
-    n_groups = tl.cdiv(L, 4)
-    hst = hst_ptr + (b * n_groups * BN + n) * (2 * E) + ch  # (BN, BE), group 0
+    n_groups = tl.cdiv(cnt, 4)
+    hst = hst_ptr + ((b * nc + c) * tl.cdiv(T, 4) * BN + n) * (2 * E) + ch  # (BN, BE), group 0
+    if CHUNKED:
+        hcb = hc_ptr + (b * n_ch * BN + n) * (2 * E) + ch
+        scb = sc_ptr + b * n_ch * (2 * E) + ch
+        wcb = wc_ptr + (b * n_ch * BN + n) * (2 * E) + ch
 
     # pass 1: the state entering every group of four tokens
-    h = tl.zeros((BN, BE), tl.float32)
-    u0, r0 = _ud(ub, db, _tpos(0, L, D), me & (0 < L), su_l, sd_l)
-    u1, r1 = _ud(ub, db, _tpos(1, L, D), me & (1 < L), su_l, sd_l)
-    u2, r2 = _ud(ub, db, _tpos(2, L, D), me & (2 < L), su_l, sd_l)
-    u3, r3 = _ud(ub, db, _tpos(3, L, D), me & (3 < L), su_l, sd_l)
+    if CHUNKED:
+        h = _lookback(hcb, scb, c, n_ch, At2, mA, me, D == 0, BN * 2 * E, 2 * E)
+    else:
+        h = tl.zeros((BN, BE), tl.float32)
+    u0, r0 = _ud(ub, db, _tp(0, lo, cnt, D), me & (0 < cnt), su_l, sd_l)
+    u1, r1 = _ud(ub, db, _tp(1, lo, cnt, D), me & (1 < cnt), su_l, sd_l)
+    u2, r2 = _ud(ub, db, _tp(2, lo, cnt, D), me & (2 < cnt), su_l, sd_l)
+    u3, r3 = _ud(ub, db, _tp(3, lo, cnt, D), me & (3 < cnt), su_l, sd_l)
     for g4 in range(n_groups):
         tl.store(hst + g4 * (BN * 2 * E), h, mask=mA)
         i0, i1 = g4 * 4, g4 * 4 + 4
-        t0, t1, t2, t3 = _tpos(i1, L, D), _tpos(i1 + 1, L, D), _tpos(i1 + 2, L, D), _tpos(i1 + 3, L, D)
-        nu0, nr0 = _ud(ub, db, t0, me & (i1 < L), su_l, sd_l)
-        nu1, nr1 = _ud(ub, db, t1, me & (i1 + 1 < L), su_l, sd_l)
-        nu2, nr2 = _ud(ub, db, t2, me & (i1 + 2 < L), su_l, sd_l)
-        nu3, nr3 = _ud(ub, db, t3, me & (i1 + 3 < L), su_l, sd_l)
-        d0 = _delta(r0 + bias, me & (i0 < L))
-        h = _decay(At2, d0) * h + _vec(bc_base, _tpos(i0, L, D), sbc_l, off, n, mn, EVEN_N) * (d0 * u0)
-        d1 = _delta(r1 + bias, me & (i0 + 1 < L))
-        h = _decay(At2, d1) * h + _vec(bc_base, _tpos(i0 + 1, L, D), sbc_l, off, n, mn, EVEN_N) * (d1 * u1)
-        d2 = _delta(r2 + bias, me & (i0 + 2 < L))
-        h = _decay(At2, d2) * h + _vec(bc_base, _tpos(i0 + 2, L, D), sbc_l, off, n, mn, EVEN_N) * (d2 * u2)
-        d3 = _delta(r3 + bias, me & (i0 + 3 < L))
-        h = _decay(At2, d3) * h + _vec(bc_base, _tpos(i0 + 3, L, D), sbc_l, off, n, mn, EVEN_N) * (d3 * u3)
+        t0, t1 = _tp(i1, lo, cnt, D), _tp(i1 + 1, lo, cnt, D)
+        t2, t3 = _tp(i1 + 2, lo, cnt, D), _tp(i1 + 3, lo, cnt, D)
+        nu0, nr0 = _ud(ub, db, t0, me & (i1 < cnt), su_l, sd_l)
+        nu1, nr1 = _ud(ub, db, t1, me & (i1 + 1 < cnt), su_l, sd_l)
+        nu2, nr2 = _ud(ub, db, t2, me & (i1 + 2 < cnt), su_l, sd_l)
+        nu3, nr3 = _ud(ub, db, t3, me & (i1 + 3 < cnt), su_l, sd_l)
+        d0 = _delta(r0 + bias, me & (i0 < cnt))
+        h = _decay(At2, d0) * h + _vec(bc_base, _tp(i0, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (d0 * u0)
+        d1 = _delta(r1 + bias, me & (i0 + 1 < cnt))
+        h = _decay(At2, d1) * h + _vec(bc_base, _tp(i0 + 1, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (
+            d1 * u1
+        )
+        d2 = _delta(r2 + bias, me & (i0 + 2 < cnt))
+        h = _decay(At2, d2) * h + _vec(bc_base, _tp(i0 + 2, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (
+            d2 * u2
+        )
+        d3 = _delta(r3 + bias, me & (i0 + 3 < cnt))
+        h = _decay(At2, d3) * h + _vec(bc_base, _tp(i0 + 3, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (
+            d3 * u3
+        )
         u0, r0, u1, r1, u2, r2, u3, r3 = nu0, nr0, nu1, nr1, nu2, nr2, nu3, nr3
     tl.debug_barrier()
 
@@ -525,14 +643,18 @@ def scan_bwd_kernel(
     du_base, ddt_base = du_ptr + b * su_b, ddt_ptr + b * sd_b
     part = dbc_part_ptr + (((b * 2 + D) * n_eblocks + pid_e) * L) * (2 * N)
     fwd = D == 0  # only the forward-branch programs need the branch sum (for dz)
-    w = tl.zeros((BN, BE), tl.float32)
+    if CHUNKED:
+        w = _lookback(wcb, scb, c, n_ch, At2, mA, me, D == 1, BN * 2 * E, 2 * E)
+    else:
+        w = tl.zeros((BN, BE), tl.float32)
     dA = tl.zeros((BN, BE), tl.float32)
     dD = tl.zeros((1, BE), tl.float32)
     dtb = tl.zeros((1, BE), tl.float32)
     i0 = (n_groups - 1) * 4
     h = tl.load(hst + (n_groups - 1) * (BN * 2 * E), mask=mA, other=0.0)
-    t0, t1, t2, t3 = _tpos(i0, L, D), _tpos(i0 + 1, L, D), _tpos(i0 + 2, L, D), _tpos(i0 + 3, L, D)
-    m0, m1, m2, m3 = me & (i0 < L), me & (i0 + 1 < L), me & (i0 + 2 < L), me & (i0 + 3 < L)
+    t0, t1 = _tp(i0, lo, cnt, D), _tp(i0 + 1, lo, cnt, D)
+    t2, t3 = _tp(i0 + 2, lo, cnt, D), _tp(i0 + 3, lo, cnt, D)
+    m0, m1, m2, m3 = me & (i0 < cnt), me & (i0 + 1 < cnt), me & (i0 + 2 < cnt), me & (i0 + 3 < cnt)
     u0, r0, y0, z0, s0 = _rev_in(ub, db, dyb, zb, sb, t0, m0, fwd, su_l, sd_l, sy_l, sz_l)
     u1, r1, y1, z1, s1 = _rev_in(ub, db, dyb, zb, sb, t1, m1, fwd, su_l, sd_l, sy_l, sz_l)
     u2, r2, y2, z2, s2 = _rev_in(ub, db, dyb, zb, sb, t2, m2, fwd, su_l, sd_l, sy_l, sz_l)
@@ -542,14 +664,16 @@ def scan_bwd_kernel(
         # prefetch the group before (clamped at group 0, whose repeat load is never used)
         j0 = tl.maximum(i0 - 4, 0)
         nh = tl.load(hst + (j0 // 4) * (BN * 2 * E), mask=mA, other=0.0)
-        q0, q1, q2, q3 = _tpos(j0, L, D), _tpos(j0 + 1, L, D), _tpos(j0 + 2, L, D), _tpos(j0 + 3, L, D)
+        q0, q1 = _tp(j0, lo, cnt, D), _tp(j0 + 1, lo, cnt, D)
+        q2, q3 = _tp(j0 + 2, lo, cnt, D), _tp(j0 + 3, lo, cnt, D)
         nu0, nr0, ny0, nz0, ns0 = _rev_in(ub, db, dyb, zb, sb, q0, me, fwd, su_l, sd_l, sy_l, sz_l)
         nu1, nr1, ny1, nz1, ns1 = _rev_in(ub, db, dyb, zb, sb, q1, me, fwd, su_l, sd_l, sy_l, sz_l)
         nu2, nr2, ny2, nz2, ns2 = _rev_in(ub, db, dyb, zb, sb, q2, me, fwd, su_l, sd_l, sy_l, sz_l)
         nu3, nr3, ny3, nz3, ns3 = _rev_in(ub, db, dyb, zb, sb, q3, me, fwd, su_l, sd_l, sy_l, sz_l)
 
-        t0, t1, t2, t3 = _tpos(i0, L, D), _tpos(i0 + 1, L, D), _tpos(i0 + 2, L, D), _tpos(i0 + 3, L, D)
-        m0, m1, m2, m3 = me & (i0 < L), me & (i0 + 1 < L), me & (i0 + 2 < L), me & (i0 + 3 < L)
+        t0, t1 = _tp(i0, lo, cnt, D), _tp(i0 + 1, lo, cnt, D)
+        t2, t3 = _tp(i0 + 2, lo, cnt, D), _tp(i0 + 3, lo, cnt, D)
+        m0, m1, m2, m3 = me & (i0 < cnt), me & (i0 + 1 < cnt), me & (i0 + 2 < cnt), me & (i0 + 3 < cnt)
         r0, r1, r2, r3 = r0 + bias, r1 + bias, r2 + bias, r3 + bias
         d0, d1, d2, d3 = _delta(r0, m0), _delta(r1, m1), _delta(r2, m2), _delta(r3, m3)
         a0 = _decay(At2, d0)
@@ -562,22 +686,22 @@ def scan_bwd_kernel(
         h3 = a3 * h2 + _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N) * (d3 * u3)
         if not KEEP:  # decays again from a fresh delta, so that the first ones are not kept live
             a3 = _decay(At2, _delta(_ld(db, t3, sd_l, m3) + bias, m3))
-        w, dA, dD, dtb = _bwd_tok(t3, i0 + 3 < L, m3, u3, r3, d3, y3, z3, s3, h3, a3,
+        w, dA, dD, dtb = _bwd_tok(t3, i0 + 3 < cnt, m3, u3, r3, d3, y3, z3, s3, h3, a3,
                              _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N),
                              w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, h2, True)  # fmt: skip
         if not KEEP:
             a2 = _decay(At2, _delta(_ld(db, t2, sd_l, m2) + bias, m2))
-        w, dA, dD, dtb = _bwd_tok(t2, i0 + 2 < L, m2, u2, r2, d2, y2, z2, s2, h2, a2,
+        w, dA, dD, dtb = _bwd_tok(t2, i0 + 2 < cnt, m2, u2, r2, d2, y2, z2, s2, h2, a2,
                              _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N),
                              w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, h1, True)  # fmt: skip
         if not KEEP:
             a1 = _decay(At2, _delta(_ld(db, t1, sd_l, m1) + bias, m1))
-        w, dA, dD, dtb = _bwd_tok(t1, i0 + 1 < L, m1, u1, r1, d1, y1, z1, s1, h1, a1,
+        w, dA, dD, dtb = _bwd_tok(t1, i0 + 1 < cnt, m1, u1, r1, d1, y1, z1, s1, h1, a1,
                              _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N),
                              w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, h0, True)  # fmt: skip
         if not KEEP:
             a0 = _decay(At2, _delta(_ld(db, t0, sd_l, m0) + bias, m0))
-        w, dA, dD, dtb = _bwd_tok(t0, i0 < L, m0, u0, r0, d0, y0, z0, s0, h0, a0,
+        w, dA, dD, dtb = _bwd_tok(t0, i0 < cnt, m0, u0, r0, d0, y0, z0, s0, h0, a0,
                              _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N),
                              w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, h0, False)  # fmt: skip
         h = nh
@@ -585,6 +709,7 @@ def scan_bwd_kernel(
         u1, r1, y1, z1, s1 = nu1, nr1, ny1, nz1, ns1
         u2, r2, y2, z2, s2 = nu2, nr2, ny2, nz2, ns2
         u3, r3, y3, z3, s3 = nu3, nr3, ny3, nz3, ns3
-    tl.store(dA_ptr + (b * N + n) * (2 * E) + ch, dA * At2 * LN2, mask=mA)  # d/dA_log = d/dA * A
-    tl.store(dD_ptr + b * 2 * E + ch, dD, mask=me)
-    tl.store(dtb_grad_ptr + b * 2 * E + ch, dtb, mask=me)
+    bc_row = b * nc + c  # this batch row's and chunk's share
+    tl.store(dA_ptr + (bc_row * N + n) * (2 * E) + ch, dA * At2 * LN2, mask=mA)  # d/dA_log = d/dA * A
+    tl.store(dD_ptr + bc_row * 2 * E + ch, dD, mask=me)
+    tl.store(dtb_grad_ptr + bc_row * 2 * E + ch, dtb, mask=me)
