@@ -183,8 +183,10 @@ def test_auto_picks_by_shape_on_this_gpu():
     from vimssl.ssm.dispatch import cuda_kernels_available
 
     dev = torch.device("cuda")
-    assert resolve_backend("auto", dev, rows=128 * 768) == "triton"
-    assert resolve_backend("auto", dev, rows=8 * 768) == ("cuda" if cuda_kernels_available() else "triton")
+    assert resolve_backend("auto", dev, rows=128 * 768, tokens=197) == "triton"
+    assert resolve_backend("auto", dev, rows=768, tokens=4097) == "triton"  # chunked
+    few = "cuda" if cuda_kernels_available() else "triton"
+    assert resolve_backend("auto", dev, rows=2 * 768, tokens=197) == few
     # and a model on auto runs end to end at both shapes
     model = create_model("vim_test", backend="auto").cuda()
     for batch in (1, 64):

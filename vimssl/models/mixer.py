@@ -74,8 +74,7 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: (B, L, D) -> (B, L, D)
         rows, tokens = hidden.shape[0] * self.d_inner, hidden.shape[1]
-        grad = torch.is_grad_enabled()
-        ops = get_ops(resolve_backend(self.backend, hidden.device, rows=rows, tokens=tokens, grad=grad))
+        ops = get_ops(resolve_backend(self.backend, hidden.device, rows=rows, tokens=tokens))
         xz = self.in_proj(hidden)  # (B, L, 2E)
         y = ops.core(xz, self) if ops.core is not None else bimamba_core(xz, self, ops)  # (B, L, E)
         return self.out_proj(y)

@@ -53,33 +53,27 @@ def triton_kernels_available() -> bool:
     return triton_core.available()
 
 
-# ``auto`` takes the triton path when the scan has enough (batch row x channel) sequences per SM to
-# run in parallel; below that (small batches of long sequences, e.g. batch 8 at 1024 px) mamba-ssm's
-# kernels, which also parallelise over the tokens, are faster. Measured on an H100 (v6 and v7
-# kernels, docs/benchmarks.md, docs/kernel-notes.md): triton won every 224 px and 512 px row, in
-# training and inference, down to Vim-T at 512 px, batch 32 (12,288 rows on 132 SMs = 93 per SM).
-# At 1024 px (4,097 tokens), batch 8, triton won Vim-B's training (12,288 rows: 1.75x) but not its
-# inference (0.90x), and lost Vim-S (6,144 rows: 0.79x / 0.41x) and Vim-T (3,072 rows) both ways.
-# So sequences longer than 1,025 tokens keep a higher threshold when no gradient is being taken.
-AUTO_TRITON_ROWS_PER_SM = 64
-AUTO_TRITON_ROWS_PER_SM_LONG_INFERENCE = 128
-AUTO_LONG_TOKENS = 1025
+# ``auto`` takes the triton path on a GPU except for short sequences with few (batch row x channel)
+# sequences to run in parallel, where mamba-ssm's kernels (which also parallelise over the tokens)
+# are as fast. Sequences of 256+ tokens are split into chunks by the triton launchers (the
+# two-level scan, vimssl/ssm/triton_core.py), so their parallelism no longer depends on the batch.
+# Measured on an H100 (docs/benchmarks.md, docs/kernel-notes.md, v8): triton won every whole-model
+# row at 224, 512 and 1024 px, and one layer's core at small batches won or tied everywhere from
+# 768 rows (5.8 per SM) at 1,025 and 4,097 tokens, except Vim-S at 1024 px, batch 1, training
+# (10% slower). At 197 tokens, Vim-S batch 8 (6,144 rows, 46 per SM) was triton's (2.1x inference,
+# 1.2x training); fewer rows of short sequences were not measured with the v8 kernels and stay
+# with mamba-ssm.
+AUTO_TRITON_ROWS_PER_SM = 32
+AUTO_CHUNKED_TOKENS = 256
 
 
 def auto_gpu_path(
-    rows: int | None,
-    sm_count: int,
-    triton_ok: bool,
-    cuda_ok: bool,
-    tokens: int | None = None,
-    grad: bool = True,
+    rows: int | None, sm_count: int, triton_ok: bool, cuda_ok: bool, tokens: int | None = None
 ) -> str:
     """The path ``auto`` takes on a GPU, for a scan over ``rows`` = batch x inner channels
-    sequences of ``tokens`` tokens (None: unknown, e.g. the norm between blocks), with or without
-    a gradient being taken (``grad``)."""
-    long_inference = (tokens or 0) > AUTO_LONG_TOKENS and not grad
-    per_sm = AUTO_TRITON_ROWS_PER_SM_LONG_INFERENCE if long_inference else AUTO_TRITON_ROWS_PER_SM
-    if triton_ok and (not cuda_ok or rows is None or rows >= per_sm * sm_count):
+    sequences of ``tokens`` tokens (None: unknown, e.g. the norm between blocks)."""
+    enough = rows is None or rows >= AUTO_TRITON_ROWS_PER_SM * sm_count
+    if triton_ok and (not cuda_ok or enough or (tokens or 0) >= AUTO_CHUNKED_TOKENS):
         return "triton"
     if cuda_ok:
         return "cuda"
@@ -92,15 +86,11 @@ def _sm_count(index: int) -> int:
 
 
 def resolve_backend(
-    backend: str,
-    device: torch.device,
-    rows: int | None = None,
-    tokens: int | None = None,
-    grad: bool = True,
+    backend: str, device: torch.device, rows: int | None = None, tokens: int | None = None
 ) -> str:
     """Map ``auto`` to a concrete path for tensors on ``device``; validate forced choices.
-    ``rows`` (batch x inner channels of the scan), ``tokens`` (its length) and ``grad`` (whether
-    a gradient is being taken) let ``auto`` pick by shape on a GPU."""
+    ``rows`` (batch x inner channels of the scan) and ``tokens`` (its length) let ``auto`` pick by
+    shape on a GPU."""
     check_backend(backend)
     if backend == "torch":
         return "torch"
@@ -129,7 +119,7 @@ def resolve_backend(
     chosen = "torch"
     if device.type == "cuda":
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        chosen = auto_gpu_path(rows, sms, triton_kernels_available(), cuda_kernels_available(), tokens, grad)
+        chosen = auto_gpu_path(rows, sms, triton_kernels_available(), cuda_kernels_available(), tokens)
     if (device.type, chosen) not in _logged:
         _logged.add((device.type, chosen))
         log.info("vimssl backend 'auto' chose %r for %s tensors", chosen, device.type)
