@@ -11,7 +11,8 @@
 * ``--sweep``: channels per scan program and warps; the conv tile.
 * ``--chunks sweep`` (alone): the two-level scan's chunk length at long and short sequences,
   whole core, inference and training, against the cuda path; ``--chunks small``: the launchers'
-  choice against the cuda path at small batches (where ``auto`` has to choose).
+  choice against the cuda path at small batches (where ``auto`` has to choose); ``--chunks long``:
+  the 1024 px shapes only, the launchers' choice and chunks of 256 and 128.
 """
 
 from __future__ import annotations
@@ -308,7 +309,7 @@ def main():
     ap.add_argument("--parity", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument(
-        "--chunks", choices=["sweep", "small"], default=None,
+        "--chunks", choices=["sweep", "small", "long"], default=None,
         help="only the two-level scan's chunk sweep, or the launchers' choice at small batches",
     )  # fmt: skip
     ap.add_argument("--out", default=None)
@@ -319,7 +320,10 @@ def main():
     out = {"gpu": torch.cuda.get_device_name(0)}
     if args.chunks:
         small = args.chunks == "small"
-        out["chunks"] = chunk_sweep((None,), SMALL_SHAPES) if small else chunk_sweep()
+        if args.chunks == "long":  # the 1024 px rows: the launchers' choice and two fixed chunks
+            out["chunks"] = chunk_sweep((None, 256, 128), CHUNK_SHAPES[:3])
+        else:
+            out["chunks"] = chunk_sweep((None,), SMALL_SHAPES) if small else chunk_sweep()
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(out, f, indent=1)
