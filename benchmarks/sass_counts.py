@@ -31,7 +31,6 @@ DEFAULTS = {
         BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False
     ),
     "scan_state_kernel": dict(GRAD=False, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True),
-    "chunk_carry_kernel": dict(GRAD=False, BE=tc.CARRY_BE, BN=16),
 }
 OPS = ["MUFU", "SHFL", "FFMA", "FMUL", "FADD", "LDG", "STG", "LDL", "STL", "LDS", "STS", "BAR", "IMAD", "SEL"]
 

@@ -37,7 +37,6 @@ SEQ_NARROW = True  # narrower scan programs when a batch gives fewer than two pe
 # per SM; chunks are at least SEQ_MIN_CHUNK tokens. From the H100 chunk sweep (docs/kernel-notes.md).
 SEQ_CHUNK: int | None = None
 SEQ_FILL_FWD, SEQ_FILL_BWD, SEQ_MIN_CHUNK = (12, 24), (8, 48), 128
-CARRY_BE = 32  # channels per program of the chunk-carry scan (one per thread)
 CONV_BT, CONV_BE, CONV_WARPS = 16, 128, 2
 LAST: dict = {}  # the last launch handle of each kernel (registers and spills, for benchmarks)
 
@@ -143,39 +142,34 @@ def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum):
     chunk = _chunk_len(xc, seqlen, bsz * triton.cdiv(e, SEQ_BE_FWD), SEQ_FILL_FWD)
     n_ch = triton.cdiv(seqlen, chunk)
     be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_FWD)
-    hc, _ = _chunk_carries(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, strides[:-2], y.stride())
+    hc, sc = _chunk_states(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, strides[:-2], y.stride())
     LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(triton.cdiv(e, be), bsz, n_ch)](
-        xc, dt, bc, z, At2, D, dt_bias, y, ysum, hc, seqlen, e, d_state, 0, chunk, n_ch, *strides,
+        xc, dt, bc, z, At2, D, dt_bias, y, ysum, hc, sc, seqlen, e, d_state, 0, chunk, n_ch, *strides,
         SAVE_SUM=save_sum, BE=be, BN=bn, EVEN_N=bn == d_state, CHUNKED=n_ch > 1, num_warps=SEQ_WARPS,
     )  # fmt: skip
     return y, (ysum if save_sum else None)
 
 
-def _chunk_carries(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy_strides, sums=None):
-    """The carries entering each chunk of the two-level scan: chunk-local carries
-    (:func:`K.scan_state_kernel`), then an exclusive scan over the chunks
-    (:func:`K.chunk_carry_kernel`). ``dy`` None: the states, also returning each chunk's sum of
-    delta (B, n_ch, 2E); ``dy`` given: the gradient carries, using ``sums`` from the first call.
-    Carries are (B, n_ch, BN, 2E) float32; (xc, xc) placeholders when there is one chunk."""
+def _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy_strides):
+    """The chunk-local carries of the two-level scan (:func:`K.scan_state_kernel`): the states
+    and sums of delta (``dy`` None) or the gradient carries (``dy`` given). Returns (carries
+    (B, n_ch, BN, 2E), sums of delta (B, n_ch, 2E) or None) float32; (xc, None) placeholders when
+    there is one chunk."""
     if n_ch == 1:
         return xc, xc
     bsz, seqlen, e2 = xc.shape
     e, d_state = e2 // 2, bc.shape[-1] // 2
     bn = triton.next_power_of_2(d_state)
     f32 = dict(device=xc.device, dtype=torch.float32)
-    grad = dy is not None
     carry = torch.empty(bsz, n_ch, bn, e2, **f32)
-    if not grad:
-        sums = torch.empty(bsz, n_ch, e2, **f32)
-    suffix = "_grad" if grad else ""
-    LAST["scan_state_kernel" + suffix] = K.scan_state_kernel[(triton.cdiv(e, be), bsz, 2 * n_ch)](
+    sums = torch.empty(bsz, n_ch, e2, **f32) if dy is None else xc
+    grad = dy is not None
+    name = "scan_state_kernel" + ("_grad" if grad else "")
+    LAST[name] = K.scan_state_kernel[(triton.cdiv(e, be), bsz, 2 * n_ch)](
         xc, dt, bc, z, dy if grad else xc, At2, dt_bias, carry, sums, seqlen, e, d_state, 0, chunk, n_ch,
         *in_strides, *dy_strides[:2], GRAD=grad, BE=be, BN=bn, EVEN_N=bn == d_state, num_warps=SEQ_WARPS,
     )  # fmt: skip
-    LAST["chunk_carry_kernel" + suffix] = K.chunk_carry_kernel[(triton.cdiv(e, CARRY_BE), bsz, 2)](
-        carry, sums, At2, e, d_state, n_ch, GRAD=grad, BE=CARRY_BE, BN=bn, num_warps=SEQ_WARPS
-    )  # fmt: skip
-    return carry, sums
+    return carry, (sums if not grad else None)
 
 
 def _rs(be: int, d_state: int) -> bool:
@@ -208,11 +202,11 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
         xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
         bc.stride(0), bc.stride(1), bc.stride(2), z.stride(0), z.stride(1),
     )  # fmt: skip
-    # the two-level scan's carries into each chunk (placeholders when there is one chunk)
-    hc, sums = _chunk_carries(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride())
-    wc, _ = _chunk_carries(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride(), sums)
+    # the two-level scan's chunk-local carries (placeholders when there is one chunk)
+    hc, sc = _chunk_states(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride())
+    wc, _ = _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride())
     LAST["scan_bwd_kernel"] = K.scan_bwd_kernel[(n_eb, bsz, 2 * n_ch)](
-        xc, dt, bc, z, At2, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, dA, dD, d_dtb, hc, wc,
+        xc, dt, bc, z, At2, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, dA, dD, d_dtb, hc, sc, wc,
         seqlen, e, d_state, 0, n_eb, chunk, n_ch, *in_strides,
         dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1),
         BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), CHUNKED=n_ch > 1,

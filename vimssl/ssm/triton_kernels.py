@@ -216,22 +216,36 @@ def conv_bwd_dx_kernel(
 
 
 @triton.jit
-def _tp(i, cnt, D):
-    """Token of step i within a chunk of ``cnt`` tokens (i in the forward branch, cnt-1-i in the
-    backward branch), clamped into the chunk. The kernels offset their pointers to the chunk's
-    first token, so token indices are chunk-relative (unchunked: the chunk is the sequence)."""
-    return tl.minimum(tl.maximum(tl.where(D == 0, i, cnt - 1 - i), 0), cnt - 1)
+def _tp(i, lo, cnt, D):
+    """Token index of step i of the chunk of ``cnt`` tokens from ``lo`` (lo + i in the forward
+    branch, lo + cnt-1-i in the backward branch), clamped into the chunk. Unchunked: lo 0, cnt L."""
+    return lo + tl.minimum(tl.maximum(tl.where(D == 0, i, cnt - 1 - i), 0), cnt - 1)
 
 
 @triton.jit
 def _chunk(c, T, L, CHUNKED: tl.constexpr):
-    """First token (int64, for pointer offsets) and token count of chunk c of T tokens (unchunked:
-    0 and L, which cost no registers in the scan loops: the backward kernel is at 255)."""
+    """First token and token count of chunk c of T tokens (unchunked: 0 and L, which cost no
+    registers in the scan loops: the backward kernel is at 255)."""
     if CHUNKED:
         lo = c * T
-        return lo.to(tl.int64), tl.minimum(T, L - lo)
+        return lo, tl.minimum(T, L - lo)
     else:
         return 0, L
+
+
+@triton.jit
+def _lookback(loc, sdel, c, n_ch, At2, mA, me, ASC, cs_loc, cs_s):
+    """The carry entering chunk ``c`` from the chunks before it in scan order, from their
+    chunk-local carries ``loc`` (pointers at chunk 0, (BN, BE)) and sums of delta ``sdel``
+    (pointers at chunk 0, channel-shaped): x <- exp2(A log2(e) * sum delta) * x + loc over chunks
+    0..c-1 (``ASC``) or n_ch-1 down to c+1. The same recurrence carries the states forwards and the
+    gradient w = a dh backwards; a chunk's decay product is exp(A * its sum of delta)."""
+    x = tl.zeros(At2.shape, tl.float32)
+    for k in range(tl.where(ASC, c, n_ch - 1 - c)):
+        cc = tl.where(ASC, k, n_ch - 1 - k)
+        s = tl.load(sdel + cc * cs_s, mask=me, other=0.0)
+        x = _exp2(At2 * s) * x + tl.load(loc + cc * cs_loc, mask=mA, other=0.0)
+    return x
 
 
 @triton.jit
@@ -266,10 +280,10 @@ def _decay(At2, delta):
 
 
 @triton.jit
-def _tok_in(u_base, dt_base, i, cnt, D, ch, me, bias, su_l, sd_l):
+def _tok_in(u_base, dt_base, i, lo, cnt, D, ch, me, bias, su_l, sd_l):
     """Inputs of step i of the chunk: token t, mask m (false past its end), u, raw dt (with bias),
     delta."""
-    t = _tp(i, cnt, D)
+    t = _tp(i, lo, cnt, D)
     m = me & (i < cnt)
     u, raw = _ud(u_base + ch, dt_base + ch, t, m, su_l, sd_l)
     raw += bias
@@ -286,7 +300,7 @@ def _rev_in(ub, db, dyb, zb, sb, t, m, fwd, su_l, sd_l, sy_l, sz_l):
 
 @triton.jit
 def scan_fwd_kernel(
-    u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, y_ptr, ysum_ptr, hc_ptr,
+    u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, y_ptr, ysum_ptr, hc_ptr, sc_ptr,
     L, E, N, R, T, n_ch,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l,
     SAVE_SUM: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr,
@@ -301,8 +315,9 @@ def scan_fwd_kernel(
     Writes y = (y_fwd + y_bwd) / 2 * SiLU(z) to y (B, L, E), and the ungated y_fwd + y_bwd to
     ysum when SAVE_SUM (kept for the backward). The forward branch's outputs are parked in y
     until the backward branch combines them. EVEN_N: N == BN (no state mask). CHUNKED: each
-    branch starts its chunk from the state carried in from the chunks before it, hc (B, n_ch, BN,
-    2E) from :func:`scan_state_kernel` and :func:`chunk_carry_kernel`.
+    branch starts its chunk from the carry of the chunks before it (:func:`_lookback` over the
+    chunk-local states hc (B, n_ch, BN, 2E) and sums of delta sc (B, n_ch, 2E) written by
+    :func:`scan_state_kernel`).
     """
     pid_e, b, c = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     lo, cnt = _chunk(c, T, L, CHUNKED)
@@ -310,27 +325,26 @@ def scan_fwd_kernel(
     me = e < E
     n = tl.arange(0, BN)
     mn = n < N
-    # every pointer at the chunk's first token
-    u_base, dt_base = u_ptr + b * su_b + lo * su_l, dt_ptr + b * sd_b + lo * sd_l
-    bc_base = bc_ptr + b * sbc_b + lo * sbc_l
-    y_base, s_base = y_ptr + b * sy_b + lo * sy_l + e, ysum_ptr + b * sy_b + lo * sy_l + e
-    z_base = z_ptr + b * sz_b + lo * sz_l + e
+    u_base, dt_base, bc_base = u_ptr + b * su_b, dt_ptr + b * sd_b, bc_ptr + b * sbc_b
+    y_base, z_base, s_base = y_ptr + b * sy_b + e, z_ptr + b * sz_b + e, ysum_ptr + b * sy_b + e
     for D in tl.static_range(2):
         ch = D * E + e
         At2 = tl.load(At_ptr + n[:, None] * (2 * E) + ch[None, :], mask=mn[:, None] & me[None, :], other=0.0)
         Dv = tl.load(D_ptr + ch, mask=me, other=0.0)
         bias = tl.load(dtb_ptr + ch, mask=me, other=0.0)
         off = D * sbc_d + R
-        if CHUNKED:  # the state carried in from the chunks before (chunk_carry_kernel)
-            hc = hc_ptr + ((b * n_ch + c) * BN + n[:, None]) * (2 * E) + ch[None, :]
-            h = tl.load(hc, mask=mn[:, None] & me[None, :], other=0.0)
+        if CHUNKED:
+            hc = hc_ptr + (b * n_ch * BN + n[:, None]) * (2 * E) + ch[None, :]
+            sc = sc_ptr + b * n_ch * (2 * E) + ch[None, :]
+            mA = mn[:, None] & me[None, :]
+            h = _lookback(hc, sc, c, n_ch, At2, mA, me[None, :], D == 0, BN * 2 * E, 2 * E)
         else:
             h = tl.zeros((BN, BE), tl.float32)
         for i0 in range(0, cnt, 4):
-            t0, m0, u0, _, d0 = _tok_in(u_base, dt_base, i0, cnt, D, ch, me, bias, su_l, sd_l)
-            t1, m1, u1, _, d1 = _tok_in(u_base, dt_base, i0 + 1, cnt, D, ch, me, bias, su_l, sd_l)
-            t2, m2, u2, _, d2 = _tok_in(u_base, dt_base, i0 + 2, cnt, D, ch, me, bias, su_l, sd_l)
-            t3, m3, u3, _, d3 = _tok_in(u_base, dt_base, i0 + 3, cnt, D, ch, me, bias, su_l, sd_l)
+            t0, m0, u0, _, d0 = _tok_in(u_base, dt_base, i0, lo, cnt, D, ch, me, bias, su_l, sd_l)
+            t1, m1, u1, _, d1 = _tok_in(u_base, dt_base, i0 + 1, lo, cnt, D, ch, me, bias, su_l, sd_l)
+            t2, m2, u2, _, d2 = _tok_in(u_base, dt_base, i0 + 2, lo, cnt, D, ch, me, bias, su_l, sd_l)
+            t3, m3, u3, _, d3 = _tok_in(u_base, dt_base, i0 + 3, lo, cnt, D, ch, me, bias, su_l, sd_l)
             B0, C0 = (
                 _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N),
                 _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N),
@@ -393,11 +407,11 @@ def scan_state_kernel(
       sc (B, n_ch, 2E) (its decay product is exp(A * that sum));
     - GRAD true: the gradient carry w = a dh leaving the chunk's first step, from the reverse
       recurrence dh_t = C_t g_t + a_{t+1} dh_{t+1} started at zero at the chunk's end.
-    :func:`chunk_carry_kernel` turns them into the carries entering each chunk, from which the scan
-    kernels start."""
+    The scan kernels then start each chunk from :func:`_lookback` over these carries."""
     pid_e, b, pid2 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     D, c = pid2 % 2, pid2 // 2
-    lo, cnt = _chunk(c, T, L, True)
+    lo = c * T
+    cnt = tl.minimum(T, L - lo)
     e = pid_e * BE + tl.arange(0, BE)[None, :]  # (1, BE)
     me = e < E
     n = tl.arange(0, BN)[:, None]  # (BN, 1)
@@ -406,16 +420,16 @@ def scan_state_kernel(
     mA = mn & me
     At2 = tl.load(At_ptr + n * (2 * E) + ch, mask=mA, other=0.0)
     bias = tl.load(dtb_ptr + ch, mask=me, other=0.0)
-    ub, db = u_ptr + b * su_b + lo * su_l + ch, dt_ptr + b * sd_b + lo * sd_l + ch  # at the chunk
-    bc_base = bc_ptr + b * sbc_b + lo * sbc_l
+    ub, db = u_ptr + b * su_b + ch, dt_ptr + b * sd_b + ch
+    bc_base = bc_ptr + b * sbc_b
     off = D * sbc_d + R
     x = tl.zeros((BN, BE), tl.float32)
     if GRAD:
-        dyb, zb = dy_ptr + b * sy_b + lo * sy_l + e, z_ptr + b * sz_b + lo * sz_l + e
+        dyb, zb = dy_ptr + b * sy_b + e, z_ptr + b * sz_b + e
         for i0 in range(0, cnt, 4):
             for k in tl.static_range(4):
                 i = cnt - 1 - (i0 + k)  # the chunk's steps in reverse
-                t = _tp(i, cnt, D)
+                t = _tp(i, lo, cnt, D)
                 m = me & (i >= 0)
                 d = _delta(_ld(db, t, sd_l, m) + bias, m)
                 g = _ld(dyb, t, sy_l, m) * _silu(_ld(zb, t, sz_l, m)) * 0.5
@@ -424,7 +438,7 @@ def scan_state_kernel(
         ssum = tl.zeros((1, BE), tl.float32)
         for i0 in range(0, cnt, 4):
             for k in tl.static_range(4):
-                t = _tp(i0 + k, cnt, D)
+                t = _tp(i0 + k, lo, cnt, D)
                 m = me & (i0 + k < cnt)
                 u, r = _ud(ub, db, t, m, su_l, sd_l)
                 d = _delta(r + bias, m)
@@ -432,36 +446,6 @@ def scan_state_kernel(
                 ssum += d
         tl.store(sc_ptr + (b * n_ch + c) * (2 * E) + ch, ssum, mask=me)
     tl.store(hc_ptr + ((b * n_ch + c) * BN + n) * (2 * E) + ch, x, mask=mA)
-
-
-@triton.jit
-def chunk_carry_kernel(
-    hc_ptr, sc_ptr, At_ptr, E, N, n_ch,
-    GRAD: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr,
-):  # fmt: skip
-    """Second level of the chunked scan, in place: the chunk-local carries hc (B, n_ch, BN, 2E) of
-    :func:`scan_state_kernel` become the carries entering each chunk, an exclusive scan over the
-    chunks in the branch's scan order (program (channel block, batch row, branch)). A chunk passes
-    a carry on multiplied by its decay product exp2(A log2(e) * its sum of delta) (sc), plus its
-    own: x <- exp2(At2 * s_c) x + local_c. States (GRAD false) run in token order for the forward
-    branch and in reverse for the backward branch; gradient carries the other way round."""
-    pid_e, b, D = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    e = pid_e * BE + tl.arange(0, BE)[None, :]  # (1, BE)
-    me = e < E
-    n = tl.arange(0, BN)[:, None]  # (BN, 1)
-    ch = D * E + e
-    mA = (n < N) & me
-    At2 = tl.load(At_ptr + n * (2 * E) + ch, mask=mA, other=0.0)
-    asc = (D == 0) != GRAD  # chunks in ascending order
-    hc = hc_ptr + (b * n_ch * BN + n) * (2 * E) + ch
-    sc = sc_ptr + b * n_ch * (2 * E) + ch
-    x = tl.zeros((BN, BE), tl.float32)
-    for k in range(n_ch):
-        cc = tl.where(asc, k, n_ch - 1 - k)
-        local = tl.load(hc + cc * (BN * 2 * E), mask=mA, other=0.0)
-        s = tl.load(sc + cc * (2 * E), mask=me, other=0.0)
-        tl.store(hc + cc * (BN * 2 * E), x, mask=mA)
-        x = _exp2(At2 * s) * x + local
 
 
 # Lane reduce-scatter (RS): the sums over a warp's 32 channels of a token's 16 dB and 16 dC
@@ -569,7 +553,7 @@ def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, dtb, c
 @triton.jit
 def scan_bwd_kernel(
     u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, dy_ptr, ysum_ptr, hst_ptr,
-    du_ptr, ddt_ptr, dz_ptr, dbc_part_ptr, dA_ptr, dD_ptr, dtb_grad_ptr, hc_ptr, wc_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dbc_part_ptr, dA_ptr, dD_ptr, dtb_grad_ptr, hc_ptr, sc_ptr, wc_ptr,
     L, E, N, R, n_eblocks, T, n_ch,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, sdz_b, sdz_l,
     BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, KEEP: tl.constexpr, RS: tl.constexpr,
@@ -582,8 +566,8 @@ def scan_bwd_kernel(
     program's share of the gradients of B and C; dA (B, n_ch, N, 2E) (gradient of A_log), dD and
     dtb_grad (B, n_ch, 2E) (gradients of D and of the dt bias): this batch row's and chunk's share.
     hst: float32 scratch (B, n_ch, ceil(T / 4), BN, 2E). CHUNKED: the chunk starts from the state
-    carried in from the chunks before it (hc) and the gradient carry w from those after it (wc),
-    both (B, n_ch, BN, 2E) from :func:`scan_state_kernel` and :func:`chunk_carry_kernel`.
+    carried in from the chunks before it and the gradient carry w from those after it
+    (:func:`_lookback` over hc, sc and wc from :func:`scan_state_kernel`).
 
     The first pass stores the state entering every group of four tokens; the second walks the
     groups backwards, recomputes their four states in registers and runs the gradient recurrence
@@ -608,52 +592,59 @@ def scan_bwd_kernel(
     At2 = tl.load(At_ptr + n * (2 * E) + ch, mask=mA, other=0.0)
     Dv = tl.load(D_ptr + ch, mask=me, other=0.0)
     bias = tl.load(dtb_ptr + ch, mask=me, other=0.0)
-    ub, db = u_ptr + b * su_b + lo * su_l + ch, dt_ptr + b * sd_b + lo * sd_l + ch  # at the chunk
-    bc_base = bc_ptr + b * sbc_b + lo * sbc_l
+    ub, db = u_ptr + b * su_b + ch, dt_ptr + b * sd_b + ch
+    bc_base = bc_ptr + b * sbc_b
     off = D * sbc_d + R
     n_groups = tl.cdiv(cnt, 4)
     hst = hst_ptr + ((b * nc + c) * tl.cdiv(T, 4) * BN + n) * (2 * E) + ch  # (BN, BE), group 0
-    # the carries into this chunk (chunk_carry_kernel): the state from the chunks before it in
-    # scan order, the gradient w from those after it (offsets computed where used: kept live
-    # across pass 1 they cost 32 registers and spill)
+    if CHUNKED:
+        hcb = hc_ptr + (b * n_ch * BN + n) * (2 * E) + ch
+        scb = sc_ptr + b * n_ch * (2 * E) + ch
+        wcb = wc_ptr + (b * n_ch * BN + n) * (2 * E) + ch
 
     # pass 1: the state entering every group of four tokens
     if CHUNKED:
-        h = tl.load(hc_ptr + ((b * nc + c) * BN + n) * (2 * E) + ch, mask=mA, other=0.0)
+        h = _lookback(hcb, scb, c, n_ch, At2, mA, me, D == 0, BN * 2 * E, 2 * E)
     else:
         h = tl.zeros((BN, BE), tl.float32)
-    u0, r0 = _ud(ub, db, _tp(0, cnt, D), me & (0 < cnt), su_l, sd_l)
-    u1, r1 = _ud(ub, db, _tp(1, cnt, D), me & (1 < cnt), su_l, sd_l)
-    u2, r2 = _ud(ub, db, _tp(2, cnt, D), me & (2 < cnt), su_l, sd_l)
-    u3, r3 = _ud(ub, db, _tp(3, cnt, D), me & (3 < cnt), su_l, sd_l)
+    u0, r0 = _ud(ub, db, _tp(0, lo, cnt, D), me & (0 < cnt), su_l, sd_l)
+    u1, r1 = _ud(ub, db, _tp(1, lo, cnt, D), me & (1 < cnt), su_l, sd_l)
+    u2, r2 = _ud(ub, db, _tp(2, lo, cnt, D), me & (2 < cnt), su_l, sd_l)
+    u3, r3 = _ud(ub, db, _tp(3, lo, cnt, D), me & (3 < cnt), su_l, sd_l)
     for g4 in range(n_groups):
         tl.store(hst + g4 * (BN * 2 * E), h, mask=mA)
         i0, i1 = g4 * 4, g4 * 4 + 4
-        t0, t1 = _tp(i1, cnt, D), _tp(i1 + 1, cnt, D)
-        t2, t3 = _tp(i1 + 2, cnt, D), _tp(i1 + 3, cnt, D)
+        t0, t1 = _tp(i1, lo, cnt, D), _tp(i1 + 1, lo, cnt, D)
+        t2, t3 = _tp(i1 + 2, lo, cnt, D), _tp(i1 + 3, lo, cnt, D)
         nu0, nr0 = _ud(ub, db, t0, me & (i1 < cnt), su_l, sd_l)
         nu1, nr1 = _ud(ub, db, t1, me & (i1 + 1 < cnt), su_l, sd_l)
         nu2, nr2 = _ud(ub, db, t2, me & (i1 + 2 < cnt), su_l, sd_l)
         nu3, nr3 = _ud(ub, db, t3, me & (i1 + 3 < cnt), su_l, sd_l)
         d0 = _delta(r0 + bias, me & (i0 < cnt))
-        h = _decay(At2, d0) * h + _vec(bc_base, _tp(i0, cnt, D), sbc_l, off, n, mn, EVEN_N) * (d0 * u0)
+        h = _decay(At2, d0) * h + _vec(bc_base, _tp(i0, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (d0 * u0)
         d1 = _delta(r1 + bias, me & (i0 + 1 < cnt))
-        h = _decay(At2, d1) * h + _vec(bc_base, _tp(i0 + 1, cnt, D), sbc_l, off, n, mn, EVEN_N) * (d1 * u1)
+        h = _decay(At2, d1) * h + _vec(bc_base, _tp(i0 + 1, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (
+            d1 * u1
+        )
         d2 = _delta(r2 + bias, me & (i0 + 2 < cnt))
-        h = _decay(At2, d2) * h + _vec(bc_base, _tp(i0 + 2, cnt, D), sbc_l, off, n, mn, EVEN_N) * (d2 * u2)
+        h = _decay(At2, d2) * h + _vec(bc_base, _tp(i0 + 2, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (
+            d2 * u2
+        )
         d3 = _delta(r3 + bias, me & (i0 + 3 < cnt))
-        h = _decay(At2, d3) * h + _vec(bc_base, _tp(i0 + 3, cnt, D), sbc_l, off, n, mn, EVEN_N) * (d3 * u3)
+        h = _decay(At2, d3) * h + _vec(bc_base, _tp(i0 + 3, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (
+            d3 * u3
+        )
         u0, r0, u1, r1, u2, r2, u3, r3 = nu0, nr0, nu1, nr1, nu2, nr2, nu3, nr3
     tl.debug_barrier()
 
     # pass 2: the groups in reverse
-    dyb, zb = dy_ptr + b * sy_b + lo * sy_l + e, z_ptr + b * sz_b + lo * sz_l + e
-    sb, dz_base = ysum_ptr + b * sy_b + lo * sy_l + e, dz_ptr + b * sdz_b + lo * sdz_l + e
-    du_base, ddt_base = du_ptr + b * su_b + lo * su_l, ddt_ptr + b * sd_b + lo * sd_l
-    part = dbc_part_ptr + (((b * 2 + D) * n_eblocks + pid_e) * L + lo) * (2 * N)
+    dyb, zb = dy_ptr + b * sy_b + e, z_ptr + b * sz_b + e
+    sb, dz_base = ysum_ptr + b * sy_b + e, dz_ptr + b * sdz_b + e
+    du_base, ddt_base = du_ptr + b * su_b, ddt_ptr + b * sd_b
+    part = dbc_part_ptr + (((b * 2 + D) * n_eblocks + pid_e) * L) * (2 * N)
     fwd = D == 0  # only the forward-branch programs need the branch sum (for dz)
     if CHUNKED:
-        w = tl.load(wc_ptr + ((b * nc + c) * BN + n) * (2 * E) + ch, mask=mA, other=0.0)
+        w = _lookback(wcb, scb, c, n_ch, At2, mA, me, D == 1, BN * 2 * E, 2 * E)
     else:
         w = tl.zeros((BN, BE), tl.float32)
     dA = tl.zeros((BN, BE), tl.float32)
@@ -661,8 +652,8 @@ def scan_bwd_kernel(
     dtb = tl.zeros((1, BE), tl.float32)
     i0 = (n_groups - 1) * 4
     h = tl.load(hst + (n_groups - 1) * (BN * 2 * E), mask=mA, other=0.0)
-    t0, t1 = _tp(i0, cnt, D), _tp(i0 + 1, cnt, D)
-    t2, t3 = _tp(i0 + 2, cnt, D), _tp(i0 + 3, cnt, D)
+    t0, t1 = _tp(i0, lo, cnt, D), _tp(i0 + 1, lo, cnt, D)
+    t2, t3 = _tp(i0 + 2, lo, cnt, D), _tp(i0 + 3, lo, cnt, D)
     m0, m1, m2, m3 = me & (i0 < cnt), me & (i0 + 1 < cnt), me & (i0 + 2 < cnt), me & (i0 + 3 < cnt)
     u0, r0, y0, z0, s0 = _rev_in(ub, db, dyb, zb, sb, t0, m0, fwd, su_l, sd_l, sy_l, sz_l)
     u1, r1, y1, z1, s1 = _rev_in(ub, db, dyb, zb, sb, t1, m1, fwd, su_l, sd_l, sy_l, sz_l)
@@ -673,15 +664,15 @@ def scan_bwd_kernel(
         # prefetch the group before (clamped at group 0, whose repeat load is never used)
         j0 = tl.maximum(i0 - 4, 0)
         nh = tl.load(hst + (j0 // 4) * (BN * 2 * E), mask=mA, other=0.0)
-        q0, q1 = _tp(j0, cnt, D), _tp(j0 + 1, cnt, D)
-        q2, q3 = _tp(j0 + 2, cnt, D), _tp(j0 + 3, cnt, D)
+        q0, q1 = _tp(j0, lo, cnt, D), _tp(j0 + 1, lo, cnt, D)
+        q2, q3 = _tp(j0 + 2, lo, cnt, D), _tp(j0 + 3, lo, cnt, D)
         nu0, nr0, ny0, nz0, ns0 = _rev_in(ub, db, dyb, zb, sb, q0, me, fwd, su_l, sd_l, sy_l, sz_l)
         nu1, nr1, ny1, nz1, ns1 = _rev_in(ub, db, dyb, zb, sb, q1, me, fwd, su_l, sd_l, sy_l, sz_l)
         nu2, nr2, ny2, nz2, ns2 = _rev_in(ub, db, dyb, zb, sb, q2, me, fwd, su_l, sd_l, sy_l, sz_l)
         nu3, nr3, ny3, nz3, ns3 = _rev_in(ub, db, dyb, zb, sb, q3, me, fwd, su_l, sd_l, sy_l, sz_l)
 
-        t0, t1 = _tp(i0, cnt, D), _tp(i0 + 1, cnt, D)
-        t2, t3 = _tp(i0 + 2, cnt, D), _tp(i0 + 3, cnt, D)
+        t0, t1 = _tp(i0, lo, cnt, D), _tp(i0 + 1, lo, cnt, D)
+        t2, t3 = _tp(i0 + 2, lo, cnt, D), _tp(i0 + 3, lo, cnt, D)
         m0, m1, m2, m3 = me & (i0 < cnt), me & (i0 + 1 < cnt), me & (i0 + 2 < cnt), me & (i0 + 3 < cnt)
         r0, r1, r2, r3 = r0 + bias, r1 + bias, r2 + bias, r3 + bias
         d0, d1, d2, d3 = _delta(r0, m0), _delta(r1, m1), _delta(r2, m2), _delta(r3, m3)
