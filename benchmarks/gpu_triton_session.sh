@@ -16,6 +16,7 @@ tail -1 "$out/gpu_tests_variants.log"
 timeout 150 python3 -m pytest tests/test_gpu_triton.py "tests/test_gpu_parity.py::test_auto_picks_the_fastest_path_there_is_on_gpu" \
   -k "not variants" -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -4
 timeout 100 python3 benchmarks/triton_core.py --sweep --out "$out/core.json" 2>&1 | grep -E "^sweep seq|_ms|registers" | tee "$out/core.log"
+timeout 90 python3 benchmarks/triton_core.py --chunks long --out "$out/chunks_long.json" 2>&1 | grep -E "^chunks" | tee "$out/chunks_long.log"
 run() {  # name, image sizes...
   local name=$1; shift
   timeout "${TP_TIMEOUT:-100}" python3 benchmarks/throughput.py --models "$name" --img-sizes "$@" --paths cuda triton deit \

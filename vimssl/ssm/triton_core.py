@@ -9,7 +9,8 @@ backward  conv recompute -> dt_proj recompute -> scan backward (one kernel, both
           -> dt_proj / x_proj backward matmuls -> conv backward (two kernels)
 
 Saved for the backward: xz, the x_proj output (small) and the ungated branch sum (B, L, E); the
-conv output and delta are recomputed. Without gradients (inference, frozen encoders) the core runs
+conv output and delta are recomputed. Long sequences at small batches run the scans in chunks
+(see :func:`_chunk_len`). Without gradients (inference, frozen encoders) the core runs
 the same forward without autograd, with its derived weights cached on the mixer. Triton is
 imported only when this module is.
 """

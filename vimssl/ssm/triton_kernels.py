@@ -10,8 +10,11 @@ The scans are sequential over tokens: a program owns one batch row and ``BE`` ch
 directions in the forward kernel; one direction in the backward kernel), each thread holds its
 channels' N states in registers, and the loop takes four tokens per iteration. The backward
 recomputes states instead of keeping them from the forward: a first pass stores the state entering
-every group of four tokens (float32 scratch), a second walks the groups in reverse. All arithmetic
-is float32 whatever the input dtype; no atomics, so results are deterministic. The design and its
+every group of four tokens (float32 scratch), a second walks the groups in reverse. Long sequences
+with too few such programs to fill the GPU are split into chunks (a two-level scan): chunk-local
+carries first (:func:`scan_state_kernel`), then every chunk starts from the carry of the chunks
+before it. All arithmetic is float32 whatever the input dtype; no atomics, so results are
+deterministic. The design and its
 measured history (including the chunked associative-scan version this replaced) are in
 ``docs/kernel-notes.md``.
 
