@@ -396,6 +396,20 @@ def _combine(y_base, z_base, s_base, t, m, y_b, sy_l, sz_l, SAVE_SUM: tl.constex
 
 
 @triton.jit
+def _lanes(pid_e, D, E, N, At_ptr, BE: tl.constexpr, BN: tl.constexpr):
+    """A one-branch program's channels and states in the state layout: channel e (1, BE) of its
+    block and mask, state n (BN, 1) and mask, stacked channel ch = D E + e, the (BN, BE) mask and
+    A log2(e) (BN, BE)."""
+    e = pid_e * BE + tl.arange(0, BE)[None, :]  # (1, BE)
+    me = e < E
+    n = tl.arange(0, BN)[:, None]  # (BN, 1)
+    mn = n < N
+    ch = D * E + e
+    mA = mn & me
+    return e, me, n, mn, ch, mA, tl.load(At_ptr + n * (2 * E) + ch, mask=mA, other=0.0)
+
+
+@triton.jit
 def scan_state_kernel(
     u_ptr, dt_ptr, bc_ptr, z_ptr, dy_ptr, At_ptr, dtb_ptr, hc_ptr, sc_ptr,
     L, E, N, R, T, n_ch,
@@ -413,15 +427,8 @@ def scan_state_kernel(
     The scan kernels then start each chunk from :func:`_lookback` over these carries."""
     pid_e, b, pid2 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     D, c = pid2 % 2, pid2 // 2
-    lo = c * T
-    cnt = tl.minimum(T, L - lo)
-    e = pid_e * BE + tl.arange(0, BE)[None, :]  # (1, BE)
-    me = e < E
-    n = tl.arange(0, BN)[:, None]  # (BN, 1)
-    mn = n < N
-    ch = D * E + e
-    mA = mn & me
-    At2 = tl.load(At_ptr + n * (2 * E) + ch, mask=mA, other=0.0)
+    lo, cnt = _chunk(c, T, L, True)
+    e, me, n, mn, ch, mA, At2 = _lanes(pid_e, D, E, N, At_ptr, BE, BN)
     bias = tl.load(dtb_ptr + ch, mask=me, other=0.0)
     ub, db = u_ptr + b * su_b + ch, dt_ptr + b * sd_b + ch
     bc_base = bc_ptr + b * sbc_b
@@ -586,13 +593,7 @@ def scan_bwd_kernel(
     else:  # (constants: the kernel is at 255 registers)
         D, c, nc = pid2, 0, 1
     lo, cnt = _chunk(c, T, L, CHUNKED)
-    e = pid_e * BE + tl.arange(0, BE)[None, :]  # (1, BE)
-    me = e < E
-    n = tl.arange(0, BN)[:, None]  # (BN, 1)
-    mn = n < N
-    ch = D * E + e
-    mA = mn & me
-    At2 = tl.load(At_ptr + n * (2 * E) + ch, mask=mA, other=0.0)
+    e, me, n, mn, ch, mA, At2 = _lanes(pid_e, D, E, N, At_ptr, BE, BN)
     Dv = tl.load(D_ptr + ch, mask=me, other=0.0)
     bias = tl.load(dtb_ptr + ch, mask=me, other=0.0)
     ub, db = u_ptr + b * su_b + ch, dt_ptr + b * sd_b + ch
