@@ -600,7 +600,10 @@ def scan_bwd_kernel(
     bc_base = bc_ptr + b * sbc_b
     off = D * sbc_d + R
     n_groups = tl.cdiv(cnt, 4)
-    hst = hst_ptr + ((b * nc + c) * tl.cdiv(T, 4) * BN + n) * (2 * E) + ch  # (BN, BE), group 0
+    # (BN, BE) at this batch row's group 0; chunk c's groups start at slot c0 (a scalar added per
+    # access: folded into the pointer tensor, the chunk offset costs registers and spills)
+    hst = hst_ptr + (b * nc * tl.cdiv(T, 4) * BN + n) * (2 * E) + ch
+    c0 = c * tl.cdiv(T, 4)
     if CHUNKED:
         hcb = hc_ptr + (b * n_ch * BN + n) * (2 * E) + ch
         scb = sc_ptr + b * n_ch * (2 * E) + ch
@@ -616,7 +619,7 @@ def scan_bwd_kernel(
     u2, r2 = _ud(ub, db, _tp(2, lo, cnt, D), me & (2 < cnt), su_l, sd_l)
     u3, r3 = _ud(ub, db, _tp(3, lo, cnt, D), me & (3 < cnt), su_l, sd_l)
     for g4 in range(n_groups):
-        tl.store(hst + g4 * (BN * 2 * E), h, mask=mA)
+        tl.store(hst + (c0 + g4) * (BN * 2 * E), h, mask=mA)
         i0, i1 = g4 * 4, g4 * 4 + 4
         t0, t1 = _tp(i1, lo, cnt, D), _tp(i1 + 1, lo, cnt, D)
         t2, t3 = _tp(i1 + 2, lo, cnt, D), _tp(i1 + 3, lo, cnt, D)
@@ -655,7 +658,7 @@ def scan_bwd_kernel(
     dD = tl.zeros((1, BE), tl.float32)
     dtb = tl.zeros((1, BE), tl.float32)
     i0 = (n_groups - 1) * 4
-    h = tl.load(hst + (n_groups - 1) * (BN * 2 * E), mask=mA, other=0.0)
+    h = tl.load(hst + (c0 + n_groups - 1) * (BN * 2 * E), mask=mA, other=0.0)
     t0, t1 = _tp(i0, lo, cnt, D), _tp(i0 + 1, lo, cnt, D)
     t2, t3 = _tp(i0 + 2, lo, cnt, D), _tp(i0 + 3, lo, cnt, D)
     m0, m1, m2, m3 = me & (i0 < cnt), me & (i0 + 1 < cnt), me & (i0 + 2 < cnt), me & (i0 + 3 < cnt)
@@ -667,7 +670,7 @@ def scan_bwd_kernel(
         i0 = (n_groups - 1 - gg) * 4
         # prefetch the group before (clamped at group 0, whose repeat load is never used)
         j0 = tl.maximum(i0 - 4, 0)
-        nh = tl.load(hst + (j0 // 4) * (BN * 2 * E), mask=mA, other=0.0)
+        nh = tl.load(hst + (c0 + j0 // 4) * (BN * 2 * E), mask=mA, other=0.0)
         q0, q1 = _tp(j0, lo, cnt, D), _tp(j0 + 1, lo, cnt, D)
         q2, q3 = _tp(j0 + 2, lo, cnt, D), _tp(j0 + 3, lo, cnt, D)
         nu0, nr0, ny0, nz0, ns0 = _rev_in(ub, db, dyb, zb, sb, q0, me, fwd, su_l, sd_l, sy_l, sz_l)
