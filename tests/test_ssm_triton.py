@@ -87,6 +87,43 @@ def test_auto_on_gpu_picks_by_shape_among_installed_paths():
     assert auto_gpu_path(128 * 768, sms, triton_ok=False, cuda_ok=False) == "torch"
 
 
+def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
+    # the two-level scan's chunk length (launcher side, no GPU needed): chunk when the unchunked
+    # scan has too few one-warp programs per SM, aim at SEQ_FILL's second number, chunks of at
+    # least SEQ_MIN_CHUNK tokens; the shapes and picks of the H100 runs in docs/benchmarks.md
+    from types import SimpleNamespace
+
+    from vimssl.ssm import triton_core as tc
+
+    monkeypatch.setattr(tc, "_sm_count", lambda index: 132)
+    gpu = SimpleNamespace(device=torch.device("cuda", 0))
+
+    def picks(batch, tokens, d_model):
+        e = 2 * d_model
+        fwd = tc._chunk_len(gpu, tokens, batch * -(-e // tc.SEQ_BE_FWD), tc.SEQ_FILL_FWD)
+        bwd = tc._chunk_len(gpu, tokens, 2 * batch * -(-e // tc.SEQ_BE_BWD), tc.SEQ_FILL_BWD)
+        return fwd, bwd
+
+    assert picks(8, 4097, 384) == (128, 244)  # Vim-S, 1024 px, batch 8
+    assert picks(8, 4097, 192) == (128, 128)  # Vim-T
+    assert picks(8, 4097, 768) == (244, 456)  # Vim-B
+    assert picks(32, 1025, 384) == (128, 1025)  # Vim-S 512 px: only the forward is chunked
+    assert picks(128, 197, 192) == (197, 197)  # 224 px: too short to chunk
+    assert picks(1, 255, 384) == (255, 255)
+    for batch, tokens, d in [(8, 4097, 384), (2, 1025, 192), (1, 300, 64)]:
+        for chunk in picks(batch, tokens, d):
+            assert chunk % 4 == 0 or chunk == tokens
+            assert tc.SEQ_MIN_CHUNK <= chunk <= tokens
+    # forced lengths (tests, sweeps), 0 never chunks, and CPU tensors are never chunked
+    monkeypatch.setattr(tc, "SEQ_CHUNK", 12)
+    assert tc._chunk_len(gpu, 50, 1, tc.SEQ_FILL_FWD) == 12
+    assert tc._chunk_len(gpu, 7, 1, tc.SEQ_FILL_FWD) == 7
+    monkeypatch.setattr(tc, "SEQ_CHUNK", 0)
+    assert tc._chunk_len(gpu, 4097, 1, tc.SEQ_FILL_FWD) == 4097
+    monkeypatch.setattr(tc, "SEQ_CHUNK", None)
+    assert tc._chunk_len(torch.empty(1), 4097, 1, tc.SEQ_FILL_FWD) == 4097
+
+
 def test_mixer_tells_auto_its_scan_shape(monkeypatch):
     # auto's GPU choice depends on batch x inner channels and the sequence length
     from vimssl.models import mixer as mixer_mod
