@@ -194,10 +194,7 @@ def chunk_sweep(chunks=(0, None, 2048, 1024, 512, 256, 128), shapes=CHUNK_SHAPES
             row[f"triton_{key}_infer_ms"] = timed(tc.bimamba_core_triton, False)
             row[f"triton_{key}_train_ms"] = timed(tc.bimamba_core_triton, True)
             if chunk is None:  # the chunk lengths the launchers picked (forward, backward)
-                row["auto_chunks"] = (
-                    tc._chunk_len(xz, seqlen, bsz * -(-e // tc.SEQ_BE_FWD), tc.SEQ_FILL_FWD),
-                    tc._chunk_len(xz, seqlen, 2 * bsz * -(-e // tc.SEQ_BE_BWD), tc.SEQ_FILL_BWD),
-                )
+                row["auto_chunks"] = tc.chunk_lengths(xz, bsz, seqlen, e)
         tc.SEQ_CHUNK = saved
         rows.append(row)
         cells = "  ".join(f"{k[:-3]} {v:.3f}" for k, v in row.items() if k.endswith("_ms"))

@@ -126,8 +126,7 @@ def test_two_level_scan_matches_float64_reference(monkeypatch, chunk, shape, dty
     monkeypatch.setattr(tc, "SEQ_NARROW", chunk is None)
     bsz, seqlen, d, _ = shape
     x = torch.empty(1, device="cuda")
-    programs = bsz * -(-2 * d // tc.SEQ_BE_FWD)
-    assert tc._chunk_len(x, seqlen, programs, tc.SEQ_FILL_FWD) < seqlen  # it really chunks
+    assert tc.chunk_lengths(x, bsz, seqlen, 2 * d)[0] < seqlen  # it really chunks
     err_out, errs = core_errors(shape, dtype)
     tol_out, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 3e-2)
     assert err_out < tol_out

@@ -95,14 +95,11 @@ def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
 
     from vimssl.ssm import triton_core as tc
 
-    monkeypatch.setattr(tc, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(tc, "sm_count", lambda device: 132)
     gpu = SimpleNamespace(device=torch.device("cuda", 0))
 
     def picks(batch, tokens, d_model):
-        e = 2 * d_model
-        fwd = tc._chunk_len(gpu, tokens, batch * -(-e // tc.SEQ_BE_FWD), tc.SEQ_FILL_FWD)
-        bwd = tc._chunk_len(gpu, tokens, 2 * batch * -(-e // tc.SEQ_BE_BWD), tc.SEQ_FILL_BWD)
-        return fwd, bwd
+        return tc.chunk_lengths(gpu, batch, tokens, 2 * d_model)
 
     assert picks(8, 4097, 384) == (128, 244)  # Vim-S, 1024 px, batch 8
     assert picks(8, 4097, 192) == (128, 128)  # Vim-T

@@ -80,6 +80,11 @@ def auto_gpu_path(
     return "torch"
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of CUDA ``device`` (the current device when it has no index)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -118,8 +123,9 @@ def resolve_backend(
         return "triton"
     chosen = "torch"
     if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        chosen = auto_gpu_path(rows, sms, triton_kernels_available(), cuda_kernels_available(), tokens)
+        chosen = auto_gpu_path(
+            rows, sm_count(device), triton_kernels_available(), cuda_kernels_available(), tokens
+        )
     if (device.type, chosen) not in _logged:
         _logged.add((device.type, chosen))
         log.info("vimssl backend 'auto' chose %r for %s tensors", chosen, device.type)

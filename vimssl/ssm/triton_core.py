@@ -23,6 +23,7 @@ import torch
 import triton
 
 from vimssl.ssm import triton_kernels as K
+from vimssl.ssm.dispatch import sm_count
 
 # channels per scan program (forward, backward) and warps; conv tile (tokens, channels) and warps.
 # From the H100 sweeps in docs/kernel-notes.md.
@@ -79,18 +80,13 @@ def conv_bwd(x, w, bias, g, dx):
     return dw.sum((0, 1)), db.sum((0, 1))
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _seq_channels(x: torch.Tensor, bsz: int, e: int, widest: int) -> int:
     """Channels per sequential-scan program: ``widest`` (fastest per channel) unless that leaves
     fewer than two programs per SM (small batches of long sequences), then narrower."""
     if x.device.type != "cuda" or not SEQ_NARROW:
         return widest
     be = widest
-    while be > 8 and bsz * triton.cdiv(e, be) < 2 * _sm_count(x.device.index or 0):
+    while be > 8 and bsz * triton.cdiv(e, be) < 2 * sm_count(x.device):
         be //= 2
     return be
 
@@ -106,12 +102,21 @@ def _chunk_len(x: torch.Tensor, seqlen: int, programs: int, fill: tuple[int, int
         return min(SEQ_CHUNK, seqlen) if SEQ_CHUNK > 0 else seqlen
     if x.device.type != "cuda":
         return seqlen
-    sms = _sm_count(x.device.index or 0)
+    sms = sm_count(x.device)
     start, aim = fill
     if programs >= start * sms or seqlen < 2 * SEQ_MIN_CHUNK:
         return seqlen
     n_ch = triton.cdiv(aim * sms, programs)
     return max(SEQ_MIN_CHUNK, 4 * triton.cdiv(triton.cdiv(seqlen, n_ch), 4))
+
+
+def chunk_lengths(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> tuple[int, int]:
+    """Tokens per chunk of the forward and backward scans of ``bsz`` rows of ``seqlen`` tokens and
+    ``e`` inner channels (``seqlen``: one chunk), from their full-width program counts: the
+    forward has one program per (row, SEQ_BE_FWD channels), the backward one per (row,
+    SEQ_BE_BWD channels, branch)."""
+    fwd = _chunk_len(x, seqlen, bsz * triton.cdiv(e, SEQ_BE_FWD), SEQ_FILL_FWD)
+    return fwd, _chunk_len(x, seqlen, 2 * bsz * triton.cdiv(e, SEQ_BE_BWD), SEQ_FILL_BWD)
 
 
 def _bc_pack(dbc: torch.Tensor, r: int) -> torch.Tensor:
@@ -140,7 +145,7 @@ def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum):
         bc.stride(0), bc.stride(1), bc.stride(2), z.stride(0), z.stride(1), y.stride(0), y.stride(1),
     )  # fmt: skip
     bn = triton.next_power_of_2(d_state)
-    chunk = _chunk_len(xc, seqlen, bsz * triton.cdiv(e, SEQ_BE_FWD), SEQ_FILL_FWD)
+    chunk = chunk_lengths(xc, bsz, seqlen, e)[0]
     n_ch = triton.cdiv(seqlen, chunk)
     be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_FWD)
     hc, sc = _chunk_states(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, strides[:-2], y.stride())
@@ -154,8 +159,8 @@ def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum):
 def _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy_strides):
     """The chunk-local carries of the two-level scan (:func:`K.scan_state_kernel`): the states
     and sums of delta (``dy`` None) or the gradient carries (``dy`` given). Returns (carries
-    (B, n_ch, BN, 2E), sums of delta (B, n_ch, 2E) or None) float32; (xc, None) placeholders when
-    there is one chunk."""
+    (B, n_ch, BN, 2E), sums of delta (B, n_ch, 2E) or None) float32; (xc, xc) placeholders when
+    there is one chunk (the kernels do not read them then)."""
     if n_ch == 1:
         return xc, xc
     bsz, seqlen, e2 = xc.shape
@@ -186,7 +191,7 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
     bsz, seqlen, e2 = xc.shape
     e, d_state = e2 // 2, bc.shape[-1] // 2
     bn = triton.next_power_of_2(d_state)
-    chunk = _chunk_len(xc, seqlen, 2 * bsz * triton.cdiv(e, SEQ_BE_BWD), SEQ_FILL_BWD)
+    chunk = chunk_lengths(xc, bsz, seqlen, e)[1]
     n_ch = triton.cdiv(seqlen, chunk)
     be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_BWD)
     n_eb = triton.cdiv(e, be)

@@ -464,26 +464,21 @@ def scan_state_kernel(
 # is clear keeps the low half (lo) of what it holds and receives its partner's low half, the other
 # keeps and receives the high half; after the last step lane l holds the total of value l. Lane ids
 # are read inside the assembly (%laneid), so they always belong to the thread that runs it.
-_BFLY16: tl.constexpr = tl.constexpr(
-    "{ .reg .pred p; .reg .b32 l, s, k, r; mov.u32 l, %laneid; and.b32 l, l, 16; setp.ne.u32 p, l, 0; "
-    "selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; shfl.sync.bfly.b32 r, s, 16, 31, -1; add.f32 $0, k, r; }"
-)
-_BFLY8: tl.constexpr = tl.constexpr(
-    "{ .reg .pred p; .reg .b32 l, s, k, r; mov.u32 l, %laneid; and.b32 l, l, 8; setp.ne.u32 p, l, 0; "
-    "selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; shfl.sync.bfly.b32 r, s, 8, 31, -1; add.f32 $0, k, r; }"
-)
-_BFLY4: tl.constexpr = tl.constexpr(
-    "{ .reg .pred p; .reg .b32 l, s, k, r; mov.u32 l, %laneid; and.b32 l, l, 4; setp.ne.u32 p, l, 0; "
-    "selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; shfl.sync.bfly.b32 r, s, 4, 31, -1; add.f32 $0, k, r; }"
-)
-_BFLY2: tl.constexpr = tl.constexpr(
-    "{ .reg .pred p; .reg .b32 l, s, k, r; mov.u32 l, %laneid; and.b32 l, l, 2; setp.ne.u32 p, l, 0; "
-    "selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; shfl.sync.bfly.b32 r, s, 2, 31, -1; add.f32 $0, k, r; }"
-)
-_BFLY1: tl.constexpr = tl.constexpr(
-    "{ .reg .pred p; .reg .b32 l, s, k, r; mov.u32 l, %laneid; and.b32 l, l, 1; setp.ne.u32 p, l, 0; "
-    "selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; shfl.sync.bfly.b32 r, s, 1, 31, -1; add.f32 $0, k, r; }"
-)
+
+
+def _bfly_asm(m: int) -> str:
+    """PTX of one reduce-scatter step with the lane at xor-distance ``m``."""
+    return (
+        f"{{ .reg .pred p; .reg .b32 l, s, k, r; mov.u32 l, %laneid; and.b32 l, l, {m}; setp.ne.u32 p, l, 0; "
+        f"selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; shfl.sync.bfly.b32 r, s, {m}, 31, -1; add.f32 $0, k, r; }}"
+    )
+
+
+_BFLY16: tl.constexpr = tl.constexpr(_bfly_asm(16))
+_BFLY8: tl.constexpr = tl.constexpr(_bfly_asm(8))
+_BFLY4: tl.constexpr = tl.constexpr(_bfly_asm(4))
+_BFLY2: tl.constexpr = tl.constexpr(_bfly_asm(2))
+_BFLY1: tl.constexpr = tl.constexpr(_bfly_asm(1))
 
 
 @triton.jit

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vimssl.ssm.dispatch import sm_count
+
 MAX_WIDTH = 16384  # wider rows fall back to the plain PyTorch version
 
 
@@ -88,7 +90,7 @@ def _programs(device: torch.device) -> int:
     that its tests cover programs with several tiles."""
     if device.type != "cuda":
         return 3
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * sm_count(device)
 
 
 def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
