@@ -40,7 +40,7 @@ def test_kernels_match_reference_under_interpreter():
     assert cache["cached"] and cache["first_vs_second"] > 1e-3, cache  # the changed D_b is seen
     assert cache["second_vs_grad_path"] == 0 and cache["inference_mode_vs_grad_path"] == 0, cache
     norms = report["norm"]
-    assert len(norms) == 3
+    assert len(norms) == 4 and sum(r["drop"] for r in norms) == 1
     for r in norms:
         for name, err in r["errors"].items():  # x's gradient is rounded to x's dtype
             assert err < (8e-3 if name == "d_x" and "bfloat16" in r["x_dtype"] else 1e-5), (r, name)
@@ -48,6 +48,11 @@ def test_kernels_match_reference_under_interpreter():
         assert r["dtypes"][:4] == ["torch.float32"] * 4, r
         if r["x_dtype"] != "None":
             assert r["dtypes"][4] == r["x_dtype"], r
+    # drop path fused into the next norm (triton) against applied to the block output (torch)
+    drop = report["drop"]
+    assert drop["vs_no_drop"] > 1e-2, drop  # samples were dropped
+    for name, err in drop["errors"].items():
+        assert err < 1e-4, (name, err)
 
 
 def test_triton_is_a_backend_choice():

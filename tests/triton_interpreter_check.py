@@ -49,6 +49,8 @@ def core_reference(m: BiMambaMixer, xz: torch.Tensor):
 def main() -> None:
     tc.SEQ_BE_FWD = tc.SEQ_BE_BWD = 4
     tc.CONV_BT, tc.CONV_BE = 4, 8
+    tc.CONV_GP_BT, tc.CONV_GP_BE = 4, 8  # several token tiles and channel blocks per conv backward
+    tc.PREP_BE = 8  # several programs for the derived weights
     torch.manual_seed(0)
     results = []
     runs_cfg = [(s, False, 0) for s in SHAPES] + [(s, True, 0) for s in KEEP_SHAPES]
@@ -100,7 +102,46 @@ def main() -> None:
         out = tc.bimamba_core_triton(xzt, m)
         (gx,) = torch.autograd.grad(out, [xzt], g.to(dtype))
         half[str(dtype)] = dict(dtypes=[str(out.dtype), str(gx.dtype)], out=rel(out, ref), xz=rel(gx, gref))
-    print(json.dumps(dict(shapes=results, half=half, norm=norm_errors(), cache=inference_cache())))
+    report = dict(
+        shapes=results, half=half, norm=norm_errors(), cache=inference_cache(), drop=drop_path_model()
+    )
+    print(json.dumps(report))
+
+
+def drop_path_model() -> dict:
+    """A small Vim in training mode with drop path, triton path (drop path fused into the next
+    norm) against the torch path (applied to the block output), from the same random draws:
+    relative errors of the output and of every parameter gradient; and how far the output is
+    from the same model without drop path (so that samples were in fact dropped)."""
+    import vimssl.models.blocks as blocks
+    import vimssl.models.mixer as mixer
+    from vimssl.models import create_model
+
+    # the interpreter runs the kernels on CPU tensors, which the dispatcher refuses for 'triton'
+    blocks.resolve_backend = mixer.resolve_backend = lambda backend, device, **kw: backend
+    # wide programs: the interpreter's time grows with the program count
+    tc.SEQ_BE_FWD = tc.SEQ_BE_BWD = tc.CONV_BE = tc.CONV_GP_BE = tc.PREP_BE = 32
+    tc.CONV_BT = tc.CONV_GP_BT = 16
+    torch.manual_seed(0)
+    model = create_model("vim_test", img_size=16, embed_dim=16, depth=2, drop_path_rate=0.8, backend="torch")
+    model.train()
+    x = torch.randn(4, 3, 16, 16)
+
+    def run(backend: str, rate: float | None = None):
+        model.set_backend(backend)
+        if rate is not None:
+            for blk in model.layers:
+                blk.drop_path.p = rate
+        torch.manual_seed(1)
+        out = model(x)
+        return out, torch.autograd.grad(out.square().sum(), list(model.parameters()))
+
+    ref, gref = run("torch")
+    out, grads = run("triton")
+    errors = {"out": rel(out, ref)}
+    errors.update({n: rel(a, b) for (n, _), a, b in zip(model.named_parameters(), grads, gref)})
+    undropped, _ = run("torch", 0.0)
+    return dict(errors=errors, vs_no_drop=rel(undropped, ref))
 
 
 def inference_cache() -> dict:
@@ -124,11 +165,12 @@ def inference_cache() -> dict:
     )
 
 
-def add_rms_norm_run(fn, dtype, weight, res, x, g_out, g_res, amp=False) -> list[torch.Tensor]:
+def add_rms_norm_run(fn, dtype, weight, res, x, g_out, g_res, amp=False, drop=None) -> list[torch.Tensor]:
     """``fn`` (an add_rms_norm) with the residual and norm weight in ``dtype`` and x in its own
     dtype (in float64 for a float64 run; x may be None), optionally under bf16 autocast; returns
     [normed, residual, d_residual, d_weight(, d_x)] for the loss sum(normed * g_out) +
-    sum(residual * g_res) (g_res None: no gradient into the returned residual)."""
+    sum(residual * g_res) (g_res None: no gradient into the returned residual); ``drop``: a
+    drop-path draw applied to x."""
     from vimssl.layers.norm import RMSNorm
 
     nd = RMSNorm(weight.shape[0]).to(device=weight.device, dtype=dtype)
@@ -137,7 +179,7 @@ def add_rms_norm_run(fn, dtype, weight, res, x, g_out, g_res, amp=False) -> list
     r = res.to(dtype).requires_grad_()
     xx = None if x is None else x.to(dtype if dtype == torch.float64 else x.dtype).requires_grad_()
     with torch.autocast(res.device.type, dtype=torch.bfloat16, enabled=amp):
-        o, ro = fn(xx, r, nd)
+        o, ro = fn(xx, r, nd, drop)
     loss = (o.to(dtype) * g_out.to(dtype)).sum()
     if g_res is not None:
         loss = loss + (ro.to(dtype) * g_res.to(dtype)).sum()
@@ -148,24 +190,26 @@ def norm_errors() -> list[dict]:
     """The fused add + RMSNorm against the plain float64 version: with and without x, a width
     that is not a power of two, several row tiles (with a partial last one), bf16 x (as under
     autocast; the reference sums its rounded values), and with and without a gradient flowing
-    into the returned residual."""
+    into the returned residual, and with a drop-path draw (one sample dropped, one kept and
+    rescaled)."""
     from vimssl.layers.norm import add_rms_norm as plain
     from vimssl.ssm import triton_norm as tn
 
     out = []
-    for rows, d, x_dtype, d_res in [
-        (37, 24, torch.float32, True),
-        (5, 48, None, True),
-        (70, 24, torch.bfloat16, False),
+    for rows, d, x_dtype, d_res, drop in [
+        (37, 24, torch.float32, True, None),
+        (5, 48, None, True, None),
+        (70, 24, torch.bfloat16, False, None),
+        (37, 24, torch.float32, True, (torch.tensor([0.0, 1.0]), 0.7)),
     ]:
         weight = 1 + 0.2 * torch.randn(d)
         res = torch.randn(2, rows, d)
         x = None if x_dtype is None else torch.randn(2, rows, d).to(x_dtype)
         g_out, g_res = torch.randn(2, rows, d), torch.randn(2, rows, d) if d_res else None
-        ref = add_rms_norm_run(plain, torch.float64, weight, res, x, g_out, g_res)
-        got = add_rms_norm_run(tn.add_rms_norm, torch.float32, weight, res, x, g_out, g_res)
+        ref = add_rms_norm_run(plain, torch.float64, weight, res, x, g_out, g_res, drop=drop)
+        got = add_rms_norm_run(tn.add_rms_norm, torch.float32, weight, res, x, g_out, g_res, drop=drop)
         names = ["out", "residual", "d_residual", "d_weight", "d_x"]
-        out.append(dict(rows=rows, d=d, x_dtype=str(x_dtype), dtypes=[str(t.dtype) for t in got],
+        out.append(dict(rows=rows, d=d, x_dtype=str(x_dtype), drop=drop is not None, dtypes=[str(t.dtype) for t in got],
                         errors={k: rel(a, b) for k, a, b in zip(names, got, ref)}))  # fmt: skip
     return out
 

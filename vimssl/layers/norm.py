@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vimssl.layers.drop_path import Drop, apply_drop
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a weight and no bias (Zhang & Sennrich 2019)."""
@@ -29,12 +31,15 @@ class RMSNorm(nn.Module):
 
 
 def add_rms_norm(
-    x: torch.Tensor | None, residual: torch.Tensor, norm: RMSNorm
+    x: torch.Tensor | None, residual: torch.Tensor, norm: RMSNorm, drop: Drop = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``residual <- residual + x`` (x may be None), returns ``(norm(residual), residual)``.
 
     residual: (B, L, D), returned in float32. The normalised tensor has the norm weight's dtype
     (float32 unless the model was cast); under autocast the next linear layer casts it.
+    ``drop``: a drop-path draw (:func:`vimssl.layers.drop_path.draw`) applied to x first.
     """
+    if x is not None:
+        x = apply_drop(x, drop)
     residual = residual.float() if x is None else residual.float() + x.float()
     return norm(residual.to(norm.weight.dtype)), residual

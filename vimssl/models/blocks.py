@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vimssl.layers.drop_path import DropPath
+from vimssl.layers.drop_path import Drop, DropPath
 from vimssl.layers.norm import RMSNorm
 from vimssl.models.mixer import BiMambaMixer
 from vimssl.ssm.dispatch import check_backend, get_ops, resolve_backend
@@ -19,8 +19,9 @@ from vimssl.ssm.dispatch import check_backend, get_ops, resolve_backend
 class Block(nn.Module):
     """Mamba-style pre-norm residual block: ``residual += x; out = mixer(norm(residual))``.
 
-    Takes the previous block's (drop-pathed) mixer output and the residual stream, returns its own
-    so that the add and the norm can be fused on the CUDA path.
+    Takes the previous block's mixer output, its drop-path draw and the residual stream, and
+    returns its own, so that the drop path, the add and the norm run as one fused step (one
+    kernel each way on the triton path).
     NOTE: the released code applies block i's drop-path rate to block i-1's output (and the
     model-wide rate to the last block's); we drop each block's own output with its own rate.
     """
@@ -32,12 +33,14 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(
-        self, hidden: torch.Tensor | None, residual: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # hidden: (B, L, D) or None for the first block; residual: (B, L, D), float32
+        self, hidden: torch.Tensor | None, residual: torch.Tensor, drop: Drop = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Drop]:
+        # hidden: (B, L, D) or None for the first block; residual: (B, L, D), float32; drop: the
+        # previous block's drop-path draw for hidden. Returns this block's output (not yet
+        # dropped), the residual stream and this block's draw.
         ops = get_ops(resolve_backend(self.mixer.backend, residual.device))
-        normed, residual = ops.add_rms_norm(hidden, residual, self.norm)
-        return self.drop_path(self.mixer(normed)), residual
+        normed, residual = ops.add_rms_norm(hidden, residual, self.norm, drop)
+        return self.mixer(normed), residual, self.drop_path.draw(residual.shape[0], residual.device)
 
 
 def build_blocks(
@@ -96,18 +99,18 @@ def run_blocks(
 
     With ``last_k > 0``, returns the outputs of the last ``last_k`` blocks instead, each through
     the final norm (the last one is the usual output), oldest first."""
-    residual, hidden = x, None
+    residual, hidden, drop = x, None, None
     ckpt = grad_checkpointing and torch.is_grad_enabled() and layers.training
     ops = get_ops(resolve_backend(backend, residual.device))
     outs = []
     for i, blk in enumerate(layers):
         if ckpt:
-            hidden, residual = checkpoint(blk, hidden, residual, use_reentrant=False)
+            hidden, residual, drop = checkpoint(blk, hidden, residual, drop, use_reentrant=False)
         else:
-            hidden, residual = blk(hidden, residual)
+            hidden, residual, drop = blk(hidden, residual, drop)
         if last_k and i >= len(layers) - last_k:
-            outs.append(ops.add_rms_norm(hidden, residual, norm_f)[0])
+            outs.append(ops.add_rms_norm(hidden, residual, norm_f, drop)[0])
     if last_k:
         return outs
-    out, _ = ops.add_rms_norm(hidden, residual, norm_f)
+    out, _ = ops.add_rms_norm(hidden, residual, norm_f, drop)
     return out

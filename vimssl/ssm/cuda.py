@@ -66,14 +66,18 @@ def causal_conv1d(x, weight, bias=None, activation=None):
     return conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), activation=activation)
 
 
-def add_rms_norm(x, residual, norm):
+def add_rms_norm(x, residual, norm, drop=None):
     """Fused ``residual + x`` then RMSNorm (Triton), same contract as
     :func:`vimssl.layers.norm.add_rms_norm`; falls back to it where the kernel is missing."""
+    from vimssl.layers.drop_path import apply_drop
+
     _, _, rms_norm_fn = _kernels()
     if rms_norm_fn is None:
         from vimssl.layers.norm import add_rms_norm as plain
 
-        return plain(x, residual, norm)
+        return plain(x, residual, norm, drop)
+    if x is not None:
+        x = apply_drop(x, drop)
     if x is None:
         x, residual = residual, None
     out, residual = rms_norm_fn(

@@ -40,6 +40,9 @@ SEQ_NARROW = True  # narrower scan programs when a batch gives fewer than two pe
 SEQ_CHUNK: int | None = None
 SEQ_FILL_FWD, SEQ_FILL_BWD, SEQ_MIN_CHUNK = (12, 24), (8, 48), 128
 CONV_BT, CONV_BE, CONV_WARPS = 16, 128, 2
+# conv backward's first kernel: one program per (batch row, channels) walking the tokens (H100 sweep:
+# BT 16, BE 64, one warp 273 us per Vim-S layer with the second kernel and the sum)
+CONV_GP_BT, CONV_GP_BE, CONV_GP_WARPS = 16, 64, 1
 LAST: dict = {}  # the last launch handle of each kernel (registers and spills, for benchmarks)
 
 
@@ -62,22 +65,23 @@ def conv_fwd(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, out: torch.Te
 
 
 def conv_bwd(x, w, bias, g, dx):
-    """Gradients of :func:`conv_fwd`: writes dx (B, L, E); returns dw (2E, K), dbias (2E,) float32.
-    ``g`` (the SiLU outputs' gradient) is overwritten with the pre-activation gradient."""
+    """Gradients of :func:`conv_fwd`: writes dx (B, L, E); returns dw (2E, K), dbias (2E,) float32
+    (strided views of one buffer). ``g`` (the SiLU outputs' gradient) is overwritten with the
+    pre-activation gradient."""
     bsz, seqlen, e = x.shape
-    n_tiles = triton.cdiv(seqlen, CONV_BT)
-    dw = torch.empty(bsz, n_tiles, 2 * e, w.shape[1], device=x.device, dtype=torch.float32)
-    db = torch.empty(bsz, n_tiles, 2 * e, device=x.device, dtype=torch.float32)
-    grid = (n_tiles, triton.cdiv(e, CONV_BE), bsz)
-    LAST["conv_bwd_gp_kernel"] = K.conv_bwd_gp_kernel[grid](
-        x, w, bias, g, g, dw, db, seqlen, e, n_tiles, x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-        K=w.shape[1], BT=CONV_BT, BE=CONV_BE, num_warps=CONV_WARPS,
+    k = w.shape[1]
+    dwb = torch.empty(bsz, 2 * e, k + 1, device=x.device, dtype=torch.float32)
+    LAST["conv_bwd_gp_kernel"] = K.conv_bwd_gp_kernel[(triton.cdiv(e, CONV_GP_BE), bsz)](
+        x, w, bias, g, g, dwb, seqlen, e, x.stride(0), x.stride(1), g.stride(0), g.stride(1),
+        K=k, BK=triton.next_power_of_2(k + 1), BT=CONV_GP_BT, BE=CONV_GP_BE, num_warps=CONV_GP_WARPS,
     )  # fmt: skip
+    grid = (triton.cdiv(seqlen, CONV_BT), triton.cdiv(e, CONV_BE), bsz)
     LAST["conv_bwd_dx_kernel"] = K.conv_bwd_dx_kernel[grid](
         g, w, dx, seqlen, e, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
-        K=w.shape[1], BT=CONV_BT, BE=CONV_BE, num_warps=CONV_WARPS,
+        K=k, BT=CONV_BT, BE=CONV_BE, num_warps=CONV_WARPS,
     )  # fmt: skip
-    return dw.sum((0, 1)), db.sum((0, 1))
+    dwb = dwb.sum(0)
+    return dwb[:, :k], dwb[:, k]
 
 
 def _seq_channels(x: torch.Tensor, bsz: int, e: int, widest: int) -> int:
@@ -200,9 +204,7 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
     hst = torch.empty(bsz, n_ch, triton.cdiv(chunk, 4), bn, e2, **f32)
     du, ddt = torch.empty_like(xc), torch.empty_like(xc)
     part = torch.empty(bsz, 2, n_eb, seqlen, 2 * d_state, **f32)
-    dA = torch.empty(bsz * n_ch, d_state, e2, **f32)
-    dD = torch.empty(bsz * n_ch, e2, **f32)
-    d_dtb = torch.empty(bsz * n_ch, e2, **f32)
+    acc = torch.empty(bsz * n_ch, d_state + 2, e2, **f32)  # dA_log (N rows), dD, dt bias
     dy = dy.contiguous()
     in_strides = (
         xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
@@ -212,29 +214,41 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
     hc, sc = _chunk_states(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride())
     wc, _ = _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride())
     LAST["scan_bwd_kernel"] = K.scan_bwd_kernel[(n_eb, bsz, 2 * n_ch)](
-        xc, dt, bc, z, At2, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, dA, dD, d_dtb, hc, sc, wc,
+        xc, dt, bc, z, At2, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, acc, hc, sc, wc,
         seqlen, e, d_state, 0, n_eb, chunk, n_ch, *in_strides,
         dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1),
         BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), CHUNKED=n_ch > 1,
         num_warps=SEQ_WARPS,
     )  # fmt: skip
-    dbc = part.sum(2, dtype=xc.dtype).transpose(1, 2)  # over the channel blocks
-    return du, ddt, dbc, dA.sum(0).t(), dD.sum(0), d_dtb.sum(0)
+    # over the channel blocks, in float32 (a sum with dtype= would first cast all the partials)
+    dbc = part.sum(2).to(xc.dtype).transpose(1, 2)
+    acc = acc.sum(0)
+    return du, ddt, dbc, acc[:d_state].t(), acc[d_state], acc[d_state + 1]
 
 
-def derived_weights(conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dt_bias, A_log, D, dtype) -> tuple:
-    """What the kernels and matmuls take, from the mixer's parameters (both branches stacked):
-    conv weight (2E, K) and bias (2E,) float32; block-diagonal x_proj (2(R+2N), 2E) and dt_proj
+PREP_BE = 64  # channels per program of the derived-weights kernel
+
+
+def derived_weights(params: tuple, dtype: torch.dtype) -> tuple:
+    """What the kernels and matmuls take, from the mixer's parameters in :func:`_core_params`
+    order (both branches stacked over 2E channels), in one launch (:func:`K.prep_kernel`): conv
+    weight (2E, K) and bias (2E,) float32; block-diagonal x_proj (2(R+2N), 2E) and dt_proj
     (2E, 2R) weights in the activation ``dtype``; A log2(e) (N, 2E), D and dt bias (2E,) float32."""
-    return (
-        conv_w.float().reshape(conv_w.shape[0], -1).contiguous(),
-        conv_b.float().contiguous(),
-        torch.block_diag(x_w_f, x_w_b).to(dtype),
-        torch.block_diag(dt_w_f, dt_w_b).to(dtype),
-        a_log2(A_log),
-        D.float(),
-        dt_bias.float(),
-    )
+    params = tuple(p.contiguous() for p in params)
+    cwf, xwf, dwf, alf = params[0], params[4], params[6], params[10]
+    e, k = cwf.shape[0], cwf.shape[-1]
+    p_rows, r, n = xwf.shape[0], dwf.shape[1], alf.shape[1]
+    e2 = 2 * e
+    f = torch.empty(e2 * (k + n + 3), device=cwf.device, dtype=torch.float32)
+    a = torch.empty(e2 * 2 * (p_rows + r), device=cwf.device, dtype=dtype)
+    cw, cb, at, d, dtb = f.split([e2 * k, e2, n * e2, e2, e2])
+    xw, dtw = a.split([2 * p_rows * e2, e2 * 2 * r])
+    K.prep_kernel[(triton.cdiv(e2, PREP_BE),)](
+        *params, cw, cb, at, d, dtb, xw, dtw, e, r, n,
+        K=k, BK=triton.next_power_of_2(k), BN=triton.next_power_of_2(n),
+        BP=triton.next_power_of_2(2 * p_rows), BR=triton.next_power_of_2(2 * r), BE=PREP_BE, num_warps=4,
+    )  # fmt: skip
+    return cw.view(e2, k), cb, xw.view(2 * p_rows, e2), dtw.view(e2, 2 * r), at.view(n, e2), d, dtb
 
 
 def core_forward(xz, weights, d_state: int, save_sum: bool):
@@ -255,15 +269,15 @@ def core_forward(xz, weights, d_state: int, save_sum: bool):
 
 
 class BiMambaCoreFn(torch.autograd.Function):
-    """The whole core in one Function. The derived weights (block-diagonal projections in the
-    activation dtype, float32 SSM parameters), the dt_proj input and the packed B and C are
-    computed once in the forward and kept for the backward: fewer launches per layer, which
-    matters because a Vim training step is otherwise partly bound by the host."""
+    """The whole core in one Function, taking the mixer's parameters as they are (both branches
+    separately, :func:`_core_params` order) so that no stacking op enters the autograd graph.
+    The derived weights (one :func:`derived_weights` launch), the dt_proj input and the packed B
+    and C are computed once in the forward and kept for the backward: fewer launches per layer,
+    which matters because a Vim training step is otherwise partly bound by the host."""
 
     @staticmethod
-    def forward(ctx, xz, conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dt_bias, A_log, D, d_state: int):
-        params = (conv_w, conv_b, x_w_f, x_w_b, dt_w_f, dt_w_b, dt_bias, A_log, D)
-        weights = derived_weights(*params, xz.dtype)
+    def forward(ctx, xz, d_state: int, *params):
+        weights = derived_weights(params, xz.dtype)
         save = any(ctx.needs_input_grad)  # (grad mode is always off inside forward)
         y, dt_in, bc, ysum = core_forward(xz, weights, d_state, save_sum=save)
         if save:
@@ -293,9 +307,10 @@ class BiMambaCoreFn(torch.autograd.Function):
         d_x_w = (d_dbc.t() @ xc.view(-1, e2)).float()  # (2(R+2N), 2E), block diagonal
         dcw, dcb = conv_bwd(x, cw, cb, du, dxz[..., :e])
         p = r + 2 * n
-        grads = (dcw.view(2 * e, 1, -1), dcb, d_x_w[:p, :e], d_x_w[p:, e:], d_dt_w[:e, :r], d_dt_w[e:, r:],
-                 d_dt_bias, dA_log, dD)  # fmt: skip
-        return (dxz,) + tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes)) + (None,)
+        dcw = dcw.unsqueeze(1)  # (2E, 1, K)
+        grads = (dcw[:e], dcw[e:], dcb[:e], dcb[e:], d_x_w[:p, :e], d_x_w[p:, e:], d_dt_w[:e, :r], d_dt_w[e:, r:],
+                 d_dt_bias[:e], d_dt_bias[e:], dA_log[:e], dA_log[e:], dD[:e], dD[e:])  # fmt: skip
+        return (dxz, None) + tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes))
 
 
 def _core_params(m) -> tuple:
@@ -307,13 +322,6 @@ def _core_params(m) -> tuple:
     )  # fmt: skip
 
 
-def _stacked(p: tuple) -> tuple:
-    """:func:`_core_params` as the core takes them, both branches stacked where they are
-    per-channel: conv weight (2E, 1, K) and bias, the four projection weights, dt bias, A_log, D."""
-    cat = torch.cat
-    return (cat(p[0:2]), cat(p[2:4]), p[4], p[5], p[6], p[7], cat(p[8:10]), cat(p[10:12]), cat(p[12:14]))
-
-
 def _cached_weights(m, params: tuple, dtype: torch.dtype) -> tuple:
     """:func:`derived_weights` of mixer ``m`` for inference, kept on the mixer until a parameter
     changes (its storage or version counter: optimizer steps, ``load_state_dict`` and other
@@ -323,7 +331,7 @@ def _cached_weights(m, params: tuple, dtype: torch.dtype) -> tuple:
     cache = m.__dict__.get("_triton_weights")
     if cache is None or cache[0] != key:
         with torch.no_grad():
-            cache = (key, derived_weights(*_stacked(params), dtype))
+            cache = (key, derived_weights(params, dtype))
         m.__dict__["_triton_weights"] = cache
     return cache[1]
 
@@ -336,7 +344,7 @@ def bimamba_core_triton(xz: torch.Tensor, m) -> torch.Tensor:
     params = _core_params(m)
     if not torch.is_grad_enabled() or not (xz.requires_grad or any(p.requires_grad for p in params)):
         return core_forward(xz, _cached_weights(m, params, xz.dtype), m.d_state, save_sum=False)[0]
-    return BiMambaCoreFn.apply(xz, *_stacked(params), m.d_state)
+    return BiMambaCoreFn.apply(xz, m.d_state, *params)
 
 
 @functools.cache
@@ -348,9 +356,9 @@ def available() -> bool:
         return False
 
 
-def add_rms_norm(x, residual, norm):
+def add_rms_norm(x, residual, norm, drop=None):
     """``residual + x`` then RMSNorm: vimssl's own fused Triton kernels (:mod:`vimssl.ssm.triton_norm`),
     so the triton path needs nothing from mamba-ssm."""
     from vimssl.ssm import triton_norm
 
-    return triton_norm.add_rms_norm(x, residual, norm)
+    return triton_norm.add_rms_norm(x, residual, norm, drop)

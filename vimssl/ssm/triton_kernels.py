@@ -80,6 +80,66 @@ def _dsilu(x):
 
 
 # ----------------------------------------------------------------------------------------------
+# derived weights: the mixer's parameters as the kernels and matmuls take them, in one launch
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pick(pf, pb, off, mf, mb):
+    """The forward-branch parameter where ``mf``, the backward-branch one where ``mb``, else 0
+    (float32); ``off`` is the offset inside either parameter."""
+    a = tl.load(pf + off, mask=mf, other=0.0).to(tl.float32)
+    return a + tl.load(pb + off, mask=mb, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def prep_kernel(
+    cwf, cwb, cbf, cbb, xwf, xwb, dwf, dwb, dbf, dbb, alf, alb, Df, Db,
+    cw_o, cb_o, at_o, d_o, dtb_o, xw_o, dtw_o,
+    E, R, N,
+    K: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr,
+    BE: tl.constexpr,
+):  # fmt: skip
+    """Both branches' parameters (suffix f: forward, b: backward; contiguous, any float dtype)
+    stacked over 2E channels, for channel block ``program_id(0)``: conv weight (2E, K) and bias,
+    A log2(e) (N, 2E), D and dt bias (2E,), all float32; the block-diagonal x_proj weight
+    (2P, 2E), P = R + 2N, and dt_proj weight (2E, 2R) in the output's dtype, zeros included.
+    Replaces about fifteen small torch launches per layer and call (cat, block_diag, casts)."""
+    c = tl.program_id(0) * BE + tl.arange(0, BE)  # (BE,) stacked channels
+    mc = c < 2 * E
+    bwd = c >= E
+    mf, mb = mc & ~bwd, mc & bwd
+    cl = tl.where(bwd, c - E, c)  # channel inside its branch
+    # per-channel vectors
+    tl.store(cb_o + c, _pick(cbf, cbb, cl, mf, mb), mask=mc)
+    tl.store(d_o + c, _pick(Df, Db, cl, mf, mb), mask=mc)
+    tl.store(dtb_o + c, _pick(dbf, dbb, cl, mf, mb), mask=mc)
+    # conv weight (E, 1, K) per branch -> (2E, K)
+    k = tl.arange(0, BK)[None, :]
+    mk = k < K
+    tl.store(cw_o + c[:, None] * K + k, _pick(cwf, cwb, cl[:, None] * K + k, mf[:, None] & mk, mb[:, None] & mk),
+             mask=mc[:, None] & mk)  # fmt: skip
+    # A = -exp(A_log) (E, N) per branch -> A log2(e), transposed (N, 2E)
+    n = tl.arange(0, BN)[:, None]
+    mn = n < N
+    a = _pick(alf, alb, cl[None, :] * N + n, mn & mf[None, :], mn & mb[None, :])
+    tl.store(at_o + n * (2 * E) + c[None, :], -tl.exp(a) * LOG2E, mask=mn & mc[None, :])
+    # dt_proj (E, R) per branch -> block-diagonal (2E, 2R)
+    j = tl.arange(0, BR)[None, :]
+    jb = j - R  # column inside the backward branch's block
+    v = _pick(dwf, dwb, cl[:, None] * R + tl.where(bwd[:, None], jb, j),
+              mf[:, None] & (j < R), mb[:, None] & (jb >= 0) & (jb < R))  # fmt: skip
+    tl.store(dtw_o + c[:, None] * (2 * R) + j, v.to(dtw_o.dtype.element_ty), mask=mc[:, None] & (j < 2 * R))
+    # x_proj (P, E) per branch -> block-diagonal (2P, 2E)
+    P = R + 2 * N
+    i = tl.arange(0, BP)[:, None]
+    ib = i - P
+    v = _pick(xwf, xwb, tl.where(bwd[None, :], ib, i) * E + cl[None, :],
+              (i < P) & mf[None, :], (ib >= 0) & (ib < P) & mb[None, :])  # fmt: skip
+    tl.store(xw_o + i * (2 * E) + c[None, :], v.to(xw_o.dtype.element_ty), mask=(i < 2 * P) & mc[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
 # depthwise conv1d + SiLU, both directions
 # ----------------------------------------------------------------------------------------------
 
@@ -147,36 +207,43 @@ def _conv_pre(
 
 @triton.jit
 def conv_bwd_gp_kernel(
-    x_ptr, w_ptr, bias_ptr, g_ptr, gp_ptr, dw_ptr, db_ptr,
-    L, E, n_tiles,
+    x_ptr, w_ptr, bias_ptr, g_ptr, gp_ptr, dwb_ptr,
+    L, E,
     sx_b, sx_l, sg_b, sg_l,
-    K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+    K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
-    """First half of the conv backward. g (B, L, 2E): gradient of the SiLU outputs. Writes
-    gp = g * SiLU'(pre-activation) (B, L, 2E, same strides as g) and this tile's partial weight
-    and bias gradients dw (B, tiles, 2E, K), db (B, tiles, 2E), reduced by the caller."""
-    pid_t, pid_e, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    t = pid_t * BT + tl.arange(0, BT)
+    """First half of the conv backward, for one batch row and BE channels of both branches,
+    walking the tokens in tiles of BT. g (B, L, 2E): gradient of the SiLU outputs. Writes
+    gp = g * SiLU'(pre-activation) (B, L, 2E, same strides as g) and this row's weight and bias
+    gradients dwb (B, 2E, K + 1) float32 (columns 0..K-1 the taps, K the bias), summed over the
+    batch by the caller."""
+    pid_e, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     e = pid_e * BE + tl.arange(0, BE)
     me = e < E
-    m = (t < L)[:, None] & me[None, :]
     x_base = x_ptr + b * sx_b + e[None, :]
-    part = (b * n_tiles + pid_t) * (2 * E)
+    kk = tl.arange(0, BK)[None, :]  # (1, BK): tap, or K for the bias
     for D in tl.static_range(2):
-        pre = _conv_pre(x_base, sx_l, w_ptr, bias_ptr, e, me, t, L, E, D, K, BT, BE)
-        off = b * sg_b + t[:, None] * sg_l + D * E + e[None, :]
-        gp = tl.where(m, tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32) * _dsilu(pre), 0.0)
-        tl.store(gp_ptr + off, gp.to(gp_ptr.dtype.element_ty), mask=m)
-        tl.store(db_ptr + part + D * E + e, tl.sum(gp, axis=0), mask=me)
-        for k in tl.static_range(K):
-            if D == 0:
-                tx = t - (K - 1) + k
-            else:
-                tx = t + (K - 1) - k
-            xv = tl.load(
-                x_base + tx[:, None] * sx_l, mask=((tx >= 0) & (tx < L))[:, None] & me[None, :], other=0.0
-            )
-            tl.store(dw_ptr + (part + D * E + e) * K + k, tl.sum(gp * xv.to(tl.float32), axis=0), mask=me)
+        acc = tl.zeros((BE, BK), tl.float32)
+        for t0 in range(0, L, BT):
+            t = t0 + tl.arange(0, BT)
+            m = (t < L)[:, None] & me[None, :]
+            pre = _conv_pre(x_base, sx_l, w_ptr, bias_ptr, e, me, t, L, E, D, K, BT, BE)
+            off = b * sg_b + t[:, None] * sg_l + D * E + e[None, :]
+            gp = tl.where(m, tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32) * _dsilu(pre), 0.0)
+            tl.store(gp_ptr + off, gp.to(gp_ptr.dtype.element_ty), mask=m)
+            acc += tl.where(kk == K, tl.sum(gp, axis=0)[:, None], 0.0)
+            for k in tl.static_range(K):
+                if D == 0:
+                    tx = t - (K - 1) + k
+                else:
+                    tx = t + (K - 1) - k
+                xv = tl.load(
+                    x_base + tx[:, None] * sx_l, mask=((tx >= 0) & (tx < L))[:, None] & me[None, :], other=0.0
+                )
+                acc += tl.where(kk == k, tl.sum(gp * xv.to(tl.float32), axis=0)[:, None], 0.0)
+        tl.store(
+            dwb_ptr + (b * (2 * E) + D * E + e[:, None]) * (K + 1) + kk, acc, mask=me[:, None] & (kk <= K)
+        )
 
 
 @triton.jit
@@ -558,7 +625,7 @@ def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, dtb, c
 @triton.jit
 def scan_bwd_kernel(
     u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, dy_ptr, ysum_ptr, hst_ptr,
-    du_ptr, ddt_ptr, dz_ptr, dbc_part_ptr, dA_ptr, dD_ptr, dtb_grad_ptr, hc_ptr, sc_ptr, wc_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dbc_part_ptr, acc_ptr, hc_ptr, sc_ptr, wc_ptr,
     L, E, N, R, n_eblocks, T, n_ch,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, sdz_b, sdz_l,
     BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, KEEP: tl.constexpr, RS: tl.constexpr,
@@ -568,8 +635,9 @@ def scan_bwd_kernel(
     2: 2 chunk + branch; unchunked T = L), one batch row and BE channels. dy (B, L, E): gradient of the gated output. Writes du (B, L, 2E): gradient of u;
     ddt (B, L, 2E): gradient of the raw dt (before bias and softplus); dz (B, L, E, strided): the
     gradient of z (by the forward-branch programs); dbc_part (B, 2, eblocks, L, 2N): this
-    program's share of the gradients of B and C; dA (B, n_ch, N, 2E) (gradient of A_log), dD and
-    dtb_grad (B, n_ch, 2E) (gradients of D and of the dt bias): this batch row's and chunk's share.
+    program's share of the gradients of B and C; acc (B, n_ch, N + 2, 2E): this batch row's and
+    chunk's share of the gradients of A_log (rows 0..N-1), D (row N) and the dt bias (row N+1),
+    summed by the caller in one reduction.
     hst: float32 scratch (B, n_ch, ceil(T / 4), BN, 2E). CHUNKED: the chunk starts from the state
     carried in from the chunks before it and the gradient carry w from those after it
     (:func:`_lookback` over hc, sc and wc from :func:`scan_state_kernel`).
@@ -712,6 +780,7 @@ def scan_bwd_kernel(
         u2, r2, y2, z2, s2 = nu2, nr2, ny2, nz2, ns2
         u3, r3, y3, z3, s3 = nu3, nr3, ny3, nz3, ns3
     bc_row = b * nc + c  # this batch row's and chunk's share
-    tl.store(dA_ptr + (bc_row * N + n) * (2 * E) + ch, dA * At2 * LN2, mask=mA)  # d/dA_log = d/dA * A
-    tl.store(dD_ptr + bc_row * 2 * E + ch, dD, mask=me)
-    tl.store(dtb_grad_ptr + bc_row * 2 * E + ch, dtb, mask=me)
+    acc = acc_ptr + bc_row * ((N + 2) * 2 * E) + ch  # rows 0..N-1: dA_log, N: dD, N+1: dt bias
+    tl.store(acc + n * (2 * E), dA * At2 * LN2, mask=mA)  # d/dA_log = d/dA * A
+    tl.store(acc + N * (2 * E), dD, mask=me)
+    tl.store(acc + (N + 1) * (2 * E), dtb, mask=me)

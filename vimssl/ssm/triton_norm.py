@@ -23,11 +23,12 @@ MAX_WIDTH = 16384  # wider rows fall back to the plain PyTorch version
 
 @triton.jit
 def add_rms_fwd_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, rstd_ptr, M, D, eps,
+    x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, rstd_ptr, s_ptr, M, D, eps, inv_keep, rows_per_s,
     sx, sres, sout, srout,
-    HAS_X: tl.constexpr, ROWS: tl.constexpr, BD: tl.constexpr,
+    HAS_X: tl.constexpr, HAS_S: tl.constexpr, ROWS: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
-    """ROWS rows of (M, D): rout = res (+ x) in float32, rstd = 1 / rms(rout), out = rout * rstd * w."""
+    """ROWS rows of (M, D): rout = res (+ x) in float32, rstd = 1 / rms(rout), out = rout * rstd * w.
+    HAS_S (drop path): x of row i is scaled by s[i // rows_per_s] * inv_keep (s: 0 or 1 per sample)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]  # (ROWS, 1)
     cols = tl.arange(0, BD)[None, :]  # (1, BD)
     mc = cols < D
@@ -35,7 +36,10 @@ def add_rms_fwd_kernel(
     rows = rows.to(tl.int64)
     r = tl.load(res_ptr + rows * sres + cols, mask=m, other=0.0).to(tl.float32)
     if HAS_X:
-        r += tl.load(x_ptr + rows * sx + cols, mask=m, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + rows * sx + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_S:
+            xv *= tl.load(s_ptr + rows // rows_per_s, mask=rows < M, other=0.0) * inv_keep
+        r += xv
     tl.store(rout_ptr + rows * srout + cols, r, mask=m)
     rstd = tl.rsqrt(tl.sum(r * r, axis=1, keep_dims=True) / D + eps)  # (ROWS, 1)
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)
@@ -45,13 +49,15 @@ def add_rms_fwd_kernel(
 
 @triton.jit
 def add_rms_bwd_kernel(
-    dout_ptr, drout_ptr, rout_ptr, rstd_ptr, w_ptr, dres_ptr, dx_ptr, dw_ptr, M, D, n_tiles,
-    sdout, sdrout, srout, sdres, sdx,
-    HAS_DROUT: tl.constexpr, HAS_DX: tl.constexpr, ROWS: tl.constexpr, BD: tl.constexpr,
+    dout_ptr, drout_ptr, rout_ptr, rstd_ptr, w_ptr, dres_ptr, dx_ptr, dw_ptr, s_ptr, M, D, n_tiles,
+    inv_keep, rows_per_s, sdout, sdrout, srout, sdres, sdx,
+    HAS_DROUT: tl.constexpr, HAS_DX: tl.constexpr, HAS_S: tl.constexpr, ROWS: tl.constexpr,
+    BD: tl.constexpr,
 ):  # fmt: skip
     """Gradients of :func:`add_rms_fwd_kernel` over the row tiles pid, pid + nprog, ...: the
     residual's (dres, plus the incoming rout gradient when HAS_DROUT) and x's (the same values in
-    x's dtype, when HAS_DX); this program's share of the weight gradient goes to dw[pid]."""
+    x's dtype, when HAS_DX, times the drop-path scale when HAS_S); this program's share of the
+    weight gradient goes to dw[pid]."""
     pid, nprog = tl.program_id(0), tl.num_programs(0)
     cols = tl.arange(0, BD)[None, :]
     mc = cols < D
@@ -73,6 +79,8 @@ def add_rms_bwd_kernel(
             dr += tl.load(drout_ptr + rows * sdrout + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(dres_ptr + rows * sdres + cols, dr.to(dres_ptr.dtype.element_ty), mask=m)
         if HAS_DX:
+            if HAS_S:
+                dr *= tl.load(s_ptr + rows // rows_per_s, mask=mr, other=0.0) * inv_keep
             tl.store(dx_ptr + rows * sdx + cols, dr.to(dx_ptr.dtype.element_ty), mask=m)
     tl.store(dw_ptr + pid * D + cols, tl.sum(dw, axis=0, keep_dims=True), mask=mc)
 
@@ -101,7 +109,7 @@ def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
 
 class AddRMSNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, eps: float, out_dtype: torch.dtype):
+    def forward(ctx, x, residual, weight, eps: float, out_dtype: torch.dtype, mask, keep: float):
         d = residual.shape[-1]
         shape = residual.shape
         res2 = _rows(residual, d)
@@ -111,12 +119,15 @@ class AddRMSNormFn(torch.autograd.Function):
         rout = torch.empty(m, d, device=res2.device, dtype=torch.float32)
         rstd = torch.empty(m, device=res2.device, dtype=torch.float32)
         rows, bd, warps = _tile(d)
+        has_s = x is not None and mask is not None
+        rows_per_s = m // shape[0] if has_s else 1  # rows of one sample
         add_rms_fwd_kernel[(triton.cdiv(m, rows),)](
-            x2, res2, weight, out, rout, rstd, m, d, eps,
+            x2, res2, weight, out, rout, rstd, mask if has_s else rstd, m, d, eps, 1.0 / keep, rows_per_s,
             x2.stride(0), res2.stride(0), out.stride(0), rout.stride(0),
-            HAS_X=x is not None, ROWS=rows, BD=bd, num_warps=warps,
+            HAS_X=x is not None, HAS_S=has_s, ROWS=rows, BD=bd, num_warps=warps,
         )  # fmt: skip
-        ctx.save_for_backward(rout, rstd, weight)
+        ctx.save_for_backward(rout, rstd, weight, mask if has_s else None)
+        ctx.keep, ctx.rows_per_s = keep, rows_per_s
         ctx.x_dtype = None if x is None else x.dtype
         ctx.res_dtype, ctx.shape = residual.dtype, shape
         ctx.set_materialize_grads(False)
@@ -124,7 +135,7 @@ class AddRMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, drout):
-        rout, rstd, weight = ctx.saved_tensors
+        rout, rstd, weight, mask = ctx.saved_tensors
         m, d = rout.shape
         if dout is None:
             dout = torch.zeros(m, d, device=rout.device, dtype=torch.float32)
@@ -138,9 +149,11 @@ class AddRMSNormFn(torch.autograd.Function):
         dx = torch.empty(m, d, device=rout.device, dtype=ctx.x_dtype) if has_dx else dres
         dw = torch.empty(grid, d, device=rout.device, dtype=torch.float32)
         add_rms_bwd_kernel[(grid,)](
-            dout, drout if drout is not None else dout, rout, rstd, weight, dres, dx, dw, m, d, n_tiles,
+            dout, drout if drout is not None else dout, rout, rstd, weight, dres, dx, dw,
+            mask if mask is not None else rstd, m, d, n_tiles, 1.0 / ctx.keep, ctx.rows_per_s,
             dout.stride(0), drout.stride(0) if drout is not None else 0, rout.stride(0), dres.stride(0),
-            dx.stride(0), HAS_DROUT=drout is not None, HAS_DX=has_dx, ROWS=rows, BD=bd, num_warps=warps,
+            dx.stride(0), HAS_DROUT=drout is not None, HAS_DX=has_dx, HAS_S=mask is not None, ROWS=rows,
+            BD=bd, num_warps=warps,
         )  # fmt: skip
         dweight = dw.sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
         return (
@@ -149,12 +162,18 @@ class AddRMSNormFn(torch.autograd.Function):
             dweight,
             None,
             None,
+            None,
+            None,
         )
 
 
-def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor | None, residual: torch.Tensor, norm, drop=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``residual <- residual + x`` (x may be None), returns ``(norm(residual), residual)`` with the
-    residual in float32: :func:`vimssl.layers.norm.add_rms_norm` in one kernel each way."""
+    residual in float32: :func:`vimssl.layers.norm.add_rms_norm` in one kernel each way. ``drop``
+    (a drop-path draw of x's samples, :func:`vimssl.layers.drop_path.draw`) is applied inside the
+    kernels, in float32."""
     d = residual.shape[-1]
     if x is not None and x.shape != residual.shape:
         raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must have the same shape")
@@ -163,9 +182,14 @@ def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, norm) -> tuple[
     if d > MAX_WIDTH:
         from vimssl.layers.norm import add_rms_norm as plain
 
-        return plain(x, residual, norm)
+        return plain(x, residual, norm, drop)
     if torch.is_autocast_enabled(residual.device.type):
         out_dtype = torch.get_autocast_dtype(residual.device.type)
     else:
         out_dtype = norm.weight.dtype
-    return AddRMSNormFn.apply(x, residual, norm.weight, norm.eps, out_dtype)
+    mask, keep = drop if drop is not None else (None, 1.0)
+    if mask is not None and mask.shape != (residual.shape[0],):
+        raise ValueError(
+            f"drop mask {tuple(mask.shape)} must have one value per sample ({residual.shape[0]})"
+        )
+    return AddRMSNormFn.apply(x, residual, norm.weight, norm.eps, out_dtype, mask, keep)
