@@ -4,6 +4,9 @@
         --paths cuda torch deit --out benchmarks/results/h100.json
 
 Training = forward + backward of a cross-entropy loss under bf16 autocast (no optimizer step);
+with ``--graphs`` it is replayed from CUDA graphs (:mod:`vimssl.models.graphs`, what the
+LightningModules' ``cuda_graphs`` option does) for every path, DeiT included, and the records say
+``"cuda_graphs": true`` (inference stays eager);
 inference = forward under bf16 autocast and ``torch.inference_mode``. Timed with CUDA events after
 warm-up, median of several timed windows. DeiT is timm's ViT of the same width with
 scaled-dot-product attention, measured in the same run. Writes one JSON record per
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import vimssl
+from vimssl.models.graphs import CudaGraphed
 
 DEIT = {192: "deit_tiny_patch16_224", 384: "deit_small_patch16_224", 768: "deit_base_patch16_224"}
 # default batch per image size (tokens per image grow 4x per doubling of the side)
@@ -57,13 +61,14 @@ def time_fn(fn, warmup: int, iters: int, windows: int = 3) -> float:
     return statistics.median(times)
 
 
-def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, graphs: bool = False):
     """One training step as timed here: forward + cross-entropy backward under bf16 autocast, no
-    optimiser (gradients dropped)."""
+    optimiser (gradients dropped); ``graphs``: the model's forward and backward from CUDA graphs."""
+    fwd = CudaGraphed(model, model) if graphs else model
 
     def train_step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(fwd(x).float(), y)
         loss.backward()
         for p in model.parameters():
             p.grad = None
@@ -71,13 +76,13 @@ def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     return train_step
 
 
-def measure(name: str, path: str, img: int, batch: int, iters: int) -> dict:
+def measure(name: str, path: str, img: int, batch: int, iters: int, graphs: bool = False) -> dict:
     torch.manual_seed(0)
     model = build(name, path, img).cuda()
     x = torch.randn(batch, 3, img, img, device="cuda")
     y = torch.randint(0, 1000, (batch,), device="cuda")
 
-    train_step = train_step_fn(model, x, y)
+    train_step = train_step_fn(model, x, y, graphs)
 
     def infer_step():
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -95,7 +100,7 @@ def measure(name: str, path: str, img: int, batch: int, iters: int) -> dict:
         model=name, img_size=img, batch=batch, path=path,
         train_img_s=round(batch / train_s, 1), infer_img_s=round(batch / infer_s, 1),
         train_peak_gib=round(peak, 2), gpu=torch.cuda.get_device_name(0),
-        date=dt.date.today().isoformat(),
+        date=dt.date.today().isoformat(), **({"cuda_graphs": True} if graphs else {}),
     )  # fmt: skip
 
 
@@ -117,6 +122,7 @@ def main() -> None:
         "--torch-batch", type=int, default=16, help="batch of the reference path (it keeps every state)"
     )
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the records")
+    ap.add_argument("--graphs", action="store_true", help="training steps from CUDA graphs (all paths)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -132,7 +138,7 @@ def main() -> None:
                     batch = min(batch, args.torch_batch)
                 iters = 2 if path == "torch" else args.iters
                 try:
-                    rec = measure(name, path, img, batch, iters)
+                    rec = measure(name, path, img, batch, iters, args.graphs)
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     rec = dict(model=name, img_size=img, batch=batch, path=path, error="out of memory")
@@ -148,7 +154,8 @@ def main() -> None:
             print(f"| {r['model']} | {r['img_size']} | {r['batch']} | {r['path']} | {r['error']} | | |")
         else:
             print(
-                f"| {r['model']} | {r['img_size']} | {r['batch']} | {r['path']} | {r['train_img_s']:,.0f} "
+                f"| {r['model']} | {r['img_size']} | {r['batch']} | {r['path']}{' (graphs)' if r.get('cuda_graphs') else ''} "
+                f"| {r['train_img_s']:,.0f} "
                 f"| {r['infer_img_s']:,.0f} | {r['train_peak_gib']:.1f} |"
             )
 

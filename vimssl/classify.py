@@ -31,6 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassAccuracy
 
 from vimssl.checkpoint import fold_feature_norm  # noqa: F401  (re-exported)
+from vimssl.models.graphs import CudaGraphed, check_cuda_graphs
 from vimssl.optim import (
     build_adamw,
     effective_batch_size,
@@ -71,6 +72,7 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
         ema_decay: float | None = None,
         class_names: list[str] | None = None,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -118,6 +120,11 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
             )
             self.ema.requires_grad_(False)
         self.mix = self._mixing(mixup_alpha, cutmix_alpha, num_classes)
+        # the fine-tuning forward + backward replayed from CUDA graphs (vimssl.models.graphs)
+        self._graphed = None
+        if cuda_graphs:
+            check_cuda_graphs(mode == "finetune", grad_checkpointing)
+            self._graphed = CudaGraphed(self.model, lambda imgs: self.model.head(self.features(imgs)))
         top5 = min(5, num_classes)
         self.metrics = nn.ModuleDict(
             {
@@ -156,6 +163,8 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
     def forward(self, imgs: torch.Tensor, use_ema: bool = False) -> torch.Tensor:
         """Logits (B, num_classes)."""
         model = self.ema.module if (use_ema and self.ema is not None) else self.model
+        if self._graphed is not None and model is self.model:
+            return self._graphed(imgs)  # eager unless training with gradients on a GPU
         if self.hparams.mode == "linear":
             with torch.no_grad():
                 feats = self.features(imgs, model)

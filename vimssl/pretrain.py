@@ -31,10 +31,12 @@ from vimssl.mim import (
     make_mask,
     mask_to_ids,
     masked_mse,
+    num_masked,
     pixel_target,
     unpatchify,
 )
 from vimssl.models import create_model
+from vimssl.models.graphs import CudaGraphed, check_cuda_graphs
 from vimssl.optim import (
     build_adamw,
     effective_batch_size,
@@ -81,6 +83,7 @@ class MaskedPretraining(ImagesPerSecond, L.LightningModule):
         warmup_steps: int | None = None,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
         num_classes: int | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -106,6 +109,11 @@ class MaskedPretraining(ImagesPerSecond, L.LightningModule):
             self.decoder = LinearDecoder(self.encoder.embed_dim, patch_dim)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, self.encoder.embed_dim))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
+        # the training loss (masking, encoder, decoder) replayed from CUDA graphs
+        self._graphed = None
+        if cuda_graphs:
+            check_cuda_graphs(True, grad_checkpointing)
+            self._graphed = CudaGraphed(self, lambda imgs: self(imgs)["loss"])
 
     # ------------------------------------------------------------------ model
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -119,10 +127,13 @@ class MaskedPretraining(ImagesPerSecond, L.LightningModule):
                 "resize or crop the images (data.image_size)"
             )
         grid = grid_size((h, w), self.patch_size, self.patch_size)
+        visible = None  # known for a random mask drawn here: no host sync (CUDA-graph capturable)
         if mask is None:
             mask = make_mask(self.hparams.mask_kind, b, grid, self.hparams.mask_ratio, device=imgs.device)
+            if self.hparams.mask_kind == "random":
+                visible = grid[0] * grid[1] - num_masked(grid[0] * grid[1], self.hparams.mask_ratio)
         if self.hparams.method == "mae":
-            ids_keep, _, ids_restore = mask_to_ids(mask)
+            ids_keep, _, ids_restore = mask_to_ids(mask, visible)
             feats = self.encoder.forward_features(imgs, ids_keep=ids_keep)  # (B, K+1, D)
             pred = self.decoder(feats, ids_restore, grid=grid)  # (B, M, p*p*C)
         else:
@@ -152,9 +163,14 @@ class MaskedPretraining(ImagesPerSecond, L.LightningModule):
         }
 
     # --------------------------------------------------------------- training
+    def training_loss(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The masked-modelling loss of a batch: from CUDA graphs with ``cuda_graphs`` (when
+        training with gradients on a GPU), else eagerly."""
+        return self._graphed(imgs) if self._graphed is not None else self(imgs)["loss"]
+
     def training_step(self, batch, batch_idx: int):
         imgs = batch[0]
-        loss = self(imgs)["loss"]
+        loss = self.training_loss(imgs)
         if not self.loss_is_usable(loss):
             return None
         self.log("train/loss", loss, prog_bar=True, batch_size=imgs.shape[0])

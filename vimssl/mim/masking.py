@@ -85,7 +85,10 @@ def random_mask(
     gh, gw = _check_grid(grid)
     m = gh * gw
     n = num_masked(m, mask_ratio)
-    noise = torch.rand(batch, m, generator=generator, device=_rng_device(generator))  # (B, M)
+    # drawn where the mask is wanted when no generator is given (no host copy: capturable in a
+    # CUDA graph), else on the generator's device
+    where = device if generator is None and device is not None else _rng_device(generator)
+    noise = torch.rand(batch, m, generator=generator, device=where)  # (B, M)
     ids = noise.argsort(dim=1)[:, :n]  # (B, n): the n smallest noises are masked
     mask = torch.zeros(batch, m, dtype=torch.bool, device=noise.device)
     mask.scatter_(1, ids, True)
@@ -219,21 +222,27 @@ def make_mask(
 
 
 # ------------------------------------------------------------------------------- indices
-def mask_to_ids(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mask_to_ids(
+    mask: torch.Tensor, visible: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Indices for encoding the visible patches and putting predictions back in place.
 
     mask: (B, M) bool, True = masked, the same count K of visible patches in every row. Returns
     ``ids_keep`` (B, K) and ``ids_masked`` (B, M - K), each in raster order, and ``ids_restore``
     (B, M) such that ``torch.gather(torch.cat([visible, masked], 1), 1, ids_restore)`` is in raster
-    order again (MAE's convention).
+    order again (MAE's convention). ``visible``: K when the caller knows it (a mask it drew), which
+    skips counting and checking it on the host (no device synchronisation).
     """
     if mask.ndim != 2:
         raise ValueError(f"mask must have shape (B, M), got {tuple(mask.shape)}")
     mask = mask.bool()
-    visible = (~mask).sum(dim=1)  # (B,)
-    k = int(visible[0]) if mask.shape[0] else 0
-    if not bool((visible == k).all()):
-        raise ValueError(f"every sample needs the same number of visible patches, got {visible.tolist()}")
+    if visible is None:
+        counts = (~mask).sum(dim=1)  # (B,)
+        k = int(counts[0]) if mask.shape[0] else 0
+        if not bool((counts == k).all()):
+            raise ValueError(f"every sample needs the same number of visible patches, got {counts.tolist()}")
+    else:
+        k = visible
     # stable sort of 0 (visible) before 1 (masked) keeps raster order within each part
     ids_shuffle = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)  # (B, M)
     ids_restore = torch.argsort(ids_shuffle, dim=1)  # (B, M)

@@ -1,0 +1,118 @@
+"""Training steps replayed from CUDA graphs (:mod:`vimssl.models.graphs`) on a GPU: the same loss
+and gradients as the eager step over several optimizer steps, fresh drop-path draws at every
+replay, other batch shapes run eagerly, and the LightningModules' ``cuda_graphs`` option.
+Skipped without a GPU."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vimssl.models import create_model
+from vimssl.models.graphs import CudaGraphed
+from vimssl.ssm.dispatch import triton_kernels_available
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and triton_kernels_available()),
+        reason="needs a CUDA GPU (compute capability 8.0+) with triton",
+    ),
+]
+
+
+def _model(backend: str, drop_path_rate: float = 0.0):
+    torch.manual_seed(0)
+    kw = dict(img_size=64, embed_dim=64, depth=4, drop_path_rate=drop_path_rate, backend=backend)
+    return create_model("vim_test", num_classes=10, **kw).cuda().train()
+
+
+def _step(fwd, x, y, opt):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = F.cross_entropy(fwd(x).float(), y)
+    loss.backward()
+    grads = [p.grad.clone() for p in opt.param_groups[0]["params"]]
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_graphed_steps_match_eager_steps(backend):
+    eager = _model(backend)
+    graphed = copy.deepcopy(eager)
+    g = CudaGraphed(graphed, graphed)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt_g = torch.optim.SGD(graphed.parameters(), lr=0.1)
+    for _ in range(3):  # the replays see the parameters the optimizer updated in place
+        x = torch.randn(8, 3, 64, 64, device="cuda")
+        y = torch.randint(0, 10, (8,), device="cuda")
+        le, ge = _step(eager, x, y, opt_e)
+        lg, gg = _step(g, x, y, opt_g)
+        assert g.failed is None and len(g.graphs) == 1
+        torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-5)
+        for a, b in zip(gg, ge):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_drop_path_draws_are_fresh_at_every_replay():
+    model = _model("triton", drop_path_rate=0.5)
+    g = CudaGraphed(model, model)
+    x = torch.randn(8, 3, 64, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        outs = [g(x).float() for _ in range(3)]
+    assert len(g.graphs) == 1
+    assert not torch.equal(outs[1], outs[2])  # same input, new masks
+    model.eval()  # no drop path: the eager forward, the same at every call
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.equal(g(x), g(x))
+
+
+def test_other_shapes_and_eval_run_eagerly():
+    model = _model("triton")
+    g = CudaGraphed(model, model)
+    x = torch.randn(8, 3, 64, 64, device="cuda")
+    g(x).sum().backward()
+    small = torch.randn(3, 3, 64, 64, device="cuda")  # a smaller last batch
+    out = g(small)
+    assert len(g.graphs) == 1 and out.shape == (3, 10)
+    torch.testing.assert_close(out, model(small), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(g(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(g.graphs) == 1
+
+
+@pytest.mark.parametrize("kind", ["classifier", "mae"])
+def test_lightning_modules_train_from_graphs(kind):
+    from vimssl.classify import ImageClassifier
+    from vimssl.pretrain import MaskedPretraining
+
+    torch.manual_seed(0)
+    if kind == "classifier":
+        module = ImageClassifier("vim_test", num_classes=10, img_size=32, backend="triton", cuda_graphs=True)
+        batch = (torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    else:
+        module = MaskedPretraining("vim_test", img_size=32, backend="triton", decoder_dim=32, decoder_depth=1,
+                                   cuda_graphs=True)  # fmt: skip
+        batch = (torch.randn(8, 3, 32, 32),)
+    module = module.cuda().train()
+    batch = tuple(t.cuda() for t in batch)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = module.training_loss(batch[0]) if kind == "mae" else _classifier_loss(module, batch)
+        loss.backward()
+        assert torch.isfinite(loss)
+        # the replayed backward reaches every trainable parameter of the module
+        missing = [n for n, p in module.named_parameters() if p.requires_grad and not p.grad.abs().sum() > 0]
+        assert not missing
+        opt.step()
+        opt.zero_grad()
+    assert module._graphed.failed is None, module._graphed.failed
+    assert len(module._graphed.graphs) == 1
+
+
+def _classifier_loss(module, batch):
+    imgs, labels = batch
+    return F.cross_entropy(module(imgs).float(), labels)
