@@ -7,7 +7,7 @@ import torch
 
 from vimssl.classify import ImageClassifier
 from vimssl.models import create_model
-from vimssl.models.graphs import CudaGraphed
+from vimssl.models.graphs import CudaGraphed, check_single_device
 from vimssl.pretrain import MaskedPretraining
 
 
@@ -50,3 +50,10 @@ def test_cuda_graphs_option_trains_eagerly_on_the_cpu():
     assert torch.isfinite(loss) and not module._graphed.graphs
     assert module.encoder.cls_token.grad is not None
     assert "_graphed" not in "".join(module.state_dict())  # nothing of the option in checkpoints
+
+
+def test_cuda_graphs_is_refused_with_several_processes():
+    check_single_device(True, 1)
+    check_single_device(False, 8)
+    with pytest.raises(ValueError, match="cuda_graphs.*single GPU.*8 processes"):
+        check_single_device(True, 8)

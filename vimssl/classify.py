@@ -31,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassAccuracy
 
 from vimssl.checkpoint import fold_feature_norm  # noqa: F401  (re-exported)
-from vimssl.models.graphs import CudaGraphed, check_cuda_graphs
+from vimssl.models.graphs import CudaGraphed, check_cuda_graphs, check_single_device
 from vimssl.optim import (
     build_adamw,
     effective_batch_size,
@@ -255,6 +255,7 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:
+        check_single_device(self.hparams.cuda_graphs, self.trainer.world_size)
         names = getattr(self.trainer.datamodule, "class_names", None)
         if self.hparams.class_names is None and names is not None:
             self.hparams.class_names = list(names)

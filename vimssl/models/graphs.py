@@ -112,3 +112,12 @@ def check_cuda_graphs(trains_encoder: bool, grad_checkpointing: bool) -> None:
             "cuda_graphs and grad_checkpointing cannot be combined (recomputation inside a captured "
             "graph is not supported here): set one of them to false"
         )
+
+
+def check_single_device(cuda_graphs: bool, world_size: int) -> None:
+    """``cuda_graphs`` has been tested on one GPU only: refuse it under multi-process training."""
+    if cuda_graphs and world_size > 1:
+        raise ValueError(
+            f"cuda_graphs is supported on a single GPU only (this run has {world_size} processes): "
+            "set model.init_args.cuda_graphs=false"
+        )
