@@ -48,6 +48,8 @@ def test_kernels_match_reference_under_interpreter():
         assert r["dtypes"][:4] == ["torch.float32"] * 4, r
         if r["x_dtype"] != "None":
             assert r["dtypes"][4] == r["x_dtype"], r
+    assert set(report["conv_widths"]) == {"3", "5"}  # conv widths other than 4 (another code path)
+    assert all(err < 1e-4 for err in report["conv_widths"].values()), report["conv_widths"]
     # drop path fused into the next norm (triton) against applied to the block output (torch)
     drop = report["drop"]
     assert drop["vs_no_drop"] > 1e-2, drop  # samples were dropped

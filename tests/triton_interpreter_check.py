@@ -36,7 +36,7 @@ def core_reference(m: BiMambaMixer, xz: torch.Tensor):
     gradients of xz and of each parameter for g)."""
     names = [k for k, _ in m.named_parameters() if not k.startswith(("in_proj", "out_proj"))]
     params = [dict(m.named_parameters())[k] for k in names]
-    md = BiMambaMixer(m.d_model, d_state=m.d_state).to(xz.device).double()
+    md = BiMambaMixer(m.d_model, d_state=m.d_state, d_conv=m.d_conv).to(xz.device).double()
     md.load_state_dict(m.state_dict())
     xzd = xz.double().requires_grad_()
     ref = bimamba_core(xzd, md, get_ops("torch"))
@@ -103,9 +103,29 @@ def main() -> None:
         (gx,) = torch.autograd.grad(out, [xzt], g.to(dtype))
         half[str(dtype)] = dict(dtypes=[str(out.dtype), str(gx.dtype)], out=rel(out, ref), xz=rel(gx, gref))
     report = dict(
-        shapes=results, half=half, norm=norm_errors(), cache=inference_cache(), drop=drop_path_model()
+        shapes=results, half=half, norm=norm_errors(), cache=inference_cache(), conv_widths=conv_widths()
     )
+    report["drop"] = drop_path_model()
     print(json.dumps(report))
+
+
+def conv_widths() -> dict:
+    """Conv widths other than Vim's 4 (the conv backward has a separate code path above 4 taps):
+    the largest relative error of the output and every gradient against float64, per width."""
+    out = {}
+    for k in (3, 5):
+        torch.manual_seed(k)
+        m = BiMambaMixer(8, d_state=4, d_conv=k)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        xz = torch.randn(2, 11, 2 * m.d_inner)
+        names, params, ref, g, gref = core_reference(m, xz)
+        xzt = xz.clone().requires_grad_()
+        o = tc.bimamba_core_triton(xzt, m)
+        grads = torch.autograd.grad(o, [xzt] + params, g.float())
+        out[str(k)] = max([rel(o, ref)] + [rel(a, b) for a, b in zip(grads, gref)])
+    return out
 
 
 def drop_path_model() -> dict:

@@ -31,6 +31,7 @@ SEQ_BE_FWD, SEQ_BE_BWD, SEQ_WARPS = 64, 32, 1
 # scan backward: keep the recomputed decays in registers (see the kernel)
 SEQ_KEEP = False
 SEQ_RS = True  # scan backward: lane reduce-scatter for the dB/dC sums (see the kernel)
+SEQ_PART_BF16 = True  # scan backward: dB/dC partials in bf16 for bf16 runs (see scan_bwd)
 SEQ_NARROW = True  # narrower scan programs when a batch gives fewer than two per SM (see below)
 # Two-level (chunked) scans for long sequences, see _chunk_len. SEQ_CHUNK: None picks the chunk
 # length by occupancy on a GPU; an int forces that many tokens per chunk (tests and sweeps), 0
@@ -39,10 +40,10 @@ SEQ_NARROW = True  # narrower scan programs when a batch gives fewer than two pe
 # per SM; chunks are at least SEQ_MIN_CHUNK tokens. From the H100 chunk sweep (docs/kernel-notes.md).
 SEQ_CHUNK: int | None = None
 SEQ_FILL_FWD, SEQ_FILL_BWD, SEQ_MIN_CHUNK = (12, 24), (8, 48), 128
-CONV_BT, CONV_BE, CONV_WARPS = 16, 128, 2
-# conv backward's first kernel: one program per (batch row, channels) walking the tokens (H100 sweep:
-# BT 16, BE 64, one warp 273 us per Vim-S layer with the second kernel and the sum)
-CONV_GP_BT, CONV_GP_BE, CONV_GP_WARPS = 16, 64, 1
+CONV_BT, CONV_BE, CONV_WARPS = 8, 128, 4
+# conv backward's first kernel: one program per (batch row, channels) walking the tokens (H100 sweep,
+# Vim-S layer, with the second kernel and the sum: 221 us at 8 x 128, one warp; 233 at 16 x 64)
+CONV_GP_BT, CONV_GP_BE, CONV_GP_WARPS = 8, 128, 1
 LAST: dict = {}  # the last launch handle of each kernel (registers and spills, for benchmarks)
 
 
@@ -203,7 +204,10 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
     # the state entering each group of 4 tokens, per chunk
     hst = torch.empty(bsz, n_ch, triton.cdiv(chunk, 4), bn, e2, **f32)
     du, ddt = torch.empty_like(xc), torch.empty_like(xc)
-    part = torch.empty(bsz, 2, n_eb, seqlen, 2 * d_state, **f32)
+    # dB/dC partials (each a float32 sum over one program's channels): bf16 for bf16 runs, which
+    # halves their bytes and the sum's; float32 otherwise (fp16's range is too narrow for them)
+    part_dtype = torch.bfloat16 if SEQ_PART_BF16 and xc.dtype == torch.bfloat16 else torch.float32
+    part = torch.empty(bsz, 2, n_eb, seqlen, 2 * d_state, device=xc.device, dtype=part_dtype)
     acc = torch.empty(bsz * n_ch, d_state + 2, e2, **f32)  # dA_log (N rows), dD, dt bias
     dy = dy.contiguous()
     in_strides = (
@@ -220,7 +224,7 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
         BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), CHUNKED=n_ch > 1,
         num_warps=SEQ_WARPS,
     )  # fmt: skip
-    # over the channel blocks, in float32 (a sum with dtype= would first cast all the partials)
+    # over the channel blocks, accumulated in float32 (sum(dtype=) would first cast all the partials)
     dbc = part.sum(2).to(xc.dtype).transpose(1, 2)
     acc = acc.sum(0)
     return du, ddt, dbc, acc[:d_state].t(), acc[d_state], acc[d_state + 1]

@@ -206,6 +206,29 @@ def _conv_pre(
 
 
 @triton.jit
+def _tap(x_base, sx_l, t, me, L, k, D: tl.constexpr, K: tl.constexpr):
+    """The input under tap k of branch D for output rows t: (BT, BE) float32 (0 outside)."""
+    if D == 0:
+        tx = t - (K - 1) + k
+    else:
+        tx = t + (K - 1) - k
+    xv = tl.load(x_base + tx[:, None] * sx_l, mask=((tx >= 0) & (tx < L))[:, None] & me[None, :], other=0.0)
+    return xv.to(tl.float32)
+
+
+@triton.jit
+def _tap_sum(gp, x_base, sx_l, t, me, L, k, D: tl.constexpr, K: tl.constexpr):
+    """sum over the tile's tokens of gp * (the input under tap k of branch D): (BE,) float32."""
+    return tl.sum(gp * _tap(x_base, sx_l, t, me, L, k, D, K), axis=0)
+
+
+@triton.jit
+def _w(w_ptr, e, me, E, k, D: tl.constexpr, K: tl.constexpr):
+    """Tap k's weight of branch D, (1, BE) float32 (0 for taps past K)."""
+    return tl.load(w_ptr + (D * E + e) * K + k, mask=me & (k < K), other=0.0)[None, :]
+
+
+@triton.jit
 def conv_bwd_gp_kernel(
     x_ptr, w_ptr, bias_ptr, g_ptr, gp_ptr, dwb_ptr,
     L, E,
@@ -216,34 +239,62 @@ def conv_bwd_gp_kernel(
     walking the tokens in tiles of BT. g (B, L, 2E): gradient of the SiLU outputs. Writes
     gp = g * SiLU'(pre-activation) (B, L, 2E, same strides as g) and this row's weight and bias
     gradients dwb (B, 2E, K + 1) float32 (columns 0..K-1 the taps, K the bias), summed over the
-    batch by the caller."""
+    batch by the caller. Up to four taps (Vim's d_conv) the per-tap sums stay in separate
+    accumulators of the reduced layout, so the token walk needs no layout conversions; wider
+    kernels gather them in one (BE, BK) accumulator (a shared-memory round trip per tap and tile)."""
     pid_e, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     e = pid_e * BE + tl.arange(0, BE)
     me = e < E
     x_base = x_ptr + b * sx_b + e[None, :]
     kk = tl.arange(0, BK)[None, :]  # (1, BK): tap, or K for the bias
+    out = dwb_ptr + (b * (2 * E) + e) * (K + 1)  # (BE,) at tap 0 of the forward branch
     for D in tl.static_range(2):
+        a0 = tl.zeros((BE,), tl.float32)
+        a1 = tl.zeros((BE,), tl.float32)
+        a2 = tl.zeros((BE,), tl.float32)
+        a3 = tl.zeros((BE,), tl.float32)
+        ab = tl.zeros((BE,), tl.float32)
         acc = tl.zeros((BE, BK), tl.float32)
+        if K <= 4:  # the taps' weights, held for the walk
+            w0, w1 = _w(w_ptr, e, me, E, 0, D, K), _w(w_ptr, e, me, E, 1, D, K)
+            w2, w3 = _w(w_ptr, e, me, E, 2, D, K), _w(w_ptr, e, me, E, 3, D, K)
+            bias = tl.load(bias_ptr + D * E + e, mask=me, other=0.0)[None, :]
         for t0 in range(0, L, BT):
             t = t0 + tl.arange(0, BT)
             m = (t < L)[:, None] & me[None, :]
-            pre = _conv_pre(x_base, sx_l, w_ptr, bias_ptr, e, me, t, L, E, D, K, BT, BE)
             off = b * sg_b + t[:, None] * sg_l + D * E + e[None, :]
-            gp = tl.where(m, tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32) * _dsilu(pre), 0.0)
+            g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
+            if K <= 4:  # each tap's input loaded once, for the pre-activation and its weight gradient
+                x0 = _tap(x_base, sx_l, t, me, L, 0, D, K)
+                x1 = _tap(x_base, sx_l, t, me, L, 1, D, K) if K > 1 else x0
+                x2 = _tap(x_base, sx_l, t, me, L, 2, D, K) if K > 2 else x0
+                x3 = _tap(x_base, sx_l, t, me, L, 3, D, K) if K > 3 else x0
+                pre = bias + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3  # (w_k = 0 past K)
+                gp = tl.where(m, g * _dsilu(pre), 0.0)
+                a0 += tl.sum(gp * x0, axis=0)
+                a1 += tl.sum(gp * x1, axis=0)
+                a2 += tl.sum(gp * x2, axis=0)
+                a3 += tl.sum(gp * x3, axis=0)
+            else:
+                pre = _conv_pre(x_base, sx_l, w_ptr, bias_ptr, e, me, t, L, E, D, K, BT, BE)
+                gp = tl.where(m, g * _dsilu(pre), 0.0)
             tl.store(gp_ptr + off, gp.to(gp_ptr.dtype.element_ty), mask=m)
-            acc += tl.where(kk == K, tl.sum(gp, axis=0)[:, None], 0.0)
-            for k in tl.static_range(K):
-                if D == 0:
-                    tx = t - (K - 1) + k
-                else:
-                    tx = t + (K - 1) - k
-                xv = tl.load(
-                    x_base + tx[:, None] * sx_l, mask=((tx >= 0) & (tx < L))[:, None] & me[None, :], other=0.0
-                )
-                acc += tl.where(kk == k, tl.sum(gp * xv.to(tl.float32), axis=0)[:, None], 0.0)
-        tl.store(
-            dwb_ptr + (b * (2 * E) + D * E + e[:, None]) * (K + 1) + kk, acc, mask=me[:, None] & (kk <= K)
-        )
+            ab += tl.sum(gp, axis=0)
+            if K > 4:
+                for k in tl.static_range(K):
+                    acc += tl.where(kk == k, _tap_sum(gp, x_base, sx_l, t, me, L, k, D, K)[:, None], 0.0)
+        o = out + D * E * (K + 1)
+        tl.store(o + K, ab, mask=me)
+        if K <= 4:
+            tl.store(o, a0, mask=me)
+            if K > 1:
+                tl.store(o + 1, a1, mask=me)
+            if K > 2:
+                tl.store(o + 2, a2, mask=me)
+            if K > 3:
+                tl.store(o + 3, a3, mask=me)
+        else:
+            tl.store(o[:, None] + kk, acc, mask=me[:, None] & (kk < K))
 
 
 @triton.jit
@@ -581,7 +632,7 @@ def _store_dbc_rs(part, t, ok, dBp, dCp):
     v = _halve(v, 2)
     v = _halve(v, 1)  # (1, 32): lane l holds value l of [dB | dC], summed over the 32 lanes
     lid = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
-    tl.store(part + t * 32 + lid, v, mask=ok)
+    tl.store(part + t * 32 + lid, v.to(part.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -617,8 +668,9 @@ def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, dtb, c
     if RS:
         _store_dbc_rs(part, t, ok, dh * du_, s * g)
     else:
-        tl.store(part + t * (2 * N) + n, tl.sum(dh * du_, axis=1, keep_dims=True), mask=mn & ok)
-        tl.store(part + t * (2 * N) + N + n, tl.sum(s * g, axis=1, keep_dims=True), mask=mn & ok)
+        dbp, dcp = tl.sum(dh * du_, axis=1, keep_dims=True), tl.sum(s * g, axis=1, keep_dims=True)
+        tl.store(part + t * (2 * N) + n, dbp.to(part.dtype.element_ty), mask=mn & ok)
+        tl.store(part + t * (2 * N) + N + n, dcp.to(part.dtype.element_ty), mask=mn & ok)
     return w_new, dA, dD, dtb
 
 
