@@ -23,8 +23,8 @@ from triton.compiler import ASTSource
 from vimssl.ssm import triton_core as tc
 from vimssl.ssm import triton_kernels as K
 
-FLOAT32_ARGS = {"At_ptr", "D_ptr", "dtb_ptr", "hst_ptr", "dbc_part_ptr", "dA_ptr", "dD_ptr", "bc_ptr",
-                "w_ptr", "bias_ptr", "dw_ptr", "db_ptr", "hc_ptr", "sc_ptr", "wc_ptr"}  # fmt: skip
+FLOAT32_ARGS = {"At_ptr", "D_ptr", "dtb_ptr", "hst_ptr", "dbc_part_ptr", "acc_ptr", "bc_ptr",
+                "w_ptr", "bias_ptr", "dwb_ptr", "hc_ptr", "sc_ptr", "wc_ptr"}  # fmt: skip
 DEFAULTS = {
     "scan_fwd_kernel": dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False),
     "scan_bwd_kernel": dict(

@@ -111,16 +111,12 @@ def core_times(bsz=128, seqlen=197, d=384) -> dict:
     # kernels alone
     with torch.no_grad():
         x, z = xz[..., :e], xz[..., e:]
-        cw = torch.cat([m.conv1d.weight, m.conv1d_b.weight]).squeeze(1).float().contiguous()
-        cb = torch.cat([m.conv1d.bias, m.conv1d_b.bias]).float().contiguous()
+        cw, cb, _, _, A, D, dtb = tc.derived_weights(tc._core_params(m), torch.bfloat16)
         xc = torch.empty(bsz, seqlen, 2 * e, device="cuda", dtype=torch.bfloat16)
         res["k_conv_fwd_ms"] = do_bench(lambda: tc.conv_fwd(x, cw, cb, xc), return_mode="median")
         n = m.d_state
         dbc = torch.randn(bsz, seqlen, 2, 2 * n, device="cuda")  # B and C, packed float32
         dt = torch.randn(bsz, seqlen, 2 * e, device="cuda", dtype=torch.bfloat16) - 2
-        A = tc.a_log2(torch.cat([m.A_log, m.A_b_log]))  # A log2(e), (N, 2E)
-        D = torch.cat([m.D, m.D_b]).float()
-        dtb = torch.cat([m.dt_proj.bias, m.dt_proj_b.bias]).float()
         res["k_scan_fwd_ms"] = do_bench(
             lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, False), return_mode="median"
         )
@@ -241,9 +237,7 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     z = torch.randn(bsz, seqlen, e, **bf)
     dbc = torch.randn(bsz, seqlen, 2, 2 * n, device="cuda")  # B and C, packed float32
     dt = torch.randn(bsz, seqlen, 2 * e, **bf) - 2
-    A = tc.a_log2(torch.cat([m.A_log, m.A_b_log]))  # A log2(e), (N, 2E)
-    D = torch.cat([m.D, m.D_b]).float()
-    dtb = torch.cat([m.dt_proj.bias, m.dt_proj_b.bias]).float()
+    _, _, _, _, A, D, dtb = tc.derived_weights(tc._core_params(m), torch.bfloat16)  # A log2(e): (N, 2E)
     gy = torch.randn(bsz, seqlen, e, **bf)
     dz = torch.empty(bsz, seqlen, e, **bf)
     rows = []

@@ -106,3 +106,9 @@ def test_mask_to_ids_with_the_visible_count_given_agrees():
     given = mask_to_ids(mask, visible=4)
     for a, b in zip(given, mask_to_ids(mask)):
         assert torch.equal(a, b)
+
+
+def test_mask_to_ids_refuses_an_impossible_visible_count():
+    mask = make_mask("random", 2, (4, 4), 0.75)
+    with pytest.raises(ValueError, match="visible=17 .* 16 patches"):
+        mask_to_ids(mask, visible=17)

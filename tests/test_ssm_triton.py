@@ -155,3 +155,5 @@ def test_fused_norm_names_mismatched_shapes():
         triton_norm.add_rms_norm(torch.randn(2, 5, 6), res, RMSNorm(8))
     with pytest.raises(ValueError, match=r"norm weight \(6,\) does not match the width 8"):
         triton_norm.add_rms_norm(None, res, RMSNorm(6))
+    with pytest.raises(ValueError, match=r"drop mask \(3,\) must have one value per sample \(2\)"):
+        triton_norm.add_rms_norm(torch.randn(2, 5, 8), res, RMSNorm(8), (torch.ones(3), 0.9))

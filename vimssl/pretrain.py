@@ -127,11 +127,10 @@ class MaskedPretraining(ImagesPerSecond, L.LightningModule):
                 "resize or crop the images (data.image_size)"
             )
         grid = grid_size((h, w), self.patch_size, self.patch_size)
-        visible = None  # known for a random mask drawn here: no host sync (CUDA-graph capturable)
+        visible = None  # known for a mask drawn here (every kind masks exactly num_masked): no host sync
         if mask is None:
             mask = make_mask(self.hparams.mask_kind, b, grid, self.hparams.mask_ratio, device=imgs.device)
-            if self.hparams.mask_kind == "random":
-                visible = grid[0] * grid[1] - num_masked(grid[0] * grid[1], self.hparams.mask_ratio)
+            visible = grid[0] * grid[1] - num_masked(grid[0] * grid[1], self.hparams.mask_ratio)
         if self.hparams.method == "mae":
             ids_keep, _, ids_restore = mask_to_ids(mask, visible)
             feats = self.encoder.forward_features(imgs, ids_keep=ids_keep)  # (B, K+1, D)

@@ -241,6 +241,8 @@ def mask_to_ids(
         k = int(counts[0]) if mask.shape[0] else 0
         if not bool((counts == k).all()):
             raise ValueError(f"every sample needs the same number of visible patches, got {counts.tolist()}")
+    elif not 0 <= visible <= mask.shape[1]:
+        raise ValueError(f"visible={visible} is not a patch count of masks with {mask.shape[1]} patches")
     else:
         k = visible
     # stable sort of 0 (visible) before 1 (masked) keeps raster order within each part

@@ -130,16 +130,8 @@ def _bc_pack(dbc: torch.Tensor, r: int) -> torch.Tensor:
     return dbc[..., r:].float().contiguous()
 
 
-def a_log2(A_log: torch.Tensor) -> torch.Tensor:
-    """A log2(e) transposed, (N, 2E) float32, from A_log (2E, N) (A = -exp(A_log)): the scans
-    take their decays as exp2 and keep channels contiguous. (Computing it inside the kernels
-    from A_log would make Triton lay the state tensors out along the states: measured 1.5x
-    slower.)"""
-    return (torch.exp(A_log.float().t()) * -1.4426950408889634).contiguous()
-
-
 def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum):
-    """xc, dt (B, L, 2E), bc (B, L, 2, 2N) float32, z (B, L, E); At2 (N, 2E) from :func:`a_log2`,
+    """xc, dt (B, L, 2E), bc (B, L, 2, 2N) float32, z (B, L, E); At2 (N, 2E) A log2(e) from :func:`derived_weights`,
     D, dt_bias (2E,) float32. Returns y (B, L, E) and, if ``save_sum``, the ungated branch sum (else None)."""
     bsz, seqlen, e2 = xc.shape
     e, d_state = e2 // 2, bc.shape[-1] // 2
@@ -237,7 +229,10 @@ def derived_weights(params: tuple, dtype: torch.dtype) -> tuple:
     """What the kernels and matmuls take, from the mixer's parameters in :func:`_core_params`
     order (both branches stacked over 2E channels), in one launch (:func:`K.prep_kernel`): conv
     weight (2E, K) and bias (2E,) float32; block-diagonal x_proj (2(R+2N), 2E) and dt_proj
-    (2E, 2R) weights in the activation ``dtype``; A log2(e) (N, 2E), D and dt bias (2E,) float32."""
+    (2E, 2R) weights in the activation ``dtype``; A log2(e) (N, 2E), D and dt bias (2E,) float32.
+    The scans take their decays as exp2 with A log2(e) precomputed and transposed (channels
+    contiguous): computing it inside the scan kernels from A_log made Triton lay the state tensors
+    out along the states, measured 1.5x slower."""
     params = tuple(p.contiguous() for p in params)
     cwf, xwf, dwf, alf = params[0], params[4], params[6], params[10]
     e, k = cwf.shape[0], cwf.shape[-1]
