@@ -4,10 +4,11 @@
         --paths cuda torch deit --out benchmarks/results/h100.json
 
 Training = forward + backward of a cross-entropy loss under bf16 autocast (no optimizer step);
-with ``--graphs`` it is replayed from CUDA graphs (:mod:`vimssl.models.graphs`, what the
-LightningModules' ``cuda_graphs`` option does) for every path, DeiT included, and the records say
-``"cuda_graphs": true`` (inference stays eager);
-inference = forward under bf16 autocast and ``torch.inference_mode``. Timed with CUDA events after
+inference = forward under bf16 autocast and ``torch.inference_mode``. With ``--graphs`` both
+are replayed from CUDA graphs (:mod:`vimssl.models.graphs`, what the LightningModules'
+``cuda_graphs`` option does) for every path, DeiT included, and the records say
+``"cuda_graphs": true, "infer_cuda_graphs": true`` (records without the second field, from
+before inference was graphed, have eager inference). Timed with CUDA events after
 warm-up, median of several timed windows. DeiT is timm's ViT of the same width with
 scaled-dot-product attention, measured in the same run. Writes one JSON record per
 (model, img_size, batch, path) with the fields model, img_size, batch, path, train_img_s,
@@ -61,10 +62,11 @@ def time_fn(fn, warmup: int, iters: int, windows: int = 3) -> float:
     return statistics.median(times)
 
 
-def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, graphs: bool = False):
+def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, graphs=False):
     """One training step as timed here: forward + cross-entropy backward under bf16 autocast, no
-    optimiser (gradients dropped); ``graphs``: the model's forward and backward from CUDA graphs."""
-    fwd = CudaGraphed(model, model) if graphs else model
+    optimiser (gradients dropped); ``graphs`` (True or a :class:`CudaGraphed` of ``model``): the
+    model's forward and backward from CUDA graphs."""
+    fwd = CudaGraphed(model, model) if graphs is True else graphs or model
 
     def train_step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -82,11 +84,12 @@ def measure(name: str, path: str, img: int, batch: int, iters: int, graphs: bool
     x = torch.randn(batch, 3, img, img, device="cuda")
     y = torch.randint(0, 1000, (batch,), device="cuda")
 
-    train_step = train_step_fn(model, x, y, graphs)
+    fwd = CudaGraphed(model, model, inference=True) if graphs else model
+    train_step = train_step_fn(model, x, y, graphs and fwd)
 
     def infer_step():
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            model(x)
+            fwd(x)
 
     model.train()
     torch.cuda.empty_cache()
@@ -100,7 +103,7 @@ def measure(name: str, path: str, img: int, batch: int, iters: int, graphs: bool
         model=name, img_size=img, batch=batch, path=path,
         train_img_s=round(batch / train_s, 1), infer_img_s=round(batch / infer_s, 1),
         train_peak_gib=round(peak, 2), gpu=torch.cuda.get_device_name(0),
-        date=dt.date.today().isoformat(), **({"cuda_graphs": True} if graphs else {}),
+        date=dt.date.today().isoformat(), **({"cuda_graphs": True, "infer_cuda_graphs": True} if graphs else {}),
     )  # fmt: skip
 
 
@@ -122,7 +125,9 @@ def main() -> None:
         "--torch-batch", type=int, default=16, help="batch of the reference path (it keeps every state)"
     )
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the records")
-    ap.add_argument("--graphs", action="store_true", help="training steps from CUDA graphs (all paths)")
+    ap.add_argument(
+        "--graphs", action="store_true", help="training and inference steps from CUDA graphs (all paths)"
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")

@@ -1,7 +1,8 @@
-"""Training steps replayed from CUDA graphs (:mod:`vimssl.models.graphs`) on a GPU: the same loss
-and gradients as the eager step over several optimizer steps, fresh drop-path draws at every
-replay, other batch shapes run eagerly, and the LightningModules' ``cuda_graphs`` option.
-Skipped without a GPU."""
+"""Training and inference steps replayed from CUDA graphs (:mod:`vimssl.models.graphs`) on a GPU:
+the same loss and gradients as the eager step over several optimizer steps, fresh drop-path draws
+at every replay, inference outputs that follow in-place parameter updates, captures again after
+the model moved, other batch shapes run eagerly, and the LightningModules' ``cuda_graphs``
+option. Skipped without a GPU."""
 
 import copy
 
@@ -109,10 +110,76 @@ def test_lightning_modules_train_from_graphs(kind):
         assert not missing
         opt.step()
         opt.zero_grad()
-    assert module._graphed.failed is None, module._graphed.failed
-    assert len(module._graphed.graphs) == 1
+    graphed = module._graphs["model"] if kind == "classifier" else module._graphed
+    assert graphed.failed is None, graphed.failed
+    assert len(graphed.graphs) == 1
 
 
 def _classifier_loss(module, batch):
     imgs, labels = batch
     return F.cross_entropy(module(imgs).float(), labels)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_inference_graphs_follow_the_parameters(backend):
+    model = _model(backend).eval()
+    g = CudaGraphed(model, model, inference=True)
+    x, x2 = torch.randn(2, 8, 3, 64, 64, device="cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.testing.assert_close(g(x), model(x), rtol=1e-5, atol=1e-5)
+        assert len(g.graphs) == 1 and g.failed is None
+    with torch.no_grad():  # what an optimizer or an EMA update does between evaluations
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out, ref = g(x2), model(x2)
+    assert len(g.graphs) == 1  # the same graph, replayed with the new weights and input
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # another signature: eager
+        torch.testing.assert_close(g(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(g.graphs) == 1
+
+
+def test_graphs_are_captured_again_after_the_model_moved():
+    model = _model("triton").eval()
+    g = CudaGraphed(model, model, inference=True)
+    x = torch.randn(8, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        g(x)
+        first = g._addresses
+        model.cpu()
+        model.cuda()  # new storage for every parameter: the old graph would read freed memory
+        torch.cuda.empty_cache()
+        torch.testing.assert_close(g(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(g.graphs) == 1 and g._addresses != first
+
+
+@pytest.mark.parametrize("mode", ["finetune", "linear"])
+def test_classifier_evaluates_and_probes_from_graphs(mode):
+    from vimssl.classify import ImageClassifier
+
+    torch.manual_seed(0)
+    kw = dict(num_classes=10, img_size=32, backend="triton", mode=mode, ema_decay=0.9)
+    module = ImageClassifier("vim_test", cuda_graphs=True, **kw).cuda()
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (8,), device="cuda")
+    module.train()
+    opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = _classifier_loss(module, (x, y))
+        loss.backward()
+        assert module.model.head.weight.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+        module.ema.update_parameters(module.model)
+    module.eval()
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for use_ema, enc in ((False, module.model), (True, module.ema.module)):
+            feats = module.features(x, enc)
+            ref = enc.head(module.feat_norm(feats.float()) if mode == "linear" else feats)
+            torch.testing.assert_close(module(x, use_ema=use_ema), ref, rtol=1e-4, atol=1e-4)
+    modes = {k[0] for g in module._graphs.values() for k in g.graphs}
+    assert modes == ({"infer"} if mode == "linear" else {"train", "infer"})
+    assert all(g.failed is None for g in module._graphs.values())
+    assert len(module._graphs["ema"].graphs) == 1

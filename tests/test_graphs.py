@@ -1,5 +1,5 @@
-"""The CUDA-graph training option on the CPU: it runs the eager step there, and the combinations
-it cannot capture are refused with the option named. Capture itself is tested on a GPU
+"""The CUDA-graph option on the CPU: it runs the eager steps there, and the combination it cannot
+capture is refused with the option named. Capture itself is tested on a GPU
 (``test_gpu_graphs.py``)."""
 
 import pytest
@@ -28,17 +28,48 @@ def test_cpu_tensors_run_the_eager_function():
     assert torch.equal(out, model(x)) and calls == [x.shape] and not g.graphs and g.failed is None
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [dict(mode="linear"), dict(grad_checkpointing=True)],
-    ids=["frozen encoder", "grad checkpointing"],
-)
-def test_cuda_graphs_refuses_what_it_cannot_capture(kwargs):
-    with pytest.raises(ValueError, match="cuda_graphs"):
-        ImageClassifier("vim_test", num_classes=3, img_size=32, cuda_graphs=True, **kwargs)
-    if "mode" not in kwargs:
-        with pytest.raises(ValueError, match="cuda_graphs"):
-            MaskedPretraining("vim_test", img_size=32, cuda_graphs=True, **kwargs)
+def test_cuda_graphs_refuses_grad_checkpointing():
+    with pytest.raises(ValueError, match="cuda_graphs and grad_checkpointing"):
+        ImageClassifier("vim_test", num_classes=3, img_size=32, cuda_graphs=True, grad_checkpointing=True)
+    with pytest.raises(ValueError, match="cuda_graphs and grad_checkpointing"):
+        MaskedPretraining("vim_test", img_size=32, cuda_graphs=True, grad_checkpointing=True)
+    # a frozen encoder has no backward to recompute: its features are graphed, the flag is moot
+    module = ImageClassifier(
+        "vim_test", num_classes=3, img_size=32, mode="linear", cuda_graphs=True, grad_checkpointing=True
+    )
+    assert set(module._graphs) == {"model"}
+
+
+@pytest.mark.parametrize("mode", ["finetune", "linear"])
+def test_classifier_with_cuda_graphs_runs_eagerly_on_the_cpu(mode):
+    torch.manual_seed(0)
+    kw = dict(num_classes=3, img_size=32, mode=mode, ema_decay=0.9, drop_path_rate=0.0)
+    plain = ImageClassifier("vim_test", **kw).eval()
+    graphed = ImageClassifier("vim_test", cuda_graphs=True, **kw).eval()
+    graphed.load_state_dict(plain.state_dict())
+    assert set(graphed._graphs) == {"model", "ema"}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for use_ema in (False, True):
+            torch.testing.assert_close(graphed(x, use_ema=use_ema), plain(x, use_ema=use_ema))
+    assert not any(g.graphs for g in graphed._graphs.values())
+    assert "_graphs" not in "".join(graphed.state_dict())
+
+
+def test_inference_calls_are_eager_unless_asked_for():
+    model = create_model("vim_test").eval()
+    calls = []
+
+    def fn(x):
+        calls.append(torch.is_grad_enabled())
+        return model(x)
+
+    for inference in (False, True):
+        g = CudaGraphed(model, fn, inference=inference)
+        with torch.no_grad():
+            g(torch.randn(1, 3, 32, 32))  # CPU tensors: eager either way
+        assert g._mode((torch.randn(1),)) is None and not g.graphs
+    assert calls == [False, False]
 
 
 def test_cuda_graphs_option_trains_eagerly_on_the_cpu():

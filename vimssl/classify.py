@@ -120,11 +120,19 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
             )
             self.ema.requires_grad_(False)
         self.mix = self._mixing(mixup_alpha, cutmix_alpha, num_classes)
-        # the fine-tuning forward + backward replayed from CUDA graphs (vimssl.models.graphs)
-        self._graphed = None
+        # CUDA graphs (vimssl.models.graphs), per encoder (the trained one, its EMA copy): the
+        # fine-tuning forward + backward and the evaluation forward; the frozen features when probing
+        self._graphs: dict[str, CudaGraphed] = {}
         if cuda_graphs:
-            check_cuda_graphs(mode == "finetune", grad_checkpointing)
-            self._graphed = CudaGraphed(self.model, lambda imgs: self.model.head(self.features(imgs)))
+            check_cuda_graphs(grad_checkpointing and not linear)
+            encoders = {"model": self.model} | ({"ema": self.ema.module} if self.ema is not None else {})
+            for name, enc in encoders.items():
+
+                def fn(imgs: torch.Tensor, enc: nn.Module = enc) -> torch.Tensor:
+                    feats = self.features(imgs, enc)
+                    return feats if linear else enc.head(feats)
+
+                self._graphs[name] = CudaGraphed(enc, fn, inference=True)
         top5 = min(5, num_classes)
         self.metrics = nn.ModuleDict(
             {
@@ -162,14 +170,14 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
 
     def forward(self, imgs: torch.Tensor, use_ema: bool = False) -> torch.Tensor:
         """Logits (B, num_classes)."""
-        model = self.ema.module if (use_ema and self.ema is not None) else self.model
-        if self._graphed is not None and model is self.model:
-            return self._graphed(imgs)  # eager unless training with gradients on a GPU
+        ema = use_ema and self.ema is not None
+        model = self.ema.module if ema else self.model
+        graphed = self._graphs.get("ema" if ema else "model")  # eager on the CPU and unseen shapes
         if self.hparams.mode == "linear":
             with torch.no_grad():
-                feats = self.features(imgs, model)
+                feats = graphed(imgs) if graphed is not None else self.features(imgs, model)
             return model.head(self.feat_norm(feats.float()))
-        return model.head(self.features(imgs, model))
+        return graphed(imgs) if graphed is not None else model.head(self.features(imgs, model))
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -112,7 +112,7 @@ class MaskedPretraining(ImagesPerSecond, L.LightningModule):
         # the training loss (masking, encoder, decoder) replayed from CUDA graphs
         self._graphed = None
         if cuda_graphs:
-            check_cuda_graphs(True, grad_checkpointing)
+            check_cuda_graphs(grad_checkpointing)
             self._graphed = CudaGraphed(self, lambda imgs: self(imgs)["loss"])
 
     # ------------------------------------------------------------------ model

@@ -1,10 +1,12 @@
-"""Training steps replayed from CUDA graphs.
+"""Training and inference steps replayed from CUDA graphs.
 
 A Vim training step launches about 1,400 small kernels (24 blocks, forward and backward), and on
 the ``triton`` path the GPU work per launch is short enough that Python and the launches bound the
 step: an H100 then waits for the host a tenth (Vim-S) to a half (Vim-T) of the time. Capturing the
 step's forward and backward once with :func:`torch.cuda.make_graphed_callables` and replaying the
-graphs removes that host time. Model code only: the LightningModules opt in (``cuda_graphs``).
+graphs removes that host time. Inference (no gradients) is captured the same way, as one graph of the
+forward with :class:`torch.cuda.CUDAGraph`. Model code only: the LightningModules opt in
+(``cuda_graphs``).
 
 What a captured step assumes (all true of vimssl's models and kernel paths): fixed input shapes
 (other shapes run eagerly), no host synchronisation inside the step, parameters updated in place.
@@ -36,77 +38,119 @@ class _Captured(nn.Module):
         return self.fn(*args)
 
 
+class _Inference:
+    """One captured no-grad call of ``fn``: static input tensors the arguments are copied into,
+    and the static outputs the replay writes."""
+
+    def __init__(self, fn: Callable, args: tuple[torch.Tensor, ...]) -> None:
+        self.inputs = tuple(a.detach().clone() for a in args)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up off the capture: compiles, workspaces, lazy state
+            for _ in range(2):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, *args: torch.Tensor):
+        for static, a in zip(self.inputs, args):
+            static.copy_(a)
+        self.graph.replay()
+        return self.outputs
+
+
 class CudaGraphed:
     """Calls ``fn(*tensors)`` (a differentiable function of ``owner``'s parameters returning a
     tensor or a tuple of tensors) from captured CUDA graphs while ``owner`` trains with gradients
-    on a GPU, eagerly otherwise.
+    on a GPU and, with ``inference=True``, for calls without gradients (``torch.no_grad`` or
+    ``torch.inference_mode``, in eval or training mode); eagerly otherwise.
 
-    One capture per input signature (shapes, dtypes, autocast state), at most ``max_graphs`` of
-    them (each keeps its own activations in a private memory pool); other signatures, such as a
-    smaller last batch, run eagerly. Not an ``nn.Module``, so that it adds nothing to the owner's
-    state dict. The outputs are copied out of the graph's static tensors (which the next replay
-    overwrites), so they can be kept, logged and differentiated like eager outputs.
+    One capture per input signature (shapes, dtypes, autocast and grad state, ``owner.training``),
+    at most ``max_graphs`` training and ``max_graphs`` inference ones (each keeps its own
+    activations in a private memory pool); other signatures, such as a smaller last batch, run
+    eagerly. Not an ``nn.Module``, so that it adds nothing to the owner's state dict. The outputs
+    are copied out of the graph's static tensors (which the next replay overwrites), so they can be
+    kept, logged and differentiated like eager outputs. Parameters must be updated in place
+    (optimizers, ``load_state_dict`` and EMA updates do): the graphs read them where they were at
+    capture.
     """
 
-    def __init__(self, owner: nn.Module, fn: Callable, max_graphs: int = 1) -> None:
-        self.owner, self.fn, self.max_graphs = owner, fn, max_graphs
-        self.graphs: dict[tuple, nn.Module] = {}
+    def __init__(self, owner: nn.Module, fn: Callable, max_graphs: int = 1, inference: bool = False) -> None:
+        self.owner, self.fn, self.max_graphs, self.inference = owner, fn, max_graphs, inference
+        self.graphs: dict[tuple, nn.Module | _Inference] = {}
         self.failed: str | None = None  # why the last capture failed
+        self._tensors: list[torch.Tensor] = []  # owner's parameters and buffers, and their
+        self._addresses: list[int] = []  # addresses when the graphs were captured
 
-    def _key(self, args: tuple[torch.Tensor, ...]) -> tuple:
+    def _moved(self) -> bool:
+        """Whether a parameter or buffer of ``owner`` has new storage since the captures
+        (``.to()``, ``.cuda()``, ``.half()``): the graphs would read the old memory."""
+        return [t.data_ptr() for t in self._tensors] != self._addresses
+
+    def _mode(self, args: tuple) -> str | None:
+        """ "train", "infer" or None (eager) for a call with ``args``."""
+        if self.failed is not None or not args:
+            return None
+        if not all(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+            return None
+        if torch.is_grad_enabled():
+            return "train" if self.owner.training else None
+        return "infer" if self.inference else None
+
+    def _key(self, mode: str, args: tuple[torch.Tensor, ...]) -> tuple:
+        """(mode, owner.training, inference mode, autocast on, autocast dtype, then per argument
+        its shape, dtype and requires_grad)."""
         amp = torch.is_autocast_enabled("cuda")
-        return tuple((a.shape, a.dtype, a.requires_grad) for a in args) + (
-            amp,
-            torch.get_autocast_dtype("cuda") if amp else None,
-        )
-
-    def _usable(self, args: tuple) -> bool:
-        return (
-            self.failed is None
-            and self.owner.training
-            and torch.is_grad_enabled()
-            and len(args) > 0
-            and all(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
-        )
+        dtype = torch.get_autocast_dtype("cuda") if amp else None
+        state = (mode, self.owner.training, torch.is_inference_mode_enabled(), amp, dtype)
+        return state + tuple((a.shape, a.dtype, a.requires_grad) for a in args)
 
     def __call__(self, *args: torch.Tensor):
-        if not self._usable(args):
+        mode = self._mode(args)
+        if mode is None:
             return self.fn(*args)
-        key = self._key(args)
+        if self.graphs and self._moved():
+            log.info("the model's tensors moved since the CUDA graphs were captured: capturing again")
+            self.graphs.clear()
+        key = self._key(mode, args)
         graphed = self.graphs.get(key)
         if graphed is None:
-            if len(self.graphs) >= self.max_graphs:
+            if sum(k[0] == mode for k in self.graphs) >= self.max_graphs:
                 return self.fn(*args)
-            graphed = self._capture(key, args)
+            graphed = self._capture(mode, key, args)
             if graphed is None:
                 return self.fn(*args)
         out = graphed(*args)
         return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
 
-    def _capture(self, key: tuple, args: tuple[torch.Tensor, ...]) -> nn.Module | None:
-        amp, dtype = key[-2], key[-1]
-        samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
-        module = _Captured(self.owner, self.fn)
+    def _capture(self, mode: str, key: tuple, args: tuple[torch.Tensor, ...]):
+        amp, dtype = key[3], key[4]
         try:
-            # autocast's weight-cast cache would free tensors the graph reads: off while capturing
+            # autocast's weight-cast cache would free tensors the graph reads, or keep casts made
+            # before the capture in it: off while capturing
             with torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=amp, cache_enabled=False):
-                graphed = torch.cuda.make_graphed_callables(module, samples)
+                if mode == "infer":
+                    graphed = _Inference(self.fn, args)
+                else:
+                    samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+                    graphed = torch.cuda.make_graphed_callables(_Captured(self.owner, self.fn), samples)
         except Exception as err:  # capture is best effort: the eager step is always correct
             self.failed = f"{type(err).__name__}: {err}"
-            log.warning("CUDA graph capture failed, training eagerly from now on: %s", self.failed)
+            log.warning("CUDA graph capture failed, running eagerly from now on: %s", self.failed)
             return None
+        if not self.graphs:
+            self._tensors = [*self.owner.parameters(), *self.owner.buffers()]
+            self._addresses = [t.data_ptr() for t in self._tensors]
         self.graphs[key] = graphed
-        log.info("captured a CUDA graph of the training step for inputs %s", [tuple(a.shape) for a in args])
+        step = "inference" if mode == "infer" else "training"
+        log.info("captured a CUDA graph of the %s step for inputs %s", step, [tuple(a.shape) for a in args])
         return graphed
 
 
-def check_cuda_graphs(trains_encoder: bool, grad_checkpointing: bool) -> None:
+def check_cuda_graphs(grad_checkpointing: bool) -> None:
     """The LightningModules' ``cuda_graphs`` option: reject the combinations it does not support."""
-    if not trains_encoder:
-        raise ValueError(
-            "cuda_graphs captures the encoder's training step; a frozen encoder (mode='linear') has "
-            "none: set cuda_graphs=false"
-        )
     if grad_checkpointing:
         raise ValueError(
             "cuda_graphs and grad_checkpointing cannot be combined (recomputation inside a captured "

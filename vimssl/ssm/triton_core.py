@@ -324,8 +324,10 @@ def _core_params(m) -> tuple:
 def _cached_weights(m, params: tuple, dtype: torch.dtype) -> tuple:
     """:func:`derived_weights` of mixer ``m`` for inference, kept on the mixer until a parameter
     changes (its storage or version counter: optimizer steps, ``load_state_dict`` and other
-    in-place updates all bump the counter). Saves about twenty small launches per layer and call,
-    which is what bounds inference at batch 128."""
+    in-place updates all bump the counter). Saves one launch (:func:`derived_weights`) per layer
+    and call; eager inference at batch 128 is bound by the host's launches. Not used while a CUDA
+    graph is captured: a replay must see the parameters as they are then, so the graph derives the
+    weights itself."""
     key = (dtype,) + tuple((p.data_ptr(), p._version) for p in params)
     cache = m.__dict__.get("_triton_weights")
     if cache is None or cache[0] != key:
@@ -342,7 +344,11 @@ def bimamba_core_triton(xz: torch.Tensor, m) -> torch.Tensor:
         xz = xz.contiguous()
     params = _core_params(m)
     if not torch.is_grad_enabled() or not (xz.requires_grad or any(p.requires_grad for p in params)):
-        return core_forward(xz, _cached_weights(m, params, xz.dtype), m.d_state, save_sum=False)[0]
+        if torch.cuda.is_current_stream_capturing():  # a CUDA graph: derive them at every replay
+            weights = derived_weights(params, xz.dtype)
+        else:
+            weights = _cached_weights(m, params, xz.dtype)
+        return core_forward(xz, weights, m.d_state, save_sum=False)[0]
     return BiMambaCoreFn.apply(xz, m.d_state, *params)
 
 
