@@ -31,6 +31,7 @@ DEFAULTS = {
         BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False
     ),
     "scan_state_kernel": dict(GRAD=False, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True),
+    "conv_bwd_gp_kernel": dict(K=4, BK=8, BT=tc.CONV_GP_BT, BE=tc.CONV_GP_BE),
 }
 OPS = ["MUFU", "SHFL", "FFMA", "FMUL", "FADD", "LDG", "STG", "LDL", "STL", "LDS", "STS", "BAR", "IMAD", "SEL"]
 

@@ -8,7 +8,8 @@
   shape (B 128, L 197, E 768, N 16), forward and forward+backward of the whole core for both
   paths, with the floors: bytes the core must move over the measured copy bandwidth, and the
   exp count over the special-function rate.
-* ``--sweep``: channels per scan program and warps; the conv tile.
+* ``--sweep``: channels per scan program and warps; the conv tile. ``--conv``: the conv
+  backward's first kernel (tile, warps, token spans per batch row).
 * ``--chunks sweep`` (alone): the two-level scan's chunk length at long and short sequences,
   whole core, inference and training, against the cuda path; ``--chunks small``: the launchers'
   choice against the cuda path at small batches (where ``auto`` has to choose); ``--chunks long``:
@@ -295,6 +296,32 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     return rows
 
 
+def conv_sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
+    """The conv backward at the Vim-S layer shape: the first kernel's tile, warps and token spans
+    per batch row (CONV_GP_*), both kernels and the weight-gradient sums, less a clone of g."""
+    e = 2 * d
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(bsz, seqlen, e, **bf)
+    g = torch.randn(bsz, seqlen, 2 * e, **bf)
+    dx = torch.empty_like(x)
+    cw = torch.randn(2 * e, 4, device="cuda")
+    cb = torch.randn(2 * e, device="cuda")
+    names = ("CONV_GP_BT", "CONV_GP_BE", "CONV_GP_WARPS", "CONV_GP_SPLIT")  # (SPLIT None: by CONV_GP_FILL)
+    saved = [getattr(tc, k) for k in names]
+    clone = do_bench(lambda: g.clone(), return_mode="median")
+    rows = []
+    cfgs = [(8, 128, 1, s) for s in (1, 2, 3, 4, 6)] + [(16, 64, 1, 2), (16, 64, 1, 3), (8, 64, 1, 2)]
+    for cfg in cfgs:
+        for k, v in zip(names, cfg):
+            setattr(tc, k, v)
+        ms = do_bench(lambda: tc.conv_bwd(x, cw, cb, g.clone(), dx), return_mode="median") - clone
+        rows.append(dict(impl="conv_gp", T=cfg[0], BE=cfg[1], warps=cfg[2], split=cfg[3], bwd_ms=ms))
+        print(f"sweep conv gp BT={cfg[0]} BE={cfg[1]} W={cfg[2]} split={cfg[3]}: bwd {ms:.4f} ms", flush=True)
+    for k, v in zip(names, saved):
+        setattr(tc, k, v)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parity", action="store_true")
@@ -303,6 +330,7 @@ def main():
         "--chunks", choices=["sweep", "small", "long"], default=None,
         help="only the two-level scan's chunk sweep, or the launchers' choice at small batches",
     )  # fmt: skip
+    ap.add_argument("--conv", action="store_true", help="the conv backward's sweep (first kernel)")
     ap.add_argument("--out", default=None)
     ap.add_argument(
         "--models", nargs="*", default=[], help="whole-model throughput (cuda, triton, deit) after the sweep"
@@ -327,6 +355,8 @@ def main():
     print("registers, spills:", out["regs_spills"])
     for k, v in out["times"].items():
         print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}", flush=True)
+    if args.conv:
+        out["conv_sweep"] = conv_sweep()
     if args.sweep:
         out["sweep"] = sweep()
         scans = [r for r in out["sweep"] if r["impl"] == "seq" and r["warps"] == 1]

@@ -147,9 +147,11 @@ def test_graphs_are_captured_again_after_the_model_moved():
     with torch.no_grad():
         g(x)
         first = g._addresses
+        old = [t.data for t in g._tensors]  # keeps the old memory, so that the new is elsewhere
         model.cpu()
-        model.cuda()  # new storage for every parameter: the old graph would read freed memory
-        torch.cuda.empty_cache()
+        model.cuda()  # new storage for every parameter: the old graph would read the old memory
+        for t in old:
+            t.zero_()
         torch.testing.assert_close(g(x), model(x), rtol=1e-5, atol=1e-5)
     assert len(g.graphs) == 1 and g._addresses != first
 

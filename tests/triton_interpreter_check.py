@@ -51,12 +51,15 @@ def main() -> None:
     tc.CONV_BT, tc.CONV_BE = 4, 8
     tc.CONV_GP_BT, tc.CONV_GP_BE = 4, 8  # several token tiles and channel blocks per conv backward
     tc.PREP_BE = 8  # several programs for the derived weights
+    # several programs and row steps for the partial sums of the backward
+    tc.PART_BT, tc.COLSUM_BR, tc.COLSUM_BW = 4, 4, 8
     torch.manual_seed(0)
     results = []
     runs_cfg = [(s, False, 0) for s in SHAPES] + [(s, True, 0) for s in KEEP_SHAPES]
     runs_cfg += [(s, False, chunk) for s, chunk in CHUNK_SHAPES]
     for (bsz, seqlen, d, n), keep, chunk in runs_cfg:
         tc.SEQ_KEEP, tc.SEQ_CHUNK = keep, chunk
+        tc.CONV_GP_SPLIT = 3 if chunk else 1  # the conv backward's token walk in spans, too
         m = BiMambaMixer(d, d_state=n)
         with torch.no_grad():
             for p in m.parameters():

@@ -44,6 +44,10 @@ CONV_BT, CONV_BE, CONV_WARPS = 8, 128, 4
 # conv backward's first kernel: one program per (batch row, channels) walking the tokens (H100 sweep,
 # Vim-S layer, with the second kernel and the sum: 221 us at 8 x 128, one warp; 233 at 16 x 64)
 CONV_GP_BT, CONV_GP_BE, CONV_GP_WARPS = 8, 128, 1
+# ... and the token spans per batch row that it walks in separate programs: CONV_GP_SPLIT spans,
+# or (None) enough for CONV_GP_FILL programs per SM (each walk is latency-bound, one warp)
+CONV_GP_SPLIT: int | None = None
+CONV_GP_FILL = 16
 LAST: dict = {}  # the last launch handle of each kernel (registers and spills, for benchmarks)
 
 
@@ -66,14 +70,16 @@ def conv_fwd(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, out: torch.Te
 
 
 def conv_bwd(x, w, bias, g, dx):
-    """Gradients of :func:`conv_fwd`: writes dx (B, L, E); returns dw (2E, K), dbias (2E,) float32
-    (strided views of one buffer). ``g`` (the SiLU outputs' gradient) is overwritten with the
+    """Gradients of :func:`conv_fwd`: writes dx (B, L, E); returns dw (2E, K), dbias (2E,) float32.
+    ``g`` (the SiLU outputs' gradient) is overwritten with the
     pre-activation gradient."""
     bsz, seqlen, e = x.shape
     k = w.shape[1]
-    dwb = torch.empty(bsz, 2 * e, k + 1, device=x.device, dtype=torch.float32)
-    LAST["conv_bwd_gp_kernel"] = K.conv_bwd_gp_kernel[(triton.cdiv(e, CONV_GP_BE), bsz)](
-        x, w, bias, g, g, dwb, seqlen, e, x.stride(0), x.stride(1), g.stride(0), g.stride(1),
+    span = _conv_span(x, bsz, seqlen, e)
+    n_split = triton.cdiv(seqlen, span)
+    dwb = torch.empty(bsz, n_split, k + 1, 2 * e, device=x.device, dtype=torch.float32)
+    LAST["conv_bwd_gp_kernel"] = K.conv_bwd_gp_kernel[(triton.cdiv(e, CONV_GP_BE), bsz, n_split)](
+        x, w, bias, g, g, dwb, seqlen, e, span, n_split, x.stride(0), x.stride(1), g.stride(0), g.stride(1),
         K=k, BK=triton.next_power_of_2(k + 1), BT=CONV_GP_BT, BE=CONV_GP_BE, num_warps=CONV_GP_WARPS,
     )  # fmt: skip
     grid = (triton.cdiv(seqlen, CONV_BT), triton.cdiv(e, CONV_BE), bsz)
@@ -81,8 +87,35 @@ def conv_bwd(x, w, bias, g, dx):
         g, w, dx, seqlen, e, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
         K=k, BT=CONV_BT, BE=CONV_BE, num_warps=CONV_WARPS,
     )  # fmt: skip
-    dwb = dwb.sum(0)
-    return dwb[:, :k], dwb[:, k]
+    dw, db = colsum(dwb.view(bsz * n_split, k + 1, 2 * e), k)  # contiguous, as the parameters are
+    return dw, db[0]
+
+
+def _conv_span(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> int:
+    """Tokens per span of the conv backward's token walk (a multiple of CONV_GP_BT): the walk
+    is split when one program per (batch row, channel block) would leave the SMs short of warps
+    (the long sequences of small batches, and Vim-S's 224 px rows too); spans of at least four
+    tiles."""
+    if CONV_GP_SPLIT is not None:
+        n = CONV_GP_SPLIT
+    elif x.device.type != "cuda":
+        n = 1
+    else:
+        n = triton.cdiv(CONV_GP_FILL * sm_count(x.device), bsz * triton.cdiv(e, CONV_GP_BE))
+        n = min(n, triton.cdiv(seqlen, 4 * CONV_GP_BT))
+    return CONV_GP_BT * triton.cdiv(triton.cdiv(seqlen, max(n, 1)), CONV_GP_BT)
+
+
+def colsum(src: torch.Tensor, n_a: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """src (R, T, W) float32 partials summed over R (:func:`K.colsum_kernel`): rows t < n_a
+    transposed, (W, n_a), and the rest, (T - n_a, W); both contiguous float32."""
+    r, t, w = src.shape
+    a = torch.empty(w, n_a, device=src.device, dtype=torch.float32)
+    b = torch.empty(t - n_a, w, device=src.device, dtype=torch.float32)
+    K.colsum_kernel[(triton.cdiv(w, COLSUM_BW), t)](
+        src, a, b, r, t, w, n_a, BR=COLSUM_BR, BW=COLSUM_BW, num_warps=4
+    )
+    return a, b
 
 
 def _seq_channels(x: torch.Tensor, bsz: int, e: int, widest: int) -> int:
@@ -181,10 +214,11 @@ def _rs(be: int, d_state: int) -> bool:
     return SEQ_RS and be == 32 and d_state == 16 and SEQ_WARPS == 1 and bool(K._PTX.value)
 
 
-def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
+def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz, dbc=None):
     """Inputs as :func:`scan_fwd`, dy (B, L, E) the gradient of y. Returns du, ddt (B, L, 2E) in
-    xc's dtype, dBC (B, L, 2, 2N) in xc's dtype, dA_log (2E, N), dD and d_dt_bias (2E,) float32;
-    writes dz (B, L, E)."""
+    xc's dtype, dBC (B, L, 2, 2N) in xc's dtype (written into ``dbc`` if given: a view with
+    channel stride 1, such as a slice of the x_proj output's gradient), dA_log (2E, N), dD and
+    d_dt_bias (2E,) float32; writes dz (B, L, E)."""
     bsz, seqlen, e2 = xc.shape
     e, d_state = e2 // 2, bc.shape[-1] // 2
     bn = triton.next_power_of_2(d_state)
@@ -216,12 +250,19 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz):
         BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), CHUNKED=n_ch > 1,
         num_warps=SEQ_WARPS,
     )  # fmt: skip
-    # over the channel blocks, accumulated in float32 (sum(dtype=) would first cast all the partials)
-    dbc = part.sum(2).to(xc.dtype).transpose(1, 2)
-    acc = acc.sum(0)
-    return du, ddt, dbc, acc[:d_state].t(), acc[d_state], acc[d_state + 1]
+    # over the channel blocks, accumulated in float32, straight into the caller's layout
+    if dbc is None:
+        dbc = torch.empty(bsz, seqlen, 2, 2 * d_state, device=xc.device, dtype=xc.dtype)
+    LAST["part_sum_kernel"] = K.part_sum_kernel[(triton.cdiv(seqlen, PART_BT), bsz, 2)](
+        part, dbc, seqlen, n_eb, dbc.stride(0), dbc.stride(1), dbc.stride(2), 2 * d_state,
+        BT=PART_BT, BJ=triton.next_power_of_2(2 * d_state), num_warps=4,
+    )  # fmt: skip
+    dA_log, rest = colsum(acc, d_state)
+    return du, ddt, dbc, dA_log, rest[0], rest[1]
 
 
+PART_BT = 32  # tokens per program of the dB/dC partial sum
+COLSUM_BR, COLSUM_BW = 16, 256  # rows per step and columns per program of the weight-gradient sums
 PREP_BE = 64  # channels per program of the derived-weights kernel
 
 
@@ -292,24 +333,39 @@ class BiMambaCoreFn(torch.autograd.Function):
         x, z = xz[..., :e], xz[..., e:]
         xc = conv_fwd(x, cw, cb, torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype))
         dt = (dt_in @ dt_w.t()).view(bsz, seqlen, e2)
+        bl, p = bsz * seqlen, r + 2 * n
         dxz = torch.empty_like(xz)
-        du, ddt, dBC, dA_log, dD, d_dt_bias = scan_bwd(
-            xc, dt, bc, z, At2, D32, dtb32, dy.to(xz.dtype), ysum, dxz[..., e:]
+        # the gradient of the x_proj output [dt_in | B | C] per branch: dB, dC from the scan,
+        # d dt_in from the dt_proj backward below, each written into its slice
+        d_dbc = torch.empty(bsz, seqlen, 2, p, device=xz.device, dtype=xz.dtype)
+        du, ddt, _, dA_log, dD, d_dt_bias = scan_bwd(
+            xc, dt, bc, z, At2, D32, dtb32, dy.to(xz.dtype), ysum, dxz[..., e:], d_dbc[..., r:]
         )
-        # dt_proj: dt = dt_in @ dt_w.T (+ bias inside the kernel)
-        ddt2 = ddt.view(-1, e2)
-        d_dt_in = (ddt2 @ dt_w).view(bsz, seqlen, 2, r)
-        d_dt_w = (ddt2.t() @ dt_in).float()  # (2E, 2R), block diagonal
+        # dt_proj: dt = dt_in @ dt_w.T (+ bias inside the kernel). d dt_in per branch (a batch of
+        # two) straight into its slice; the weight gradient from the block-diagonal product (a
+        # split-K matmul: faster than the batched one here), its diagonal blocks cast to float32
+        # contiguous per branch, as the parameters are
+        ddt2 = ddt.view(bl, e2)
+        dt_w_br = _blocks(dt_w, 2, e, r)  # (2, E, R)
+        torch.bmm(
+            ddt2.view(bl, 2, e).transpose(0, 1), dt_w_br, out=d_dbc.view(bl, 2, p)[..., :r].transpose(0, 1)
+        )
+        d_dt_w = _blocks(ddt2.t() @ dt_in, 2, e, r).float()  # (2, E, R)
         # x_proj: dbc = xc @ x_w.T
-        d_dbc = torch.cat([d_dt_in, dBC], dim=-1).view(-1, 2 * (r + 2 * n))
-        du = du.view(-1, e2).addmm_(d_dbc, x_w).view(bsz, seqlen, e2)
-        d_x_w = (d_dbc.t() @ xc.view(-1, e2)).float()  # (2(R+2N), 2E), block diagonal
+        d_dbc2 = d_dbc.view(bl, 2 * p)
+        du = du.view(bl, e2).addmm_(d_dbc2, x_w).view(bsz, seqlen, e2)
+        d_x_w = _blocks(d_dbc2.t() @ xc.view(bl, e2), 2, p, e).float()  # (2, P, E)
         dcw, dcb = conv_bwd(x, cw, cb, du, dxz[..., :e])
-        p = r + 2 * n
         dcw = dcw.unsqueeze(1)  # (2E, 1, K)
-        grads = (dcw[:e], dcw[e:], dcb[:e], dcb[e:], d_x_w[:p, :e], d_x_w[p:, e:], d_dt_w[:e, :r], d_dt_w[e:, r:],
+        grads = (dcw[:e], dcw[e:], dcb[:e], dcb[e:], d_x_w[0], d_x_w[1], d_dt_w[0], d_dt_w[1],
                  d_dt_bias[:e], d_dt_bias[e:], dA_log[:e], dA_log[e:], dD[:e], dD[e:])  # fmt: skip
         return (dxz, None) + tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes))
+
+
+def _blocks(m: torch.Tensor, n: int, rows: int, cols: int) -> torch.Tensor:
+    """The n diagonal blocks (rows, cols) of a block-diagonal matrix (n rows, n cols), as a
+    strided (n, rows, cols) view."""
+    return m.as_strided((n, rows, cols), (rows * m.stride(0) + cols, m.stride(0), 1))
 
 
 def _core_params(m) -> tuple:
@@ -344,7 +400,9 @@ def bimamba_core_triton(xz: torch.Tensor, m) -> torch.Tensor:
         xz = xz.contiguous()
     params = _core_params(m)
     if not torch.is_grad_enabled() or not (xz.requires_grad or any(p.requires_grad for p in params)):
-        if torch.cuda.is_current_stream_capturing():  # a CUDA graph: derive them at every replay
+        if (
+            xz.is_cuda and torch.cuda.is_current_stream_capturing()
+        ):  # a CUDA graph: derive them at every replay
             weights = derived_weights(params, xz.dtype)
         else:
             weights = _cached_weights(m, params, xz.dtype)

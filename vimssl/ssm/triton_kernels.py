@@ -231,23 +231,24 @@ def _w(w_ptr, e, me, E, k, D: tl.constexpr, K: tl.constexpr):
 @triton.jit
 def conv_bwd_gp_kernel(
     x_ptr, w_ptr, bias_ptr, g_ptr, gp_ptr, dwb_ptr,
-    L, E,
+    L, E, T, n_split,
     sx_b, sx_l, sg_b, sg_l,
     K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
-    """First half of the conv backward, for one batch row and BE channels of both branches,
-    walking the tokens in tiles of BT. g (B, L, 2E): gradient of the SiLU outputs. Writes
-    gp = g * SiLU'(pre-activation) (B, L, 2E, same strides as g) and this row's weight and bias
-    gradients dwb (B, 2E, K + 1) float32 (columns 0..K-1 the taps, K the bias), summed over the
-    batch by the caller. Up to four taps (Vim's d_conv) the per-tap sums stay in separate
+    """First half of the conv backward, for one batch row, one span of T tokens (program axis 2;
+    n_split spans per row) and BE channels of both branches, walking the span in tiles of BT. g
+    (B, L, 2E): gradient of the SiLU outputs. Writes gp = g * SiLU'(pre-activation) (B, L, 2E,
+    same strides as g) and this span's weight and bias gradients dwb (B, n_split, K + 1, 2E)
+    float32 (rows 0..K-1 the taps, K the bias), summed over the batch and spans by the caller. Up to four taps (Vim's d_conv) the per-tap sums stay in separate
     accumulators of the reduced layout, so the token walk needs no layout conversions; wider
     kernels gather them in one (BE, BK) accumulator (a shared-memory round trip per tap and tile)."""
-    pid_e, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pid_e, b, sp = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     e = pid_e * BE + tl.arange(0, BE)
     me = e < E
     x_base = x_ptr + b * sx_b + e[None, :]
     kk = tl.arange(0, BK)[None, :]  # (1, BK): tap, or K for the bias
-    out = dwb_ptr + (b * (2 * E) + e) * (K + 1)  # (BE,) at tap 0 of the forward branch
+    out = dwb_ptr + (b * n_split + sp) * (K + 1) * (2 * E) + e  # (BE,) at tap 0 of the forward branch
+    hi = tl.minimum(sp * T + T, L)
     for D in tl.static_range(2):
         a0 = tl.zeros((BE,), tl.float32)
         a1 = tl.zeros((BE,), tl.float32)
@@ -259,9 +260,9 @@ def conv_bwd_gp_kernel(
             w0, w1 = _w(w_ptr, e, me, E, 0, D, K), _w(w_ptr, e, me, E, 1, D, K)
             w2, w3 = _w(w_ptr, e, me, E, 2, D, K), _w(w_ptr, e, me, E, 3, D, K)
             bias = tl.load(bias_ptr + D * E + e, mask=me, other=0.0)[None, :]
-        for t0 in range(0, L, BT):
+        for t0 in range(sp * T, hi, BT):
             t = t0 + tl.arange(0, BT)
-            m = (t < L)[:, None] & me[None, :]
+            m = (t < hi)[:, None] & me[None, :]
             off = b * sg_b + t[:, None] * sg_l + D * E + e[None, :]
             g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
             if K <= 4:  # each tap's input loaded once, for the pre-activation and its weight gradient
@@ -283,18 +284,18 @@ def conv_bwd_gp_kernel(
             if K > 4:
                 for k in tl.static_range(K):
                     acc += tl.where(kk == k, _tap_sum(gp, x_base, sx_l, t, me, L, k, D, K)[:, None], 0.0)
-        o = out + D * E * (K + 1)
-        tl.store(o + K, ab, mask=me)
+        o = out + D * E
+        tl.store(o + K * (2 * E), ab, mask=me)
         if K <= 4:
             tl.store(o, a0, mask=me)
             if K > 1:
-                tl.store(o + 1, a1, mask=me)
+                tl.store(o + 2 * E, a1, mask=me)
             if K > 2:
-                tl.store(o + 2, a2, mask=me)
+                tl.store(o + 4 * E, a2, mask=me)
             if K > 3:
-                tl.store(o + 3, a3, mask=me)
+                tl.store(o + 6 * E, a3, mask=me)
         else:
-            tl.store(o[:, None] + kk, acc, mask=me[:, None] & (kk < K))
+            tl.store(o[:, None] + kk * (2 * E), acc, mask=me[:, None] & (kk < K))
 
 
 @triton.jit
@@ -836,3 +837,43 @@ def scan_bwd_kernel(
     tl.store(acc + n * (2 * E), dA * At2 * LN2, mask=mA)  # d/dA_log = d/dA * A
     tl.store(acc + N * (2 * E), dD, mask=me)
     tl.store(acc + (N + 1) * (2 * E), dtb, mask=me)
+
+
+@triton.jit
+def part_sum_kernel(part_ptr, out_ptr, L, n_parts, so_b, so_l, so_d, N2, BT: tl.constexpr, BJ: tl.constexpr):
+    """The dB/dC partials of :func:`scan_bwd_kernel` (B, 2, n_parts, L, N2) summed over the
+    parts in float32, in order (deterministic), and written in the output's dtype to out
+    (B, L, 2, N2) with strides (so_b, so_l, so_d, 1): a slice of the x_proj output's gradient,
+    so that no concatenation follows. One program per (BT tokens, batch row, branch)."""
+    pid_t, b, D = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)[:, None]
+    j = tl.arange(0, BJ)[None, :]
+    m = (t < L) & (j < N2)
+    src = part_ptr + ((b * 2 + D) * n_parts * L + t) * N2 + j
+    s = tl.zeros((BT, BJ), tl.float32)
+    for k in range(n_parts):
+        s += tl.load(src + k * L * N2, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * so_b + D * so_d + t * so_l + j, s.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def colsum_kernel(src_ptr, a_ptr, b_ptr, R, T, W, n_a, BR: tl.constexpr, BW: tl.constexpr):
+    """Per-program partial sums (R, T, W) float32 summed over R in order (deterministic): rows
+    t < n_a written transposed to a (W, n_a), the others as they are to b (T - n_a, W). One
+    program per (BW columns, row t). What the weight gradients need: the scan backward's dA_log
+    partials (t < N) become dA_log (2E, N) and its dD / dt-bias rows two (2E,) vectors; the
+    conv backward's tap partials the conv weight (2E, K) and its bias row the bias (2E,)."""
+    pid_w, t = tl.program_id(0), tl.program_id(1)
+    w = pid_w * BW + tl.arange(0, BW)
+    mw = w < W
+    r = tl.arange(0, BR)[:, None]
+    src = src_ptr + (r * T + t).to(tl.int64) * W + w[None, :]
+    s = tl.zeros((BR, BW), tl.float32)
+    for r0 in range(0, R, BR):
+        s += tl.load(src, mask=(r0 + r < R) & mw[None, :], other=0.0)
+        src += BR * T * W
+    s = tl.sum(s, axis=0)
+    if t < n_a:
+        tl.store(a_ptr + w * n_a + t, s, mask=mw)
+    else:
+        tl.store(b_ptr + (t - n_a) * W + w, s, mask=mw)
