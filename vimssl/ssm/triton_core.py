@@ -214,11 +214,11 @@ def _rs(be: int, d_state: int) -> bool:
     return SEQ_RS and be == 32 and d_state == 16 and SEQ_WARPS == 1 and bool(K._PTX.value)
 
 
-def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz, dbc=None):
+def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz, dbc=None, r: int = 0):
     """Inputs as :func:`scan_fwd`, dy (B, L, E) the gradient of y. Returns du, ddt (B, L, 2E) in
-    xc's dtype, dBC (B, L, 2, 2N) in xc's dtype (written into ``dbc`` if given: a view with
-    channel stride 1, such as a slice of the x_proj output's gradient), dA_log (2E, N), dD and
-    d_dt_bias (2E,) float32; writes dz (B, L, E)."""
+    xc's dtype, dBC (B, L, 2, 2N) in xc's dtype, dA_log (2E, N), dD and d_dt_bias (2E,) float32;
+    writes dz (B, L, E). With ``dbc`` (B, L, 2, r + 2N), channel stride 1 (the x_proj output's
+    gradient), dBC goes to its columns r.. and zeros to the first r, and dbc is returned."""
     bsz, seqlen, e2 = xc.shape
     e, d_state = e2 // 2, bc.shape[-1] // 2
     bn = triton.next_power_of_2(d_state)
@@ -252,25 +252,26 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz, dbc=None):
     )  # fmt: skip
     # over the channel blocks, accumulated in float32, straight into the caller's layout
     if dbc is None:
-        dbc = torch.empty(bsz, seqlen, 2, 2 * d_state, device=xc.device, dtype=xc.dtype)
+        dbc, r = torch.empty(bsz, seqlen, 2, 2 * d_state, device=xc.device, dtype=xc.dtype), 0
     LAST["part_sum_kernel"] = K.part_sum_kernel[(triton.cdiv(seqlen, PART_BT), bsz, 2)](
-        part, dbc, seqlen, n_eb, dbc.stride(0), dbc.stride(1), dbc.stride(2), 2 * d_state,
-        BT=PART_BT, BJ=triton.next_power_of_2(2 * d_state), num_warps=4,
+        part, dbc, seqlen, n_eb, dbc.stride(0), dbc.stride(1), dbc.stride(2), 2 * d_state, r,
+        BT=PART_BT, BJ=triton.next_power_of_2(2 * d_state), BR=triton.next_power_of_2(max(r, 1)), num_warps=4,
     )  # fmt: skip
     dA_log, rest = colsum(acc, d_state)
     return du, ddt, dbc, dA_log, rest[0], rest[1]
 
 
 PART_BT = 32  # tokens per program of the dB/dC partial sum
-COLSUM_BR, COLSUM_BW = 16, 256  # rows per step and columns per program of the weight-gradient sums
+COLSUM_BR, COLSUM_BW = 128, 32  # rows per step and columns per program of the weight-gradient sums
 PREP_BE = 64  # channels per program of the derived-weights kernel
 
 
 def derived_weights(params: tuple, dtype: torch.dtype) -> tuple:
     """What the kernels and matmuls take, from the mixer's parameters in :func:`_core_params`
     order (both branches stacked over 2E channels), in one launch (:func:`K.prep_kernel`): conv
-    weight (2E, K) and bias (2E,) float32; block-diagonal x_proj (2(R+2N), 2E) and dt_proj
-    (2E, 2R) weights in the activation ``dtype``; A log2(e) (N, 2E), D and dt bias (2E,) float32.
+    weight (2E, K) and bias (2E,) float32; block-diagonal x_proj (2P, 2E), P = R + 2N, and
+    dt_proj (2E, 2P; zero in the B/C columns of the x_proj output) weights in the activation
+    ``dtype``; A log2(e) (N, 2E), D and dt bias (2E,) float32.
     The scans take their decays as exp2 with A log2(e) precomputed and transposed (channels
     contiguous): computing it inside the scan kernels from A_log made Triton lay the state tensors
     out along the states, measured 1.5x slower."""
@@ -280,32 +281,31 @@ def derived_weights(params: tuple, dtype: torch.dtype) -> tuple:
     p_rows, r, n = xwf.shape[0], dwf.shape[1], alf.shape[1]
     e2 = 2 * e
     f = torch.empty(e2 * (k + n + 3), device=cwf.device, dtype=torch.float32)
-    a = torch.empty(e2 * 2 * (p_rows + r), device=cwf.device, dtype=dtype)
+    a = torch.empty(2 * e2 * 2 * p_rows, device=cwf.device, dtype=dtype)
     cw, cb, at, d, dtb = f.split([e2 * k, e2, n * e2, e2, e2])
-    xw, dtw = a.split([2 * p_rows * e2, e2 * 2 * r])
+    xw, dtw = a.split([2 * p_rows * e2, e2 * 2 * p_rows])
     K.prep_kernel[(triton.cdiv(e2, PREP_BE),)](
         *params, cw, cb, at, d, dtb, xw, dtw, e, r, n,
         K=k, BK=triton.next_power_of_2(k), BN=triton.next_power_of_2(n),
-        BP=triton.next_power_of_2(2 * p_rows), BR=triton.next_power_of_2(2 * r), BE=PREP_BE, num_warps=4,
+        BP=triton.next_power_of_2(2 * p_rows), BE=PREP_BE, num_warps=4,
     )  # fmt: skip
-    return cw.view(e2, k), cb, xw.view(2 * p_rows, e2), dtw.view(e2, 2 * r), at.view(n, e2), d, dtb
+    return cw.view(e2, k), cb, xw.view(2 * p_rows, e2), dtw.view(e2, 2 * p_rows), at.view(n, e2), d, dtb
 
 
 def core_forward(xz, weights, d_state: int, save_sum: bool):
     """xz (B, L, 2E) -> y (B, L, E) with ``weights`` from :func:`derived_weights`; also returns
-    the dt_proj input (B*L, 2R), packed B/C and the ungated branch sum (None unless ``save_sum``),
-    which the backward keeps."""
+    the x_proj output [dt_in | B | C] of both branches (B*L, 2P), packed B/C and the ungated
+    branch sum (None unless ``save_sum``), which the backward keeps."""
     cw, cb, x_w, dt_w, At2, D32, dtb32 = weights
     bsz, seqlen, e2 = xz.shape
-    e, r = e2 // 2, dt_w.shape[1] // 2
+    e, p = e2 // 2, dt_w.shape[1] // 2
     x, z = xz[..., :e], xz[..., e:]
     xc = conv_fwd(x, cw, cb, torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype))
-    dbc = (xc.view(-1, e2) @ x_w.t()).view(bsz, seqlen, 2, r + 2 * d_state)
-    dt_in = dbc[..., :r].reshape(bsz * seqlen, 2 * r)  # (B*L, 2R): forward | backward
-    dt = (dt_in @ dt_w.t()).view(bsz, seqlen, e2)
-    bc = _bc_pack(dbc, r)
+    dbc = xc.view(-1, e2) @ x_w.t()  # (B*L, 2P)
+    dt = (dbc @ dt_w.t()).view(bsz, seqlen, e2)  # dt_proj reads the dt columns (zero weights elsewhere)
+    bc = _bc_pack(dbc.view(bsz, seqlen, 2, p), p - 2 * d_state)
     y, ysum = scan_fwd(xc, dt, bc, z, At2, D32, dtb32, save_sum=save_sum)
-    return y, dt_in, bc, ysum
+    return y, dbc, bc, ysum
 
 
 class BiMambaCoreFn(torch.autograd.Function):
@@ -319,40 +319,35 @@ class BiMambaCoreFn(torch.autograd.Function):
     def forward(ctx, xz, d_state: int, *params):
         weights = derived_weights(params, xz.dtype)
         save = any(ctx.needs_input_grad)  # (grad mode is always off inside forward)
-        y, dt_in, bc, ysum = core_forward(xz, weights, d_state, save_sum=save)
+        y, dbc, bc, ysum = core_forward(xz, weights, d_state, save_sum=save)
         if save:
-            ctx.save_for_backward(xz, dt_in, bc, ysum, *weights)
+            ctx.save_for_backward(xz, dbc, bc, ysum, *weights)
             ctx.dtypes = [t.dtype for t in params]
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xz, dt_in, bc, ysum, cw, cb, x_w, dt_w, At2, D32, dtb32 = ctx.saved_tensors
+        xz, dbc, bc, ysum, cw, cb, x_w, dt_w, At2, D32, dtb32 = ctx.saved_tensors
         bsz, seqlen, e2 = xz.shape
-        e, r, n = e2 // 2, dt_in.shape[1] // 2, bc.shape[-1] // 2
+        e, p, n = e2 // 2, dbc.shape[1] // 2, bc.shape[-1] // 2
+        bl, r = bsz * seqlen, p - 2 * n
         x, z = xz[..., :e], xz[..., e:]
         xc = conv_fwd(x, cw, cb, torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype))
-        dt = (dt_in @ dt_w.t()).view(bsz, seqlen, e2)
-        bl, p = bsz * seqlen, r + 2 * n
+        dt = (dbc @ dt_w.t()).view(bsz, seqlen, e2)
         dxz = torch.empty_like(xz)
-        # the gradient of the x_proj output [dt_in | B | C] per branch: dB, dC from the scan,
-        # d dt_in from the dt_proj backward below, each written into its slice
+        # the gradient of the x_proj output [dt_in | B | C] per branch: dB, dC from the scan (and
+        # zeros in the dt columns), then the dt_proj backward adds d dt_in
         d_dbc = torch.empty(bsz, seqlen, 2, p, device=xz.device, dtype=xz.dtype)
         du, ddt, _, dA_log, dD, d_dt_bias = scan_bwd(
-            xc, dt, bc, z, At2, D32, dtb32, dy.to(xz.dtype), ysum, dxz[..., e:], d_dbc[..., r:]
+            xc, dt, bc, z, At2, D32, dtb32, dy.to(xz.dtype), ysum, dxz[..., e:], d_dbc, r
         )
-        # dt_proj: dt = dt_in @ dt_w.T (+ bias inside the kernel). d dt_in per branch (a batch of
-        # two) straight into its slice; the weight gradient from the block-diagonal product (a
-        # split-K matmul: faster than the batched one here), its diagonal blocks cast to float32
-        # contiguous per branch, as the parameters are
-        ddt2 = ddt.view(bl, e2)
-        dt_w_br = _blocks(dt_w, 2, e, r)  # (2, E, R)
-        torch.bmm(
-            ddt2.view(bl, 2, e).transpose(0, 1), dt_w_br, out=d_dbc.view(bl, 2, p)[..., :r].transpose(0, 1)
-        )
-        d_dt_w = _blocks(ddt2.t() @ dt_in, 2, e, r).float()  # (2, E, R)
+        # dt_proj: dt = dbc @ dt_w.T (+ bias inside the kernel); dt_w is zero in the B/C columns.
+        # The weight gradient's diagonal blocks are cast to float32 contiguous per branch, as the
+        # parameters are
+        ddt2, d_dbc2 = ddt.view(bl, e2), d_dbc.view(bl, 2 * p)
+        d_dbc2.addmm_(ddt2, dt_w)
+        d_dt_w = _blocks(ddt2.t() @ dbc, 2, e, r, p).float()  # (2, E, R)
         # x_proj: dbc = xc @ x_w.T
-        d_dbc2 = d_dbc.view(bl, 2 * p)
         du = du.view(bl, e2).addmm_(d_dbc2, x_w).view(bsz, seqlen, e2)
         d_x_w = _blocks(d_dbc2.t() @ xc.view(bl, e2), 2, p, e).float()  # (2, P, E)
         dcw, dcb = conv_bwd(x, cw, cb, du, dxz[..., :e])
@@ -362,10 +357,12 @@ class BiMambaCoreFn(torch.autograd.Function):
         return (dxz, None) + tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes))
 
 
-def _blocks(m: torch.Tensor, n: int, rows: int, cols: int) -> torch.Tensor:
-    """The n diagonal blocks (rows, cols) of a block-diagonal matrix (n rows, n cols), as a
-    strided (n, rows, cols) view."""
-    return m.as_strided((n, rows, cols), (rows * m.stride(0) + cols, m.stride(0), 1))
+def _blocks(m: torch.Tensor, n: int, rows: int, cols: int, col_step: int | None = None) -> torch.Tensor:
+    """The n diagonal blocks (rows, cols) of a block-diagonal matrix with rows in its last
+    dimension, block i at row i * rows and column i * col_step (default: cols), as a strided
+    (n, rows, cols) view."""
+    step = rows * m.stride(0) + (cols if col_step is None else col_step)
+    return m.as_strided((n, rows, cols), (step, m.stride(0), 1))
 
 
 def _core_params(m) -> tuple:

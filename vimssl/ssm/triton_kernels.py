@@ -97,13 +97,14 @@ def prep_kernel(
     cwf, cwb, cbf, cbb, xwf, xwb, dwf, dwb, dbf, dbb, alf, alb, Df, Db,
     cw_o, cb_o, at_o, d_o, dtb_o, xw_o, dtw_o,
     E, R, N,
-    K: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr,
-    BE: tl.constexpr,
+    K: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
     """Both branches' parameters (suffix f: forward, b: backward; contiguous, any float dtype)
     stacked over 2E channels, for channel block ``program_id(0)``: conv weight (2E, K) and bias,
     A log2(e) (N, 2E), D and dt bias (2E,), all float32; the block-diagonal x_proj weight
-    (2P, 2E), P = R + 2N, and dt_proj weight (2E, 2R) in the output's dtype, zeros included.
+    (2P, 2E), P = R + 2N, and the dt_proj weight (2E, 2P) in the output's dtype, zeros included.
+    dt_proj's blocks sit in the columns of the x_proj output's dt rows (0..R-1 and P..P+R-1), so
+    that dt_proj takes the whole x_proj output: no copy of its dt columns.
     Replaces about fifteen small torch launches per layer and call (cat, block_diag, casts)."""
     c = tl.program_id(0) * BE + tl.arange(0, BE)  # (BE,) stacked channels
     mc = c < 2 * E
@@ -124,14 +125,14 @@ def prep_kernel(
     mn = n < N
     a = _pick(alf, alb, cl[None, :] * N + n, mn & mf[None, :], mn & mb[None, :])
     tl.store(at_o + n * (2 * E) + c[None, :], -tl.exp(a) * LOG2E, mask=mn & mc[None, :])
-    # dt_proj (E, R) per branch -> block-diagonal (2E, 2R)
-    j = tl.arange(0, BR)[None, :]
-    jb = j - R  # column inside the backward branch's block
+    P = R + 2 * N
+    # dt_proj (E, R) per branch -> (2E, 2P), blocks at columns 0 and P
+    j = tl.arange(0, BP)[None, :]
+    jb = j - P  # column inside the backward branch's block
     v = _pick(dwf, dwb, cl[:, None] * R + tl.where(bwd[:, None], jb, j),
               mf[:, None] & (j < R), mb[:, None] & (jb >= 0) & (jb < R))  # fmt: skip
-    tl.store(dtw_o + c[:, None] * (2 * R) + j, v.to(dtw_o.dtype.element_ty), mask=mc[:, None] & (j < 2 * R))
+    tl.store(dtw_o + c[:, None] * (2 * P) + j, v.to(dtw_o.dtype.element_ty), mask=mc[:, None] & (j < 2 * P))
     # x_proj (P, E) per branch -> block-diagonal (2P, 2E)
-    P = R + 2 * N
     i = tl.arange(0, BP)[:, None]
     ib = i - P
     v = _pick(xwf, xwb, tl.where(bwd[None, :], ib, i) * E + cl[None, :],
@@ -840,11 +841,14 @@ def scan_bwd_kernel(
 
 
 @triton.jit
-def part_sum_kernel(part_ptr, out_ptr, L, n_parts, so_b, so_l, so_d, N2, BT: tl.constexpr, BJ: tl.constexpr):
+def part_sum_kernel(
+    part_ptr, out_ptr, L, n_parts, so_b, so_l, so_d, N2, R, BT: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr
+):  # fmt: skip
     """The dB/dC partials of :func:`scan_bwd_kernel` (B, 2, n_parts, L, N2) summed over the
-    parts in float32, in order (deterministic), and written in the output's dtype to out
-    (B, L, 2, N2) with strides (so_b, so_l, so_d, 1): a slice of the x_proj output's gradient,
-    so that no concatenation follows. One program per (BT tokens, batch row, branch)."""
+    parts in float32, in order (deterministic), and written in the output's dtype to columns
+    R..R+N2-1 of out (B, L, 2, R + N2) with strides (so_b, so_l, so_d, 1), zeros to columns
+    0..R-1: the x_proj output's gradient, whose dt columns the dt_proj backward then adds to. One
+    program per (BT tokens, batch row, branch)."""
     pid_t, b, D = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)[:, None]
     j = tl.arange(0, BJ)[None, :]
@@ -853,7 +857,10 @@ def part_sum_kernel(part_ptr, out_ptr, L, n_parts, so_b, so_l, so_d, N2, BT: tl.
     s = tl.zeros((BT, BJ), tl.float32)
     for k in range(n_parts):
         s += tl.load(src + k * L * N2, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + b * so_b + D * so_d + t * so_l + j, s.to(out_ptr.dtype.element_ty), mask=m)
+    o = out_ptr + b * so_b + D * so_d + t * so_l
+    tl.store(o + R + j, s.to(out_ptr.dtype.element_ty), mask=m)
+    jr = tl.arange(0, BR)[None, :]
+    tl.store(o + jr, tl.zeros((BT, BR), out_ptr.dtype.element_ty), mask=(t < L) & (jr < R))
 
 
 @triton.jit
