@@ -214,11 +214,11 @@ def _rs(be: int, d_state: int) -> bool:
     return SEQ_RS and be == 32 and d_state == 16 and SEQ_WARPS == 1 and bool(K._PTX.value)
 
 
-def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz, dbc=None, r: int = 0):
+def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz, sum_parts: bool = True):
     """Inputs as :func:`scan_fwd`, dy (B, L, E) the gradient of y. Returns du, ddt (B, L, 2E) in
     xc's dtype, dBC (B, L, 2, 2N) in xc's dtype, dA_log (2E, N), dD and d_dt_bias (2E,) float32;
-    writes dz (B, L, E). With ``dbc`` (B, L, 2, r + 2N), channel stride 1 (the x_proj output's
-    gradient), dBC goes to its columns r.. and zeros to the first r, and dbc is returned."""
+    writes dz (B, L, E). ``sum_parts=False`` returns dBC's per-program partials instead, for
+    :func:`sum_dbc_parts` to write where the caller wants them."""
     bsz, seqlen, e2 = xc.shape
     e, d_state = e2 // 2, bc.shape[-1] // 2
     bn = triton.next_power_of_2(d_state)
@@ -250,15 +250,23 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz, dbc=None, r: int = 0)
         BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), CHUNKED=n_ch > 1,
         num_warps=SEQ_WARPS,
     )  # fmt: skip
-    # over the channel blocks, accumulated in float32, straight into the caller's layout
-    if dbc is None:
-        dbc, r = torch.empty(bsz, seqlen, 2, 2 * d_state, device=xc.device, dtype=xc.dtype), 0
-    LAST["part_sum_kernel"] = K.part_sum_kernel[(triton.cdiv(seqlen, PART_BT), bsz, 2)](
-        part, dbc, seqlen, n_eb, dbc.stride(0), dbc.stride(1), dbc.stride(2), 2 * d_state, r,
-        BT=PART_BT, BJ=triton.next_power_of_2(2 * d_state), BR=triton.next_power_of_2(max(r, 1)), num_warps=4,
-    )  # fmt: skip
     dA_log, rest = colsum(acc, d_state)
+    dbc = sum_dbc_parts(part, xc.dtype) if sum_parts else part
     return du, ddt, dbc, dA_log, rest[0], rest[1]
+
+
+def sum_dbc_parts(part: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dB/dC partials of :func:`scan_bwd` (B, 2, n_parts, L, 2N) summed over the parts
+    (:func:`K.part_sum_kernel`) into ``out`` (B, L, 2, 2N), any strides with channel stride 1, or
+    a new tensor of ``dtype``."""
+    bsz, _, n_parts, seqlen, n2 = part.shape
+    if out is None:
+        out = torch.empty(bsz, seqlen, 2, n2, device=part.device, dtype=dtype)
+    LAST["part_sum_kernel"] = K.part_sum_kernel[(triton.cdiv(seqlen, PART_BT), bsz, 2)](
+        part, out, seqlen, n_parts, out.stride(0), out.stride(1), out.stride(2), n2,
+        BT=PART_BT, BJ=triton.next_power_of_2(n2), num_warps=4,
+    )  # fmt: skip
+    return out
 
 
 PART_BT = 32  # tokens per program of the dB/dC partial sum
@@ -335,17 +343,17 @@ class BiMambaCoreFn(torch.autograd.Function):
         xc = conv_fwd(x, cw, cb, torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype))
         dt = (dbc @ dt_w.t()).view(bsz, seqlen, e2)
         dxz = torch.empty_like(xz)
-        # the gradient of the x_proj output [dt_in | B | C] per branch: dB, dC from the scan (and
-        # zeros in the dt columns), then the dt_proj backward adds d dt_in
-        d_dbc = torch.empty(bsz, seqlen, 2, p, device=xz.device, dtype=xz.dtype)
-        du, ddt, _, dA_log, dD, d_dt_bias = scan_bwd(
-            xc, dt, bc, z, At2, D32, dtb32, dy.to(xz.dtype), ysum, dxz[..., e:], d_dbc, r
+        du, ddt, part, dA_log, dD, d_dt_bias = scan_bwd(
+            xc, dt, bc, z, At2, D32, dtb32, dy.to(xz.dtype), ysum, dxz[..., e:], sum_parts=False
         )
-        # dt_proj: dt = dbc @ dt_w.T (+ bias inside the kernel); dt_w is zero in the B/C columns.
-        # The weight gradient's diagonal blocks are cast to float32 contiguous per branch, as the
+        # dt_proj: dt = dbc @ dt_w.T (+ bias inside the kernel), dt_w zero in the B/C columns.
+        # The gradient of the x_proj output [dt_in | B | C] per branch: d dt_in from the matmul
+        # (zeros in the B/C columns), then dB, dC written into their columns
+        ddt2 = ddt.view(bl, e2)
+        d_dbc2 = ddt2 @ dt_w  # (B*L, 2P)
+        sum_dbc_parts(part, xz.dtype, d_dbc2.view(bsz, seqlen, 2, p)[..., r:])
+        # the weight gradient's diagonal blocks, cast to float32 contiguous per branch as the
         # parameters are
-        ddt2, d_dbc2 = ddt.view(bl, e2), d_dbc.view(bl, 2 * p)
-        d_dbc2.addmm_(ddt2, dt_w)
         d_dt_w = _blocks(ddt2.t() @ dbc, 2, e, r, p).float()  # (2, E, R)
         # x_proj: dbc = xc @ x_w.T
         du = du.view(bl, e2).addmm_(d_dbc2, x_w).view(bsz, seqlen, e2)

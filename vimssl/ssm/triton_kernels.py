@@ -841,14 +841,11 @@ def scan_bwd_kernel(
 
 
 @triton.jit
-def part_sum_kernel(
-    part_ptr, out_ptr, L, n_parts, so_b, so_l, so_d, N2, R, BT: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr
-):  # fmt: skip
+def part_sum_kernel(part_ptr, out_ptr, L, n_parts, so_b, so_l, so_d, N2, BT: tl.constexpr, BJ: tl.constexpr):
     """The dB/dC partials of :func:`scan_bwd_kernel` (B, 2, n_parts, L, N2) summed over the
-    parts in float32, in order (deterministic), and written in the output's dtype to columns
-    R..R+N2-1 of out (B, L, 2, R + N2) with strides (so_b, so_l, so_d, 1), zeros to columns
-    0..R-1: the x_proj output's gradient, whose dt columns the dt_proj backward then adds to. One
-    program per (BT tokens, batch row, branch)."""
+    parts in float32, in order (deterministic), and written in the output's dtype to out
+    (B, L, 2, N2) with strides (so_b, so_l, so_d, 1): the B/C columns of the x_proj output's
+    gradient, so that no concatenation follows. One program per (BT tokens, batch row, branch)."""
     pid_t, b, D = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)[:, None]
     j = tl.arange(0, BJ)[None, :]
@@ -857,10 +854,7 @@ def part_sum_kernel(
     s = tl.zeros((BT, BJ), tl.float32)
     for k in range(n_parts):
         s += tl.load(src + k * L * N2, mask=m, other=0.0).to(tl.float32)
-    o = out_ptr + b * so_b + D * so_d + t * so_l
-    tl.store(o + R + j, s.to(out_ptr.dtype.element_ty), mask=m)
-    jr = tl.arange(0, BR)[None, :]
-    tl.store(o + jr, tl.zeros((BT, BR), out_ptr.dtype.element_ty), mask=(t < L) & (jr < R))
+    tl.store(out_ptr + b * so_b + D * so_d + t * so_l + j, s.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
