@@ -4,8 +4,8 @@ A Vim training step launches about 1,400 small kernels (24 blocks, forward and b
 the ``triton`` path the GPU work per launch is short enough that Python and the launches bound the
 step: an H100 then waits for the host a tenth (Vim-S) to a half (Vim-T) of the time. Capturing the
 step's forward and backward once with :func:`torch.cuda.make_graphed_callables` and replaying the
-graphs removes that host time. Inference (no gradients) is captured the same way, as one graph of the
-forward with :class:`torch.cuda.CUDAGraph`. Model code only: the LightningModules opt in
+graphs removes that host time. Inference (no gradients) is captured too, as one graph of the
+forward (:class:`torch.cuda.CUDAGraph`). Model code only: the LightningModules opt in
 (``cuda_graphs``).
 
 What a captured step assumes (all true of vimssl's models and kernel paths): fixed input shapes
@@ -90,7 +90,7 @@ class CudaGraphed:
         return [t.data_ptr() for t in self._tensors] != self._addresses
 
     def _mode(self, args: tuple) -> str | None:
-        """ "train", "infer" or None (eager) for a call with ``args``."""
+        """How a call with ``args`` runs: "train" or "infer" (from graphs) or None (eagerly)."""
         if self.failed is not None or not args:
             return None
         if not all(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
