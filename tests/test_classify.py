@@ -198,7 +198,7 @@ def test_encoder_sources(tmp_path):
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="class_names"):
         ImageClassifier(encoder="vim_test", num_classes=3, class_names=["a", "b"], img_size=32)
-    module = ImageClassifier(encoder="vim_test", num_classes=3, img_size=32)
+    module = ImageClassifier(encoder="vim_test", num_classes=3, img_size=32, lr=1e-3)
     with pytest.raises(ValueError, match="out of range for num_classes=3"):
         module._labels(torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="label column"):
@@ -274,3 +274,37 @@ def test_nonfinite_loss_raises_with_the_step_or_skips():
         module.training_step(batch, 0)
     module = ImageClassifier(encoder="vim_test", num_classes=10, img_size=32, nonfinite_loss="skip")
     assert module.training_step(batch, 0) is None and module.skipped_steps == 1
+
+
+def test_labels_are_checked_on_the_host_before_the_transfer(tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def loader(labels):
+        return DataLoader(
+            TensorDataset(torch.randn(len(labels), 3, 32, 32), torch.tensor(labels)), batch_size=4
+        )
+
+    def trainer():
+        return L.Trainer(
+            max_steps=1, limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+        )  # fmt: skip
+
+    module = ImageClassifier(encoder="vim_test", num_classes=3, img_size=32, lr=1e-3)
+    checked = []
+    original = module._labels
+    module._labels = lambda labels: checked.append(labels.device.type) or original(labels)
+    trainer().fit(module, loader([0, 1, 2, 1]), loader([2, 1, 0, 0]))
+    assert checked and set(checked) == {"cpu"} and module._host_checked  # checked before the transfer
+    with pytest.raises(ValueError, match="out of range for num_classes=3"):
+        trainer().fit(ImageClassifier(encoder="vim_test", num_classes=3, img_size=32, lr=1e-3), loader([0, 1, 7, 1]))
+    with pytest.raises(ValueError, match="without a label"):
+        trainer().validate(
+            ImageClassifier(encoder="vim_test", num_classes=3, img_size=32, lr=1e-3), loader([0, -1, 2, 1])
+        )
+    # prediction batches may be unlabelled (-1)
+    preds = trainer().predict(
+        ImageClassifier(encoder="vim_test", num_classes=3, img_size=32, lr=1e-3), loader([-1] * 4)
+    )
+    assert preds[0]["probs"].shape == (4, 3)

@@ -188,6 +188,22 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
         return self
 
     # --------------------------------------------------------------- training
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # labels checked while the batch is still on the host: on the GPU each check would wait for
+        # the GPU to finish the step before (prediction batches may be unlabelled)
+        if not self.trainer.predicting and isinstance(batch, (list, tuple)) and len(batch) > 1:
+            self._labels(batch[1])
+            self._host_checked = True
+        return batch
+
+    _host_checked = (
+        False  # whether on_before_batch_transfer checks the labels (a datamodule's may replace it)
+    )
+
+    def _checked(self, labels: torch.Tensor) -> torch.Tensor:
+        """The batch's labels, checked here unless they were checked on the host before the transfer."""
+        return labels if self._host_checked else self._labels(labels)
+
     def _labels(self, labels: torch.Tensor) -> torch.Tensor:
         if (labels < 0).any():
             raise ValueError(
@@ -201,7 +217,7 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
         return labels
 
     def training_step(self, batch, batch_idx: int):
-        imgs, labels = batch[0], self._labels(batch[1])
+        imgs, labels = batch[0], self._checked(batch[1])
         targets = labels
         if self.mix is not None and self.hparams.mode == "finetune":
             imgs, targets = self.mix(imgs, labels)  # soft targets (B, C)
@@ -226,7 +242,7 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
             self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "acc1")
 
     def _eval_step(self, stage: str, batch) -> None:
-        imgs, labels = batch[0], self._labels(batch[1])
+        imgs, labels = batch[0], self._checked(batch[1])
         logits = self(imgs, use_ema=True)  # EMA weights when enabled
         loss = F.cross_entropy(logits.float(), labels)
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=imgs.shape[0])
