@@ -62,11 +62,11 @@ def time_fn(fn, warmup: int, iters: int, windows: int = 3) -> float:
     return statistics.median(times)
 
 
-def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, graphs=False):
+def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fwd=None):
     """One training step as timed here: forward + cross-entropy backward under bf16 autocast, no
-    optimiser (gradients dropped); ``graphs`` (True or a :class:`CudaGraphed` of ``model``): the
-    model's forward and backward from CUDA graphs."""
-    fwd = CudaGraphed(model, model) if graphs is True else graphs or model
+    optimiser (gradients dropped). ``fwd`` computes the logits: ``model`` itself by default, or a
+    :class:`CudaGraphed` of it (forward and backward from CUDA graphs)."""
+    fwd = fwd or model
 
     def train_step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -85,7 +85,7 @@ def measure(name: str, path: str, img: int, batch: int, iters: int, graphs: bool
     y = torch.randint(0, 1000, (batch,), device="cuda")
 
     fwd = CudaGraphed(model, model, inference=True) if graphs else model
-    train_step = train_step_fn(model, x, y, graphs and fwd)
+    train_step = train_step_fn(model, x, y, fwd)
 
     def infer_step():
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):

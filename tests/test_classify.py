@@ -298,7 +298,9 @@ def test_labels_are_checked_on_the_host_before_the_transfer(tmp_path):
     trainer().fit(module, loader([0, 1, 2, 1]), loader([2, 1, 0, 0]))
     assert checked and set(checked) == {"cpu"} and module._host_checked  # checked before the transfer
     with pytest.raises(ValueError, match="out of range for num_classes=3"):
-        trainer().fit(ImageClassifier(encoder="vim_test", num_classes=3, img_size=32, lr=1e-3), loader([0, 1, 7, 1]))
+        trainer().fit(
+            ImageClassifier(encoder="vim_test", num_classes=3, img_size=32, lr=1e-3), loader([0, 1, 7, 1])
+        )
     with pytest.raises(ValueError, match="without a label"):
         trainer().validate(
             ImageClassifier(encoder="vim_test", num_classes=3, img_size=32, lr=1e-3), loader([0, -1, 2, 1])

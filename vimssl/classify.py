@@ -18,6 +18,7 @@ top-5 accuracy via torchmetrics for train / val / test; ``predict`` gives class 
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 from pathlib import Path
 from typing import Literal
@@ -127,12 +128,9 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
             check_cuda_graphs(grad_checkpointing and not linear)
             encoders = {"model": self.model} | ({"ema": self.ema.module} if self.ema is not None else {})
             for name, enc in encoders.items():
-
-                def fn(imgs: torch.Tensor, enc: nn.Module = enc) -> torch.Tensor:
-                    feats = self.features(imgs, enc)
-                    return feats if linear else enc.head(feats)
-
-                self._graphs[name] = CudaGraphed(enc, fn, inference=True)
+                self._graphs[name] = CudaGraphed(
+                    enc, functools.partial(self._encode, model=enc), inference=True
+                )
         top5 = min(5, num_classes)
         self.metrics = nn.ModuleDict(
             {
@@ -172,12 +170,19 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
         """Logits (B, num_classes)."""
         ema = use_ema and self.ema is not None
         model = self.ema.module if ema else self.model
-        graphed = self._graphs.get("ema" if ema else "model")  # eager on the CPU and unseen shapes
+        # from CUDA graphs with cuda_graphs (eager on the CPU and for unseen shapes)
+        encode = self._graphs.get("ema" if ema else "model") or functools.partial(self._encode, model=model)
         if self.hparams.mode == "linear":
             with torch.no_grad():
-                feats = graphed(imgs) if graphed is not None else self.features(imgs, model)
+                feats = encode(imgs)
             return model.head(self.feat_norm(feats.float()))
-        return graphed(imgs) if graphed is not None else model.head(self.features(imgs, model))
+        return encode(imgs)
+
+    def _encode(self, imgs: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        """Logits of ``model`` (the trained encoder or its EMA copy); its pooled features when
+        probing (the probe's norm and head then run outside the graphs, with gradients)."""
+        feats = self.features(imgs, model)
+        return feats if self.hparams.mode == "linear" else model.head(feats)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -196,9 +201,8 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
             self._host_checked = True
         return batch
 
-    _host_checked = (
-        False  # whether on_before_batch_transfer checks the labels (a datamodule's may replace it)
-    )
+    # whether on_before_batch_transfer checks the labels (a datamodule's own hook replaces it)
+    _host_checked = False
 
     def _checked(self, labels: torch.Tensor) -> torch.Tensor:
         """The batch's labels, checked here unless they were checked on the host before the transfer."""

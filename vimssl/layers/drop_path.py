@@ -17,9 +17,10 @@ def draw(batch: int, p: float, training: bool, device: torch.device) -> Drop:
     return torch.empty(batch, device=device, dtype=torch.float32).bernoulli_(keep), keep
 
 
-def apply_drop(x: torch.Tensor, drop: Drop) -> torch.Tensor:
-    """``x`` (B, ...) with the dropped samples zeroed and the rest rescaled by ``1 / keep``."""
-    if drop is None:
+def apply_drop(x: torch.Tensor | None, drop: Drop) -> torch.Tensor | None:
+    """``x`` (B, ...) with the dropped samples zeroed and the rest rescaled by ``1 / keep`` (None
+    stays None)."""
+    if x is None or drop is None:
         return x
     mask, keep = drop
     return x * mask.view((x.shape[0],) + (1,) * (x.ndim - 1)).to(x.dtype) / keep

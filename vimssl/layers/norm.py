@@ -39,7 +39,6 @@ def add_rms_norm(
     (float32 unless the model was cast); under autocast the next linear layer casts it.
     ``drop``: a drop-path draw (:func:`vimssl.layers.drop_path.draw`) applied to x first.
     """
-    if x is not None:
-        x = apply_drop(x, drop)
+    x = apply_drop(x, drop)
     residual = residual.float() if x is None else residual.float() + x.float()
     return norm(residual.to(norm.weight.dtype)), residual

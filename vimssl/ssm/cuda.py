@@ -76,8 +76,7 @@ def add_rms_norm(x, residual, norm, drop=None):
         from vimssl.layers.norm import add_rms_norm as plain
 
         return plain(x, residual, norm, drop)
-    if x is not None:
-        x = apply_drop(x, drop)
+    x = apply_drop(x, drop)
     if x is None:
         x, residual = residual, None
     out, residual = rms_norm_fn(

@@ -50,6 +50,9 @@ CONV_GP_BT, CONV_GP_BE, CONV_GP_WARPS = 8, 128, 1
 # would be 48 programs for 132 SMs
 CONV_GP_SPLIT: int | None = None
 CONV_GP_FILL = 16
+PART_BT = 32  # tokens per program of the dB/dC partial sum
+COLSUM_BR, COLSUM_BW = 128, 32  # rows per step and columns per program of the weight-gradient sums
+PREP_BE = 64  # channels per program of the derived-weights kernel
 LAST: dict = {}  # the last launch handle of each kernel (registers and spills, for benchmarks)
 
 
@@ -270,11 +273,6 @@ def sum_dbc_parts(part: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | No
     return out
 
 
-PART_BT = 32  # tokens per program of the dB/dC partial sum
-COLSUM_BR, COLSUM_BW = 128, 32  # rows per step and columns per program of the weight-gradient sums
-PREP_BE = 64  # channels per program of the derived-weights kernel
-
-
 def derived_weights(params: tuple, dtype: torch.dtype) -> tuple:
     """What the kernels and matmuls take, from the mixer's parameters in :func:`_core_params`
     order (both branches stacked over 2E channels), in one launch (:func:`K.prep_kernel`): conv
@@ -320,7 +318,7 @@ def core_forward(xz, weights, d_state: int, save_sum: bool):
 class BiMambaCoreFn(torch.autograd.Function):
     """The whole core in one Function, taking the mixer's parameters as they are (both branches
     separately, :func:`_core_params` order) so that no stacking op enters the autograd graph.
-    The derived weights (one :func:`derived_weights` launch), the dt_proj input and the packed B
+    The derived weights (one :func:`derived_weights` launch), the x_proj output and the packed B
     and C are computed once in the forward and kept for the backward: fewer launches per layer,
     which matters because a Vim training step is otherwise partly bound by the host."""
 
@@ -383,13 +381,16 @@ def _core_params(m) -> tuple:
     )  # fmt: skip
 
 
-def _cached_weights(m, params: tuple, dtype: torch.dtype) -> tuple:
-    """:func:`derived_weights` of mixer ``m`` for inference, kept on the mixer until a parameter
-    changes (its storage or version counter: optimizer steps, ``load_state_dict`` and other
-    in-place updates all bump the counter). Saves one launch (:func:`derived_weights`) per layer
-    and call; eager inference at batch 128 is bound by the host's launches. Not used while a CUDA
-    graph is captured: a replay must see the parameters as they are then, so the graph derives the
-    weights itself."""
+def _cached_weights(m, params: tuple, xz: torch.Tensor) -> tuple:
+    """:func:`derived_weights` of mixer ``m`` for inference on ``xz``, kept on the mixer until a
+    parameter changes (its storage or version counter: optimizer steps, ``load_state_dict`` and
+    other in-place updates all bump the counter). Saves one launch per layer and call; eager
+    inference at batch 128 is bound by the host's launches. While a CUDA graph is captured they
+    are derived, not cached: a replay must see the parameters as they are then."""
+    dtype = xz.dtype
+    if xz.is_cuda and torch.cuda.is_current_stream_capturing():
+        with torch.no_grad():
+            return derived_weights(params, dtype)
     key = (dtype,) + tuple((p.data_ptr(), p._version) for p in params)
     cache = m.__dict__.get("_triton_weights")
     if cache is None or cache[0] != key:
@@ -406,13 +407,7 @@ def bimamba_core_triton(xz: torch.Tensor, m) -> torch.Tensor:
         xz = xz.contiguous()
     params = _core_params(m)
     if not torch.is_grad_enabled() or not (xz.requires_grad or any(p.requires_grad for p in params)):
-        if (
-            xz.is_cuda and torch.cuda.is_current_stream_capturing()
-        ):  # a CUDA graph: derive them at every replay
-            weights = derived_weights(params, xz.dtype)
-        else:
-            weights = _cached_weights(m, params, xz.dtype)
-        return core_forward(xz, weights, m.d_state, save_sum=False)[0]
+        return core_forward(xz, _cached_weights(m, params, xz), m.d_state, save_sum=False)[0]
     return BiMambaCoreFn.apply(xz, m.d_state, *params)
 
 
