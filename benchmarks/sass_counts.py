@@ -26,7 +26,7 @@ from vimssl.ssm import triton_kernels as K
 FLOAT32_ARGS = {"At_ptr", "D_ptr", "dtb_ptr", "hst_ptr", "dbc_part_ptr", "acc_ptr", "bc_ptr",
                 "w_ptr", "bias_ptr", "dwb_ptr", "hc_ptr", "sc_ptr", "wc_ptr"}  # fmt: skip
 DEFAULTS = {
-    "scan_fwd_kernel": dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False),
+    "scan_fwd_kernel": dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=False),
     "scan_bwd_kernel": dict(
         BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False
     ),

@@ -10,6 +10,9 @@
   exp count over the special-function rate.
 * ``--sweep``: channels per scan program and warps; the conv tile. ``--conv``: the conv
   backward's first kernel (tile, warps, token spans per batch row).
+* ``--conv-fwd`` (alone, or with ``--narrow``): the conv forward's tile at several shapes.
+* ``--narrow`` (alone): the scan kernels' time by how their programs are laid out (channels per
+  program, the forward's branches split or not), at several shapes.
 * ``--chunks sweep`` (alone): the two-level scan's chunk length at long and short sequences,
   whole core, inference and training, against the cuda path; ``--chunks small``: the launchers'
   choice against the cuda path at small batches (where ``auto`` has to choose); ``--chunks long``:
@@ -296,6 +299,97 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     return rows
 
 
+# (label, batch, tokens, d_model) for the scan programs' layout (``--narrow``)
+NARROW_SHAPES = [
+    ("vim_t_224_b128", 128, 197, 192), ("vim_s_224_b128", 128, 197, 384), ("vim_b_224_b128", 128, 197, 768),
+    ("vim_t_224_b32", 32, 197, 192), ("vim_s_224_b32", 32, 197, 384), ("vim_t_512_b32", 32, 1025, 192),
+    ("vim_s_1024_b8", 8, 4097, 384),
+]  # fmt: skip
+
+
+def narrow_sweep(shapes=NARROW_SHAPES) -> list[dict]:
+    """The scan kernels alone (chunk carries and the split forward's combine included) by how
+    their programs are laid out: the launchers' choice (``auto``), channels per one-warp program
+    (the chunk rule follows the width), and the forward's branches in separate programs
+    (``split``) or not, at the shapes in NARROW_SHAPES."""
+    names = ("SEQ_BE_FWD", "SEQ_BE_BWD", "SEQ_NARROW", "SEQ_SPLIT")
+    saved = [getattr(tc, k) for k in names]
+    rows = []
+    for label, bsz, seqlen, d in shapes:
+        m = mixer(d)
+        e, n = m.d_inner, m.d_state
+        bf = dict(device="cuda", dtype=torch.bfloat16)
+        xc = torch.randn(bsz, seqlen, 2 * e, **bf)
+        z = torch.randn(bsz, seqlen, e, **bf)
+        bc = torch.randn(bsz, seqlen, 2, 2 * n, device="cuda")
+        dt = torch.randn(bsz, seqlen, 2 * e, **bf) - 2
+        _, _, _, _, A, D, dtb = tc.derived_weights(tc._core_params(m), torch.bfloat16)
+        gy = torch.randn(bsz, seqlen, e, **bf)
+        dz = torch.empty(bsz, seqlen, e, **bf)
+        ins = (xc, dt, bc, z, A, D, dtb)
+        _, ysum = tc.scan_fwd(*ins, True)
+        row = dict(shape=label, batch=bsz, tokens=seqlen, d_model=d)
+        row["bwd_auto_ms"] = do_bench(
+            lambda ins=ins, g=(gy, ysum, dz): tc.scan_bwd(*ins, *g), return_mode="median"
+        )
+        variants = {
+            "auto": saved,
+            "64": (64, 32, False, False),
+            "64_split": (64, 32, False, True),
+            "32": (32, 32, False, False),
+        }
+        for key, cfg in variants.items():
+            for k, v in zip(names, cfg):
+                setattr(tc, k, v)
+            chunked = tc.chunk_lengths(xc, bsz, seqlen, e)[0] < seqlen
+            if key == "64_split" and chunked:
+                continue  # (the same kernel as "64": chunked scans do not split)
+            row[f"fwd_{key}_ms"] = do_bench(lambda ins=ins: tc.scan_fwd(*ins, False), return_mode="median")
+            row[f"fwd_train_{key}_ms"] = do_bench(
+                lambda ins=ins: tc.scan_fwd(*ins, True), return_mode="median"
+            )
+        for k, v in zip(names, saved):
+            setattr(tc, k, v)
+        rows.append(row)
+        cells = "  ".join(f"{k[:-3]} {v:.3f}" for k, v in row.items() if k.endswith("_ms"))
+        print(f"narrow {label}: {cells}", flush=True)
+    return rows
+
+
+CONV_FWD_SHAPES = [
+    ("vim_t_224_b128", 128, 197, 192), ("vim_s_224_b128", 128, 197, 384), ("vim_b_224_b128", 128, 197, 768),
+    ("vim_s_1024_b8", 8, 4097, 384),
+]  # fmt: skip
+CONV_FWD_TILES = [(8, 128, 4), (16, 128, 4), (8, 64, 2), (4, 128, 2), (16, 256, 8), (32, 128, 8), (8, 256, 4)]
+
+
+def conv_fwd_sweep(shapes=CONV_FWD_SHAPES, tiles=CONV_FWD_TILES) -> list[dict]:
+    """The conv forward's tile (tokens, channels, warps) at several shapes, with its fewest bytes
+    (read x, write both branches' outputs) over the time, in TB/s."""
+    saved = tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS
+    rows = []
+    for label, bsz, seqlen, d in shapes:
+        e = 2 * d
+        x = torch.randn(bsz, seqlen, e, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(bsz, seqlen, 2 * e, device="cuda", dtype=torch.bfloat16)
+        cw, cb = torch.randn(2 * e, 4, device="cuda"), torch.randn(2 * e, device="cuda")
+        row = dict(shape=label)
+        for bt, be, w in tiles:
+            tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS = bt, be, w
+            ms = do_bench(lambda a=(x, cw, cb, out): tc.conv_fwd(*a), return_mode="median")
+            row[f"{bt}x{be}x{w}_ms"] = ms
+        row["min_bytes"] = bsz * seqlen * e * 2 * 3
+        rows.append(row)
+        best = min((k for k in row if k.endswith("_ms")), key=row.get)
+        cells = "  ".join(f"{k[:-3]} {v * 1e3:.1f}" for k, v in row.items() if k.endswith("_ms"))
+        print(
+            f"conv fwd {label} (us): {cells}; best {best} {row['min_bytes'] / row[best] / 1e9:.2f} TB/s",
+            flush=True,
+        )
+    tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS = saved
+    return rows
+
+
 def conv_sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     """The conv backward at the Vim-S layer shape: the first kernel's tile, warps and token spans
     per batch row (CONV_GP_*), both kernels and the weight-gradient sums, less a clone of g."""
@@ -331,12 +425,23 @@ def main():
         help="only the two-level scan's chunk sweep, or the launchers' choice at small batches",
     )  # fmt: skip
     ap.add_argument("--conv", action="store_true", help="the conv backward's sweep (first kernel)")
+    ap.add_argument("--conv-fwd", action="store_true", help="only the conv forward's tile, at several shapes")
+    ap.add_argument("--narrow", action="store_true", help="only the scan programs' layout, at several shapes")
     ap.add_argument("--out", default=None)
     ap.add_argument(
         "--models", nargs="*", default=[], help="whole-model throughput (cuda, triton, deit) after the sweep"
     )
     args = ap.parse_args()
     out = {"gpu": torch.cuda.get_device_name(0)}
+    if args.narrow or args.conv_fwd:
+        if args.narrow:
+            out["narrow"] = narrow_sweep()
+        if args.conv_fwd:
+            out["conv_fwd"] = conv_fwd_sweep()
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
+        return
     if args.chunks:
         small = args.chunks == "small"
         if args.chunks == "long":  # the 1024 px rows: the launchers' choice and two fixed chunks

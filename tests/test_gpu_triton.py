@@ -113,6 +113,23 @@ def test_scan_variants_match_float64_reference(monkeypatch, be, keep, rs):
     assert not bad, bad
 
 
+# the forward scan with its two branches in separate programs, then a combine kernel (what the
+# launchers pick for few programs per SM), and not split: outputs, gradients and the saved branch sum
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_forward_matches_float64_reference(monkeypatch, split, dtype):
+    from vimssl.ssm import triton_core as tc
+
+    monkeypatch.setattr(tc, "SEQ_SPLIT", split)
+    x = torch.empty(1, device="cuda")
+    assert tc._split(x, 10**6) == split
+    err_out, errs = core_errors((3, 37, 80, 16), dtype)
+    tol_out, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 3e-2)
+    assert err_out < tol_out
+    bad = {name: e for name, e in errs.items() if not e < tol_grad}
+    assert not bad, bad
+
+
 # the two-level scan: forced chunk lengths at full program width (with the lane reduce-scatter at
 # 32 channels), including a last chunk shorter than a 4-token group, and the launchers' own choice
 @pytest.mark.parametrize(

@@ -23,6 +23,8 @@ KEEP_SHAPES = [(2, 7, 8, 4), (1, 37, 8, 16)]
 # the two-level scan (chunk length in tokens): several chunks, a last chunk shorter than a
 # 4-token group (7 = 3 + 3 + 1), and chunks that are not a multiple of 4
 CHUNK_SHAPES = [((2, 7, 8, 4), 3), ((3, 13, 6, 3), 4), ((1, 37, 8, 16), 8)]
+# the forward scan with its branches in separate programs and a combine kernel (SEQ_SPLIT)
+SPLIT_SHAPES = [(2, 7, 8, 4), (1, 37, 8, 16)]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -55,10 +57,11 @@ def main() -> None:
     tc.PART_BT, tc.COLSUM_BR, tc.COLSUM_BW = 4, 4, 8
     torch.manual_seed(0)
     results = []
-    runs_cfg = [(s, False, 0) for s in SHAPES] + [(s, True, 0) for s in KEEP_SHAPES]
-    runs_cfg += [(s, False, chunk) for s, chunk in CHUNK_SHAPES]
-    for (bsz, seqlen, d, n), keep, chunk in runs_cfg:
-        tc.SEQ_KEEP, tc.SEQ_CHUNK = keep, chunk
+    runs_cfg = [(s, False, 0, False) for s in SHAPES] + [(s, True, 0, False) for s in KEEP_SHAPES]
+    runs_cfg += [(s, False, chunk, False) for s, chunk in CHUNK_SHAPES]
+    runs_cfg += [(s, False, 0, True) for s in SPLIT_SHAPES]
+    for (bsz, seqlen, d, n), keep, chunk, split in runs_cfg:
+        tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT = keep, chunk, split
         tc.CONV_GP_SPLIT = 3 if chunk else 1  # the conv backward's token walk in spans, too
         m = BiMambaMixer(d, d_state=n)
         with torch.no_grad():
@@ -83,12 +86,13 @@ def main() -> None:
                 shape=[bsz, seqlen, d, n],
                 keep=keep,
                 chunk=chunk,
+                split=split,
                 errors=errs,
                 deterministic=same,
                 finite=finite,
             )
         )
-    tc.SEQ_KEEP, tc.SEQ_CHUNK = False, None
+    tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT = False, None, None
 
     # half-precision inputs (fp16, bf16): outputs and input gradients in the input dtype
     half = {}
@@ -100,11 +104,14 @@ def main() -> None:
     ref = bimamba_core(xzd, md, get_ops("torch"))
     g = torch.randn_like(ref)
     (gref,) = torch.autograd.grad(ref, [xzd], g)
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype, split in ((torch.float16, None), (torch.bfloat16, None), (torch.bfloat16, True)):
+        tc.SEQ_SPLIT = split
         xzt = xz.to(dtype).requires_grad_()
         out = tc.bimamba_core_triton(xzt, m)
         (gx,) = torch.autograd.grad(out, [xzt], g.to(dtype))
-        half[str(dtype)] = dict(dtypes=[str(out.dtype), str(gx.dtype)], out=rel(out, ref), xz=rel(gx, gref))
+        key = str(dtype) + (" split" if split else "")
+        half[key] = dict(dtypes=[str(out.dtype), str(gx.dtype)], out=rel(out, ref), xz=rel(gx, gref))
+    tc.SEQ_SPLIT = None
     report = dict(
         shapes=results, half=half, norm=norm_errors(), cache=inference_cache(), conv_widths=conv_widths()
     )

@@ -10,7 +10,8 @@ backward  conv recompute -> dt_proj recompute -> scan backward (one kernel, both
 
 Saved for the backward: xz, the x_proj output (small) and the ungated branch sum (B, L, E); the
 conv output and delta are recomputed. Long sequences at small batches run the scans in chunks
-(see :func:`_chunk_len`). Without gradients (inference, frozen encoders) the core runs
+(see :func:`_chunk_len`); short ones with too few programs to fill the GPU run the forward scan's
+two branches in separate programs and combine them in one more kernel (see :func:`_split`). Without gradients (inference, frozen encoders) the core runs
 the same forward without autograd, with its derived weights cached on the mixer. Triton is
 imported only when this module is.
 """
@@ -32,7 +33,17 @@ SEQ_BE_FWD, SEQ_BE_BWD, SEQ_WARPS = 64, 32, 1
 SEQ_KEEP = False
 SEQ_RS = True  # scan backward: lane reduce-scatter for the dB/dC sums (see the kernel)
 SEQ_PART_BF16 = True  # scan backward: dB/dC partials in bf16 for bf16 runs (see scan_bwd)
-SEQ_NARROW = True  # narrower scan programs when a batch gives fewer than two per SM (see below)
+SEQ_NARROW = True  # narrower scan programs when a batch gives too few of them (see _seq_channels)
+# ... below how many one-warp programs per SM (forward, backward) the launchers narrow them
+# (H100, seventh session: narrowing Vim-T's 224 px forward at 8 per SM made it slower, 0.32 ->
+# 0.39 ms a layer; splitting its branches instead made it faster, 0.32 -> 0.23 ms)
+SEQ_NARROW_FILL = (2, 2)
+# the unchunked forward scan splits its two branches into separate programs (then combined by
+# one more kernel) below this many programs per SM (see _split); SEQ_SPLIT True or False forces
+# it either way (tests, sweeps)
+SEQ_SPLIT_FILL = 8
+SEQ_SPLIT: bool | None = None
+COMBINE_BR, COMBINE_BE = 16, 128  # tile (rows, channels) of the split forward's combine
 # Two-level (chunked) scans for long sequences, see _chunk_len. SEQ_CHUNK: None picks the chunk
 # length by occupancy on a GPU; an int forces that many tokens per chunk (tests and sweeps), 0
 # never chunks. SEQ_FILL_{FWD,BWD} = (start, aim): chunking starts when the unchunked scan has
@@ -122,13 +133,15 @@ def colsum(src: torch.Tensor, n_a: int) -> tuple[torch.Tensor, torch.Tensor]:
     return a, b
 
 
-def _seq_channels(x: torch.Tensor, bsz: int, e: int, widest: int) -> int:
-    """Channels per sequential-scan program: ``widest`` (fastest per channel) unless that leaves
-    fewer than two programs per SM (small batches of long sequences), then narrower."""
+def _seq_channels(x: torch.Tensor, bsz: int, e: int, widest: int, fill: int) -> int:
+    """Channels per sequential-scan program: ``widest`` (fewest instructions per channel) unless
+    that leaves fewer than ``fill`` programs per SM (small batches, narrow models), then
+    narrower: each program walks its tokens in sequence, so too few of them leave the SMs
+    waiting on that chain."""
     if x.device.type != "cuda" or not SEQ_NARROW:
         return widest
     be = widest
-    while be > 8 and bsz * triton.cdiv(e, be) < 2 * sm_count(x.device):
+    while be > 8 and bsz * triton.cdiv(e, be) < fill * sm_count(x.device):
         be //= 2
     return be
 
@@ -174,20 +187,40 @@ def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum):
     e, d_state = e2 // 2, bc.shape[-1] // 2
     y = torch.empty(bsz, seqlen, e, device=xc.device, dtype=xc.dtype)
     ysum = torch.empty_like(y) if save_sum else y
-    strides = (
-        xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
-        bc.stride(0), bc.stride(1), bc.stride(2), z.stride(0), z.stride(1), y.stride(0), y.stride(1),
-    )  # fmt: skip
     bn = triton.next_power_of_2(d_state)
     chunk = chunk_lengths(xc, bsz, seqlen, e)[0]
     n_ch = triton.cdiv(seqlen, chunk)
-    be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_FWD)
-    hc, sc = _chunk_states(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, strides[:-2], y.stride())
-    LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(triton.cdiv(e, be), bsz, n_ch)](
-        xc, dt, bc, z, At2, D, dt_bias, y, ysum, hc, sc, seqlen, e, d_state, 0, chunk, n_ch, *strides,
-        SAVE_SUM=save_sum, BE=be, BN=bn, EVEN_N=bn == d_state, CHUNKED=n_ch > 1, num_warps=SEQ_WARPS,
+    be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_FWD, SEQ_NARROW_FILL[0])
+    split = n_ch == 1 and _split(xc, bsz * triton.cdiv(e, be)) and z.stride(0) == seqlen * z.stride(1)
+    # split: the branches' ungated outputs go to a (2, B, L, E) buffer that combine_kernel reads
+    out = torch.empty(2, bsz, seqlen, e, device=xc.device, dtype=xc.dtype) if split else y
+    strides = (
+        xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1), bc.stride(0), bc.stride(1), bc.stride(2),
+        z.stride(0), z.stride(1), out.stride(-3), out.stride(-2), out.stride(0) if split else 0,
     )  # fmt: skip
+    hc, sc = _chunk_states(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, strides[:-3], y.stride())
+    LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(triton.cdiv(e, be), bsz, 2 if split else n_ch)](
+        xc, dt, bc, z, At2, D, dt_bias, out, ysum, hc, sc, seqlen, e, d_state, 0, chunk, n_ch, *strides,
+        SAVE_SUM=save_sum, BE=be, BN=bn, EVEN_N=bn == d_state, CHUNKED=n_ch > 1, SPLIT=split,
+        num_warps=SEQ_WARPS,
+    )  # fmt: skip
+    if split:
+        rows = bsz * seqlen
+        K.combine_kernel[(triton.cdiv(rows, COMBINE_BR), triton.cdiv(e, COMBINE_BE))](
+            out, z, y, ysum, rows, e, out.stride(0), z.stride(1),
+            SAVE_SUM=save_sum, BR=COMBINE_BR, BE=COMBINE_BE, num_warps=4,
+        )  # fmt: skip
     return y, (ysum if save_sum else None)
+
+
+def _split(x: torch.Tensor, programs: int) -> bool:
+    """Whether the (unchunked) forward scan runs its two branches in separate programs: when its
+    ``programs`` (each walking both branches in turn) are fewer than SEQ_SPLIT_FILL per SM.
+    Twice the programs, each half as long, for one more pass over the output (the combine).
+    It needs z's rows evenly strided (z a view of a contiguous xz, or contiguous)."""
+    if SEQ_SPLIT is not None:
+        return SEQ_SPLIT
+    return x.device.type == "cuda" and programs < SEQ_SPLIT_FILL * sm_count(x.device)
 
 
 def _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy_strides):
@@ -228,7 +261,7 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz, sum_parts: bool = Tru
     bn = triton.next_power_of_2(d_state)
     chunk = chunk_lengths(xc, bsz, seqlen, e)[1]
     n_ch = triton.cdiv(seqlen, chunk)
-    be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_BWD)
+    be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_BWD, SEQ_NARROW_FILL[1])
     n_eb = triton.cdiv(e, be)
     f32 = dict(device=xc.device, dtype=torch.float32)
     # the state entering each group of 4 tokens, per chunk

@@ -425,85 +425,128 @@ def _rev_in(ub, db, dyb, zb, sb, t, m, fwd, su_l, sd_l, sy_l, sz_l):
 def scan_fwd_kernel(
     u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, y_ptr, ysum_ptr, hc_ptr, sc_ptr,
     L, E, N, R, T, n_ch,
-    su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l,
+    su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, sy_d,
     SAVE_SUM: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr,
-    CHUNKED: tl.constexpr,
+    CHUNKED: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """Both branches of one batch row, BE channels and one chunk of T tokens (program axis 2;
-    unchunked: T = L, one chunk).
+    unchunked: T = L, one chunk), or (SPLIT, unchunked) one branch: program axis 2 is the branch.
 
     u (xc, B, L, 2E), dt (raw dt_proj output without bias, B, L, 2E), bc (B and C of both
     branches, B, L, 2, 2N, strided by sbc_d between branches, starting at offset R), z (B, L, E),
     At = A log2(e) transposed (N, 2E) with A = -exp(A_log), D and dt bias (2E,), all float32.
     Writes y = (y_fwd + y_bwd) / 2 * SiLU(z) to y (B, L, E), and the ungated y_fwd + y_bwd to
     ysum when SAVE_SUM (kept for the backward). The forward branch's outputs are parked in y
-    until the backward branch combines them. EVEN_N: N == BN (no state mask). CHUNKED: each
+    until the backward branch combines them. SPLIT: each branch writes its ungated output to y
+    at offset D * sy_d instead, for :func:`combine_kernel` (twice the programs, each half as
+    long: for batches too small to fill the GPU). EVEN_N: N == BN (no state mask). CHUNKED: each
     branch starts its chunk from the carry of the chunks before it (:func:`_lookback` over the
     chunk-local states hc (B, n_ch, BN, 2E) and sums of delta sc (B, n_ch, 2E) written by
     :func:`scan_state_kernel`).
     """
-    pid_e, b, c = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    lo, cnt = _chunk(c, T, L, CHUNKED)
+    pid_e, b, pid2 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     e = pid_e * BE + tl.arange(0, BE)
+    if SPLIT:
+        _fwd_branch(pid2, 0, 0, L, n_ch, b, e, u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr,
+                    y_ptr + pid2 * sy_d, ysum_ptr, hc_ptr, sc_ptr, E, N, R, su_b, su_l, sd_b, sd_l,
+                    sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, False, SAVE_SUM, BE, BN, EVEN_N, False)  # fmt: skip
+    else:
+        lo, cnt = _chunk(pid2, T, L, CHUNKED)
+        for D in tl.static_range(2):
+            _fwd_branch(D, pid2, lo, cnt, n_ch, b, e, u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr,
+                        dtb_ptr, y_ptr, ysum_ptr, hc_ptr, sc_ptr, E, N, R, su_b, su_l, sd_b, sd_l,
+                        sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, True, SAVE_SUM, BE, BN, EVEN_N,
+                        CHUNKED)  # fmt: skip
+            if D == 0:
+                tl.debug_barrier()
+
+
+@triton.jit
+def _fwd_branch(
+    D, c, lo, cnt, n_ch, b, e, u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, y_ptr, ysum_ptr,
+    hc_ptr, sc_ptr, E, N, R, su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l,
+    COMBINE: tl.constexpr, SAVE_SUM: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr,
+    EVEN_N: tl.constexpr, CHUNKED: tl.constexpr,
+):  # fmt: skip
+    """Branch D of :func:`scan_fwd_kernel` over tokens [lo, lo + cnt) of batch row b, channels e
+    (BE,): the outputs are stored to y (the forward branch, or every branch unless COMBINE) or
+    combined with what the forward branch parked there (the backward branch, COMBINE)."""
     me = e < E
     n = tl.arange(0, BN)
     mn = n < N
     u_base, dt_base, bc_base = u_ptr + b * su_b, dt_ptr + b * sd_b, bc_ptr + b * sbc_b
     y_base, z_base, s_base = y_ptr + b * sy_b + e, z_ptr + b * sz_b + e, ysum_ptr + b * sy_b + e
-    for D in tl.static_range(2):
-        ch = D * E + e
-        At2 = tl.load(At_ptr + n[:, None] * (2 * E) + ch[None, :], mask=mn[:, None] & me[None, :], other=0.0)
-        Dv = tl.load(D_ptr + ch, mask=me, other=0.0)
-        bias = tl.load(dtb_ptr + ch, mask=me, other=0.0)
-        off = D * sbc_d + R
-        if CHUNKED:
-            hc = hc_ptr + (b * n_ch * BN + n[:, None]) * (2 * E) + ch[None, :]
-            sc = sc_ptr + b * n_ch * (2 * E) + ch[None, :]
-            mA = mn[:, None] & me[None, :]
-            h = _lookback(hc, sc, c, n_ch, At2, mA, me[None, :], D == 0, BN * 2 * E, 2 * E)
+    ch = D * E + e
+    At2 = tl.load(At_ptr + n[:, None] * (2 * E) + ch[None, :], mask=mn[:, None] & me[None, :], other=0.0)
+    Dv = tl.load(D_ptr + ch, mask=me, other=0.0)
+    bias = tl.load(dtb_ptr + ch, mask=me, other=0.0)
+    off = D * sbc_d + R
+    if CHUNKED:
+        hc = hc_ptr + (b * n_ch * BN + n[:, None]) * (2 * E) + ch[None, :]
+        sc = sc_ptr + b * n_ch * (2 * E) + ch[None, :]
+        mA = mn[:, None] & me[None, :]
+        h = _lookback(hc, sc, c, n_ch, At2, mA, me[None, :], D == 0, BN * 2 * E, 2 * E)
+    else:
+        h = tl.zeros((BN, BE), tl.float32)
+    for i0 in range(0, cnt, 4):
+        t0, m0, u0, _, d0 = _tok_in(u_base, dt_base, i0, lo, cnt, D, ch, me, bias, su_l, sd_l)
+        t1, m1, u1, _, d1 = _tok_in(u_base, dt_base, i0 + 1, lo, cnt, D, ch, me, bias, su_l, sd_l)
+        t2, m2, u2, _, d2 = _tok_in(u_base, dt_base, i0 + 2, lo, cnt, D, ch, me, bias, su_l, sd_l)
+        t3, m3, u3, _, d3 = _tok_in(u_base, dt_base, i0 + 3, lo, cnt, D, ch, me, bias, su_l, sd_l)
+        B0, C0 = (
+            _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N),
+            _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N),
+        )
+        B1, C1 = (
+            _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N),
+            _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N),
+        )
+        B2, C2 = (
+            _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N),
+            _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N),
+        )
+        B3, C3 = (
+            _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N),
+            _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N),
+        )
+        h = _decay(At2, d0) * h + B0[:, None] * (d0 * u0)[None, :]
+        y0 = tl.sum(h * C0[:, None], axis=0) + Dv * u0
+        h = _decay(At2, d1) * h + B1[:, None] * (d1 * u1)[None, :]
+        y1 = tl.sum(h * C1[:, None], axis=0) + Dv * u1
+        h = _decay(At2, d2) * h + B2[:, None] * (d2 * u2)[None, :]
+        y2 = tl.sum(h * C2[:, None], axis=0) + Dv * u2
+        h = _decay(At2, d3) * h + B3[:, None] * (d3 * u3)[None, :]
+        y3 = tl.sum(h * C3[:, None], axis=0) + Dv * u3
+        if COMBINE and D == 1:
+            _combine(y_base, z_base, s_base, t0, m0, y0, sy_l, sz_l, SAVE_SUM)
+            _combine(y_base, z_base, s_base, t1, m1, y1, sy_l, sz_l, SAVE_SUM)
+            _combine(y_base, z_base, s_base, t2, m2, y2, sy_l, sz_l, SAVE_SUM)
+            _combine(y_base, z_base, s_base, t3, m3, y3, sy_l, sz_l, SAVE_SUM)
         else:
-            h = tl.zeros((BN, BE), tl.float32)
-        for i0 in range(0, cnt, 4):
-            t0, m0, u0, _, d0 = _tok_in(u_base, dt_base, i0, lo, cnt, D, ch, me, bias, su_l, sd_l)
-            t1, m1, u1, _, d1 = _tok_in(u_base, dt_base, i0 + 1, lo, cnt, D, ch, me, bias, su_l, sd_l)
-            t2, m2, u2, _, d2 = _tok_in(u_base, dt_base, i0 + 2, lo, cnt, D, ch, me, bias, su_l, sd_l)
-            t3, m3, u3, _, d3 = _tok_in(u_base, dt_base, i0 + 3, lo, cnt, D, ch, me, bias, su_l, sd_l)
-            B0, C0 = (
-                _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N),
-                _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N),
-            )
-            B1, C1 = (
-                _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N),
-                _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N),
-            )
-            B2, C2 = (
-                _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N),
-                _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N),
-            )
-            B3, C3 = (
-                _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N),
-                _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N),
-            )
-            h = _decay(At2, d0) * h + B0[:, None] * (d0 * u0)[None, :]
-            y0 = tl.sum(h * C0[:, None], axis=0) + Dv * u0
-            h = _decay(At2, d1) * h + B1[:, None] * (d1 * u1)[None, :]
-            y1 = tl.sum(h * C1[:, None], axis=0) + Dv * u1
-            h = _decay(At2, d2) * h + B2[:, None] * (d2 * u2)[None, :]
-            y2 = tl.sum(h * C2[:, None], axis=0) + Dv * u2
-            h = _decay(At2, d3) * h + B3[:, None] * (d3 * u3)[None, :]
-            y3 = tl.sum(h * C3[:, None], axis=0) + Dv * u3
-            if D == 0:
-                tl.store(y_base + t0 * sy_l, y0.to(y_ptr.dtype.element_ty), mask=m0)
-                tl.store(y_base + t1 * sy_l, y1.to(y_ptr.dtype.element_ty), mask=m1)
-                tl.store(y_base + t2 * sy_l, y2.to(y_ptr.dtype.element_ty), mask=m2)
-                tl.store(y_base + t3 * sy_l, y3.to(y_ptr.dtype.element_ty), mask=m3)
-            else:
-                _combine(y_base, z_base, s_base, t0, m0, y0, sy_l, sz_l, SAVE_SUM)
-                _combine(y_base, z_base, s_base, t1, m1, y1, sy_l, sz_l, SAVE_SUM)
-                _combine(y_base, z_base, s_base, t2, m2, y2, sy_l, sz_l, SAVE_SUM)
-                _combine(y_base, z_base, s_base, t3, m3, y3, sy_l, sz_l, SAVE_SUM)
-        if D == 0:
-            tl.debug_barrier()
+            tl.store(y_base + t0 * sy_l, y0.to(y_ptr.dtype.element_ty), mask=m0)
+            tl.store(y_base + t1 * sy_l, y1.to(y_ptr.dtype.element_ty), mask=m1)
+            tl.store(y_base + t2 * sy_l, y2.to(y_ptr.dtype.element_ty), mask=m2)
+            tl.store(y_base + t3 * sy_l, y3.to(y_ptr.dtype.element_ty), mask=m3)
+
+
+@triton.jit
+def combine_kernel(
+    y2_ptr, z_ptr, y_ptr, ysum_ptr, BL, E, sy_d, sz_r,
+    SAVE_SUM: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr,
+):  # fmt: skip
+    """The split forward's combine: y2 holds the two branches' ungated outputs (2, B*L, E,
+    branch stride sy_d); writes y = (y_fwd + y_bwd) / 2 * SiLU(z) and, if SAVE_SUM, the sum
+    y_fwd + y_bwd, all (B*L, E) contiguous; z (B*L, E) with row stride sz_r."""
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)[:, None]
+    e = tl.program_id(1) * BE + tl.arange(0, BE)[None, :]
+    m = (r < BL) & (e < E)
+    o = r * E + e
+    ys = tl.load(y2_ptr + o, mask=m, other=0.0).to(tl.float32)
+    ys += tl.load(y2_ptr + sy_d + o, mask=m, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + r * sz_r + e, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + o, (ys * _silu(z) * 0.5).to(y_ptr.dtype.element_ty), mask=m)
+    if SAVE_SUM:
+        tl.store(ysum_ptr + o, ys.to(ysum_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
