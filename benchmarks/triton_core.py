@@ -233,17 +233,24 @@ def norm_times(bsz=128, seqlen=197, d=384) -> dict:
     return res_ms
 
 
-def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
+def scan_inputs(bsz: int, seqlen: int, d: int) -> tuple[tuple, torch.Tensor, torch.Tensor]:
+    """Random bf16 inputs of the scan kernels for one layer of width ``d``: the arguments of
+    :func:`tc.scan_fwd` before ``save_sum`` (xc, dt, B/C packed float32, z, A log2(e), D, dt
+    bias, from a perturbed mixer), the output gradient and a buffer for dz."""
     m = mixer(d)
     e, n = m.d_inner, m.d_state
     bf = dict(device="cuda", dtype=torch.bfloat16)
     xc = torch.randn(bsz, seqlen, 2 * e, **bf)
     z = torch.randn(bsz, seqlen, e, **bf)
-    dbc = torch.randn(bsz, seqlen, 2, 2 * n, device="cuda")  # B and C, packed float32
+    bc = torch.randn(bsz, seqlen, 2, 2 * n, device="cuda")
     dt = torch.randn(bsz, seqlen, 2 * e, **bf) - 2
     _, _, _, _, A, D, dtb = tc.derived_weights(tc._core_params(m), torch.bfloat16)  # A log2(e): (N, 2E)
-    gy = torch.randn(bsz, seqlen, e, **bf)
-    dz = torch.empty(bsz, seqlen, e, **bf)
+    return (xc, dt, bc, z, A, D, dtb), torch.randn(bsz, seqlen, e, **bf), torch.empty(bsz, seqlen, e, **bf)
+
+
+def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
+    (xc, dt, dbc, z, A, D, dtb), gy, dz = scan_inputs(bsz, seqlen, d)
+    e = z.shape[-1]
     rows = []
     names = ("SEQ_BE_FWD", "SEQ_BE_BWD", "SEQ_WARPS", "SEQ_KEEP", "SEQ_RS")
     saved = [getattr(tc, k) for k in names]
@@ -316,17 +323,8 @@ def narrow_sweep(shapes=NARROW_SHAPES) -> list[dict]:
     saved = [getattr(tc, k) for k in names]
     rows = []
     for label, bsz, seqlen, d in shapes:
-        m = mixer(d)
-        e, n = m.d_inner, m.d_state
-        bf = dict(device="cuda", dtype=torch.bfloat16)
-        xc = torch.randn(bsz, seqlen, 2 * e, **bf)
-        z = torch.randn(bsz, seqlen, e, **bf)
-        bc = torch.randn(bsz, seqlen, 2, 2 * n, device="cuda")
-        dt = torch.randn(bsz, seqlen, 2 * e, **bf) - 2
-        _, _, _, _, A, D, dtb = tc.derived_weights(tc._core_params(m), torch.bfloat16)
-        gy = torch.randn(bsz, seqlen, e, **bf)
-        dz = torch.empty(bsz, seqlen, e, **bf)
-        ins = (xc, dt, bc, z, A, D, dtb)
+        ins, gy, dz = scan_inputs(bsz, seqlen, d)
+        xc, e = ins[0], gy.shape[-1]
         _, ysum = tc.scan_fwd(*ins, True)
         row = dict(shape=label, batch=bsz, tokens=seqlen, d_model=d)
         row["bwd_auto_ms"] = do_bench(

@@ -131,6 +131,27 @@ def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
     assert tc._chunk_len(torch.empty(1), 4097, 1, tc.SEQ_FILL_FWD) == 4097
 
 
+def test_forward_scan_splits_its_branches_when_programs_are_few(monkeypatch):
+    # launcher side, no GPU needed: the unchunked forward scan runs its two branches in separate
+    # programs below SEQ_SPLIT_FILL programs per SM (programs: batch x E / 64); the H100 picks of
+    # docs/benchmarks.md (v11)
+    from types import SimpleNamespace
+
+    from vimssl.ssm import triton_core as tc
+
+    monkeypatch.setattr(tc, "sm_count", lambda device: 132)
+    gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    assert tc._split(gpu, 128 * 384 // 64)  # Vim-T, 224 px, batch 128: 5.8 per SM
+    assert tc._split(gpu, 32 * 768 // 64)  # Vim-S, batch 32
+    assert not tc._split(gpu, 128 * 768 // 64)  # Vim-S, batch 128: 11.6 per SM
+    assert not tc._split(gpu, 128 * 1536 // 64)  # Vim-B
+    assert not tc._split(torch.empty(1), 1)  # CPU tensors: never, unless forced
+    monkeypatch.setattr(tc, "SEQ_SPLIT", True)
+    assert tc._split(torch.empty(1), 10**6)
+    monkeypatch.setattr(tc, "SEQ_SPLIT", False)
+    assert not tc._split(gpu, 1)
+
+
 def test_mixer_tells_auto_its_scan_shape(monkeypatch):
     # auto's GPU choice depends on batch x inner channels and the sequence length
     from vimssl.models import mixer as mixer_mod

@@ -34,10 +34,10 @@ SEQ_KEEP = False
 SEQ_RS = True  # scan backward: lane reduce-scatter for the dB/dC sums (see the kernel)
 SEQ_PART_BF16 = True  # scan backward: dB/dC partials in bf16 for bf16 runs (see scan_bwd)
 SEQ_NARROW = True  # narrower scan programs when a batch gives too few of them (see _seq_channels)
-# ... below how many one-warp programs per SM (forward, backward) the launchers narrow them
-# (H100, seventh session: narrowing Vim-T's 224 px forward at 8 per SM made it slower, 0.32 ->
-# 0.39 ms a layer; splitting its branches instead made it faster, 0.32 -> 0.23 ms)
-SEQ_NARROW_FILL = (2, 2)
+# ... below how many one-warp programs per SM the launchers narrow them (H100, seventh session:
+# narrowing Vim-T's 224 px forward at 8 per SM made it slower, 0.32 -> 0.39 ms a layer; splitting
+# its branches instead made it faster, 0.32 -> 0.23 ms)
+SEQ_NARROW_FILL = 2
 # the unchunked forward scan splits its two branches into separate programs (then combined by
 # one more kernel) below this many programs per SM (see _split); SEQ_SPLIT True or False forces
 # it either way (tests, sweeps)
@@ -133,15 +133,15 @@ def colsum(src: torch.Tensor, n_a: int) -> tuple[torch.Tensor, torch.Tensor]:
     return a, b
 
 
-def _seq_channels(x: torch.Tensor, bsz: int, e: int, widest: int, fill: int) -> int:
+def _seq_channels(x: torch.Tensor, bsz: int, e: int, widest: int) -> int:
     """Channels per sequential-scan program: ``widest`` (fewest instructions per channel) unless
-    that leaves fewer than ``fill`` programs per SM (small batches, narrow models), then
+    that leaves fewer than SEQ_NARROW_FILL programs per SM (small batches of long sequences), then
     narrower: each program walks its tokens in sequence, so too few of them leave the SMs
     waiting on that chain."""
     if x.device.type != "cuda" or not SEQ_NARROW:
         return widest
     be = widest
-    while be > 8 and bsz * triton.cdiv(e, be) < fill * sm_count(x.device):
+    while be > 8 and bsz * triton.cdiv(e, be) < SEQ_NARROW_FILL * sm_count(x.device):
         be //= 2
     return be
 
@@ -190,7 +190,7 @@ def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum):
     bn = triton.next_power_of_2(d_state)
     chunk = chunk_lengths(xc, bsz, seqlen, e)[0]
     n_ch = triton.cdiv(seqlen, chunk)
-    be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_FWD, SEQ_NARROW_FILL[0])
+    be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_FWD)
     split = n_ch == 1 and _split(xc, bsz * triton.cdiv(e, be)) and z.stride(0) == seqlen * z.stride(1)
     # split: the branches' ungated outputs go to a (2, B, L, E) buffer that combine_kernel reads
     out = torch.empty(2, bsz, seqlen, e, device=xc.device, dtype=xc.dtype) if split else y
@@ -261,7 +261,7 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz, sum_parts: bool = Tru
     bn = triton.next_power_of_2(d_state)
     chunk = chunk_lengths(xc, bsz, seqlen, e)[1]
     n_ch = triton.cdiv(seqlen, chunk)
-    be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_BWD, SEQ_NARROW_FILL[1])
+    be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_BWD)
     n_eb = triton.cdiv(e, be)
     f32 = dict(device=xc.device, dtype=torch.float32)
     # the state entering each group of 4 tokens, per chunk

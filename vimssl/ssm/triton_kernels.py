@@ -392,6 +392,12 @@ def _vec(bc_base, t, sbc_l, off, n, mn, EVEN_N: tl.constexpr):
 
 
 @triton.jit
+def _bc_vecs(bc_base, t, sbc_l, off, N, n, mn, EVEN_N: tl.constexpr):
+    """B and C of token t, each (BN, 1) float32 (:func:`_vec`)."""
+    return _vec(bc_base, t, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t, sbc_l, off + N, n, mn, EVEN_N)
+
+
+@triton.jit
 def _delta(raw, m):
     """softplus(raw) where m, else 0 (past the end: decay 1, drive 0, the state passes through)."""
     return tl.where(m, _softplus(raw), 0.0)
@@ -493,22 +499,10 @@ def _fwd_branch(
         t1, m1, u1, _, d1 = _tok_in(u_base, dt_base, i0 + 1, lo, cnt, D, ch, me, bias, su_l, sd_l)
         t2, m2, u2, _, d2 = _tok_in(u_base, dt_base, i0 + 2, lo, cnt, D, ch, me, bias, su_l, sd_l)
         t3, m3, u3, _, d3 = _tok_in(u_base, dt_base, i0 + 3, lo, cnt, D, ch, me, bias, su_l, sd_l)
-        B0, C0 = (
-            _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N),
-            _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N),
-        )
-        B1, C1 = (
-            _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N),
-            _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N),
-        )
-        B2, C2 = (
-            _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N),
-            _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N),
-        )
-        B3, C3 = (
-            _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N),
-            _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N),
-        )
+        B0, C0 = _bc_vecs(bc_base, t0, sbc_l, off, N, n, mn, EVEN_N)
+        B1, C1 = _bc_vecs(bc_base, t1, sbc_l, off, N, n, mn, EVEN_N)
+        B2, C2 = _bc_vecs(bc_base, t2, sbc_l, off, N, n, mn, EVEN_N)
+        B3, C3 = _bc_vecs(bc_base, t3, sbc_l, off, N, n, mn, EVEN_N)
         h = _decay(At2, d0) * h + B0[:, None] * (d0 * u0)[None, :]
         y0 = tl.sum(h * C0[:, None], axis=0) + Dv * u0
         h = _decay(At2, d1) * h + B1[:, None] * (d1 * u1)[None, :]
