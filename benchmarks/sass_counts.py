@@ -5,15 +5,25 @@ for the v5/v6 kernels in docs/kernel-notes.md (the loop bodies dominate the coun
     python benchmarks/sass_counts.py                      # scan forward and backward, defaults
     python benchmarks/sass_counts.py --kernel scan_bwd_kernel --set BE=64 KEEP=True RS=False
     python benchmarks/sass_counts.py --kernel scan_fwd_kernel scan_bwd_kernel --set CHUNKED=True
+    python benchmarks/sass_counts.py --all --json counts.json   # every kernel, every launch variant
+
+``--all`` compiles every kernel of the path (the mixer core's and the fused norm's) in every
+constexpr variant the launchers use, with their defaults: a compile check for a Triton release
+(Triton 3.0 and later; the compile API changed at 3.1 and 3.3) without a GPU. It exits non-zero
+if a kernel fails to compile.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import inspect
+import json
 import re
 import subprocess
+import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import triton
@@ -22,17 +32,80 @@ from triton.compiler import ASTSource
 
 from vimssl.ssm import triton_core as tc
 from vimssl.ssm import triton_kernels as K
+from vimssl.ssm import triton_norm as TN
 
-FLOAT32_ARGS = {"At_ptr", "D_ptr", "dtb_ptr", "hst_ptr", "dbc_part_ptr", "acc_ptr", "bc_ptr",
-                "w_ptr", "bias_ptr", "dwb_ptr", "hc_ptr", "sc_ptr", "wc_ptr"}  # fmt: skip
-DEFAULTS = {
-    "scan_fwd_kernel": dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=False),
-    "scan_bwd_kernel": dict(
-        BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False
+_SCAN_F32 = {"At_ptr", "D_ptr", "dtb_ptr", "bc_ptr", "hc_ptr", "sc_ptr", "wc_ptr", "hst_ptr", "acc_ptr"}
+_NORM_ROWS, _NORM_BD, _NORM_WARPS = TN._tile(384)  # Vim-S rows
+# Per kernel: its module, float32 pointer arguments (other pointers: bf16, the activations of a
+# bf16 run), float scalar arguments (other scalars: int32), warps, and the constexpr variants the
+# launchers use, the first being the default of --kernel.
+KERNELS = {
+    "prep_kernel": dict(
+        mod=K, warps=4,
+        f32={"cwf", "cwb", "cbf", "cbb", "xwf", "xwb", "dwf", "dwb", "dbf", "dbb", "alf", "alb", "Df", "Db",
+             "cw_o", "cb_o", "at_o", "d_o", "dtb_o"},
+        variants=[dict(K=4, BK=4, BN=16, BP=128, BE=tc.PREP_BE)],
     ),
-    "scan_state_kernel": dict(GRAD=False, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True),
-    "conv_bwd_gp_kernel": dict(K=4, BK=8, BT=tc.CONV_GP_BT, BE=tc.CONV_GP_BE),
-}
+    "conv_fwd_kernel": dict(
+        mod=K, warps=tc.CONV_WARPS, f32={"w_ptr", "bias_ptr"},
+        variants=[dict(K=4, BT=tc.CONV_BT, BE=tc.CONV_BE)],
+    ),
+    "conv_bwd_gp_kernel": dict(
+        mod=K, warps=tc.CONV_GP_WARPS, f32={"w_ptr", "bias_ptr", "dwb_ptr"},
+        variants=[dict(K=4, BK=8, BT=tc.CONV_GP_BT, BE=tc.CONV_GP_BE)],
+    ),
+    "conv_bwd_dx_kernel": dict(
+        mod=K, warps=tc.CONV_WARPS, f32={"w_ptr"},
+        variants=[dict(K=4, BT=tc.CONV_BT, BE=tc.CONV_BE)],
+    ),
+    "scan_fwd_kernel": dict(
+        mod=K, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
+        variants=[
+            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=False),
+            dict(SAVE_SUM=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=False),
+            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=True),
+            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=True, SPLIT=False),
+            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=False, CHUNKED=False, SPLIT=False),
+        ],
+    ),
+    "combine_kernel": dict(
+        mod=K, warps=4, f32=set(),
+        variants=[dict(SAVE_SUM=s, BR=tc.COMBINE_BR, BE=tc.COMBINE_BE) for s in (True, False)],
+    ),
+    "scan_state_kernel": dict(
+        mod=K, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
+        variants=[
+            dict(GRAD=False, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True),
+            dict(GRAD=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True),
+            dict(GRAD=True, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True),
+        ],
+    ),
+    "scan_bwd_kernel": dict(
+        mod=K, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
+        variants=[
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=True),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=False, KEEP=tc.SEQ_KEEP, RS=False, CHUNKED=False),
+        ],
+    ),
+    "part_sum_kernel": dict(mod=K, warps=4, f32=set(), variants=[dict(BT=tc.PART_BT, BJ=32)]),
+    "colsum_kernel": dict(
+        mod=K, warps=4, f32={"src_ptr", "a_ptr", "b_ptr"}, variants=[dict(BR=tc.COLSUM_BR, BW=tc.COLSUM_BW)]
+    ),
+    "add_rms_fwd_kernel": dict(
+        mod=TN, warps=_NORM_WARPS, f32={"res_ptr", "w_ptr", "rout_ptr", "rstd_ptr", "s_ptr"},
+        floats={"eps", "inv_keep"},
+        variants=[dict(HAS_X=x, HAS_S=s, ROWS=_NORM_ROWS, BD=_NORM_BD) for x, s in ((True, False), (False, False), (True, True))],
+    ),
+    "add_rms_bwd_kernel": dict(
+        mod=TN, warps=_NORM_WARPS,
+        f32={"drout_ptr", "rout_ptr", "rstd_ptr", "w_ptr", "dres_ptr", "dw_ptr", "s_ptr"}, floats={"inv_keep"},
+        variants=[
+            dict(HAS_DROUT=r, HAS_DX=x, HAS_S=s, ROWS=_NORM_ROWS, BD=_NORM_BD)
+            for r, x, s in ((True, True, False), (False, True, False), (True, False, False), (True, True, True))
+        ],
+    ),
+}  # fmt: skip
 OPS = ["MUFU", "SHFL", "FFMA", "FMUL", "FADD", "LDG", "STG", "LDL", "STL", "LDS", "STS", "BAR", "IMAD", "SEL"]
 
 
@@ -40,21 +113,39 @@ def tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def counts(kernel: str, consts: dict, warps: int = 1, maxnreg: int | None = None) -> dict:
-    fn = getattr(K, kernel)
-    sig = {
-        a: "constexpr"
-        if a in consts
-        else ("*fp32" if a in FLOAT32_ARGS else "*bf16")
-        if a.endswith("_ptr")
-        else "i32"
-        for a in fn.arg_names
-    }
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+def _version() -> tuple[int, int]:
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
+def _source(fn, sig: dict, consts: dict) -> ASTSource:
+    """What triton.compile takes for ``fn``, in this Triton's API: 3.3 and later key the signature
+    by name with the constexprs in it; 3.1 and 3.2 by name without them, 3.0 by index."""
+    if "constexprs" in inspect.signature(ASTSource).parameters:
+        return ASTSource(
+            fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}
+        )
+    key = (lambda a: a) if _version() >= (3, 1) else fn.arg_names.index
+    return ASTSource(
+        fn=fn,
+        signature={key(a): t for a, t in sig.items() if a not in consts},
+        constants={key(a): v for a, v in consts.items()},
+    )
+
+
+def _arg_type(spec: dict, name: str) -> str:
+    if name.endswith("_ptr") or name.endswith("_o") or name in spec["f32"]:
+        return "*fp32" if name in spec["f32"] else "*bf16"
+    return "fp32" if name in spec.get("floats", ()) else "i32"
+
+
+def counts(kernel: str, consts: dict, warps: int | None = None, maxnreg: int | None = None) -> dict:
+    spec = KERNELS[kernel]
+    fn = getattr(spec["mod"], kernel)
+    sig = {a: "constexpr" if a in consts else _arg_type(spec, a) for a in fn.arg_names}
     ck = triton.compile(
-        src,
+        _source(fn, sig, consts),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})},
+        options={"num_warps": warps or spec["warps"], **({"maxnreg": maxnreg} if maxnreg else {})},
     )
     with tempfile.TemporaryDirectory() as d:
         cubin, ptx = Path(d) / "k.cubin", Path(d) / "k.ptx"
@@ -71,21 +162,53 @@ def counts(kernel: str, consts: dict, warps: int = 1, maxnreg: int | None = None
                 ops={k: ops[k] for k in OPS})  # fmt: skip
 
 
+def _line(r: dict) -> str:
+    return (
+        f"{r['kernel']} {r['consts']}: {r['registers']} registers, {r['spill_store_bytes']} bytes of spill "
+        f"stores, {r['total']} instructions: {r['ops']}"
+    )
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--kernel", choices=sorted(DEFAULTS), nargs="*", default=sorted(DEFAULTS))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--kernel", choices=sorted(KERNELS), nargs="*", default=["scan_bwd_kernel", "scan_fwd_kernel"]
+    )
     ap.add_argument("--set", nargs="*", default=[], help="constexpr overrides, e.g. BE=64 RS=False")
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (ptxas)")
+    ap.add_argument("--all", action="store_true", help="every kernel in every launch variant")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
-    for kernel in args.kernel:
-        consts = dict(DEFAULTS[kernel])
-        for kv in args.set:
-            k, v = kv.split("=")
-            if k in consts:
-                consts[k] = v == "True" if v in ("True", "False") else int(v)
-        r = counts(kernel, consts, maxnreg=args.maxnreg)
-        print(f"{kernel} {r['consts']}: {r['registers']} registers, {r['spill_store_bytes']} bytes of spill "
-              f"stores, {r['total']} instructions: {r['ops']}")  # fmt: skip
+    if args.all:
+        jobs = [(k, dict(v)) for k, spec in KERNELS.items() for v in spec["variants"]]
+    else:
+        jobs = []
+        for kernel in args.kernel:
+            consts = dict(KERNELS[kernel]["variants"][0])
+            for kv in args.set:
+                k, v = kv.split("=")
+                if k in consts:
+                    consts[k] = v == "True" if v in ("True", "False") else int(v)
+            jobs.append((kernel, consts))
+    results, failed = [], 0
+    for kernel, consts in jobs:
+        try:
+            r = counts(kernel, consts, maxnreg=args.maxnreg)
+            print(_line(r), flush=True)
+        except Exception as exc:  # report every kernel, then fail
+            failed += 1
+            r = dict(kernel=kernel, consts=consts, error=f"{type(exc).__name__}: {exc}"[:2000])
+            print(
+                f"{kernel} {consts}: FAILED to compile\n{traceback.format_exc()}", file=sys.stderr, flush=True
+            )
+        results.append(r)
+    if args.json:
+        args.json.write_text(
+            json.dumps(dict(triton=triton.__version__, target="sm_90a", kernels=results), indent=1)
+        )
+    print(f"Triton {triton.__version__}: {len(results) - failed} of {len(results)} kernel variants compiled")
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
