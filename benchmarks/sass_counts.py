@@ -37,29 +37,31 @@ from vimssl.ssm import triton_norm as TN
 _SCAN_F32 = {"At_ptr", "D_ptr", "dtb_ptr", "bc_ptr", "hc_ptr", "sc_ptr", "wc_ptr", "hst_ptr", "acc_ptr"}
 _NORM_ROWS, _NORM_BD, _NORM_WARPS = TN._tile(384)  # Vim-S rows
 # Per kernel: its module, float32 pointer arguments (other pointers: bf16, the activations of a
-# bf16 run), float scalar arguments (other scalars: int32), warps, and the constexpr variants the
-# launchers use, the first being the default of --kernel.
+# bf16 run), float scalar arguments (other scalars: int32), warps, the integer arguments that are
+# not multiples of 16 at the Vim-S 224 px training shape (``odd``: the JIT marks every other
+# integer and every pointer divisible by 16, and the compiler vectorises and simplifies on that),
+# and the constexpr variants the launchers use, the first being the default of --kernel.
 KERNELS = {
     "prep_kernel": dict(
-        mod=K, warps=4,
+        mod=K, odd={"R"}, warps=4,
         f32={"cwf", "cwb", "cbf", "cbb", "xwf", "xwb", "dwf", "dwb", "dbf", "dbb", "alf", "alb", "Df", "Db",
              "cw_o", "cb_o", "at_o", "d_o", "dtb_o"},
         variants=[dict(K=4, BK=4, BN=16, BP=128, BE=tc.PREP_BE)],
     ),
     "conv_fwd_kernel": dict(
-        mod=K, warps=tc.CONV_WARPS, f32={"w_ptr", "bias_ptr"},
+        mod=K, odd={"L"}, warps=tc.CONV_WARPS, f32={"w_ptr", "bias_ptr"},
         variants=[dict(K=4, BT=tc.CONV_BT, BE=tc.CONV_BE)],
     ),
     "conv_bwd_gp_kernel": dict(
-        mod=K, warps=tc.CONV_GP_WARPS, f32={"w_ptr", "bias_ptr", "dwb_ptr"},
+        mod=K, odd={"L", "T", "n_split"}, warps=tc.CONV_GP_WARPS, f32={"w_ptr", "bias_ptr", "dwb_ptr"},
         variants=[dict(K=4, BK=8, BT=tc.CONV_GP_BT, BE=tc.CONV_GP_BE)],
     ),
     "conv_bwd_dx_kernel": dict(
-        mod=K, warps=tc.CONV_WARPS, f32={"w_ptr"},
+        mod=K, odd={"L"}, warps=tc.CONV_WARPS, f32={"w_ptr"},
         variants=[dict(K=4, BT=tc.CONV_BT, BE=tc.CONV_BE)],
     ),
     "scan_fwd_kernel": dict(
-        mod=K, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
+        mod=K, odd={"L", "T", "n_ch"}, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
         variants=[
             dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=False),
             dict(SAVE_SUM=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=False),
@@ -69,11 +71,11 @@ KERNELS = {
         ],
     ),
     "combine_kernel": dict(
-        mod=K, warps=4, f32=set(),
+        mod=K, odd=set(), warps=4, f32=set(),
         variants=[dict(SAVE_SUM=s, BR=tc.COMBINE_BR, BE=tc.COMBINE_BE) for s in (True, False)],
     ),
     "scan_state_kernel": dict(
-        mod=K, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
+        mod=K, odd={"L", "n_ch"}, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
         variants=[
             dict(GRAD=False, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True),
             dict(GRAD=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True),
@@ -81,24 +83,24 @@ KERNELS = {
         ],
     ),
     "scan_bwd_kernel": dict(
-        mod=K, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
+        mod=K, odd={"L", "T", "n_ch", "n_eblocks"}, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
         variants=[
             dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False),
             dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=True),
             dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=False, KEEP=tc.SEQ_KEEP, RS=False, CHUNKED=False),
         ],
     ),
-    "part_sum_kernel": dict(mod=K, warps=4, f32=set(), variants=[dict(BT=tc.PART_BT, BJ=32)]),
+    "part_sum_kernel": dict(mod=K, odd={"L", "n_parts"}, warps=4, f32=set(), variants=[dict(BT=tc.PART_BT, BJ=32)]),
     "colsum_kernel": dict(
-        mod=K, warps=4, f32={"src_ptr", "a_ptr", "b_ptr"}, variants=[dict(BR=tc.COLSUM_BR, BW=tc.COLSUM_BW)]
+        mod=K, odd={"T", "n_a"}, warps=4, f32={"src_ptr", "a_ptr", "b_ptr"}, variants=[dict(BR=tc.COLSUM_BR, BW=tc.COLSUM_BW)]
     ),
     "add_rms_fwd_kernel": dict(
-        mod=TN, warps=_NORM_WARPS, f32={"res_ptr", "w_ptr", "rout_ptr", "rstd_ptr", "s_ptr"},
+        mod=TN, odd={"rows_per_s"}, warps=_NORM_WARPS, f32={"res_ptr", "w_ptr", "rout_ptr", "rstd_ptr", "s_ptr"},
         floats={"eps", "inv_keep"},
         variants=[dict(HAS_X=x, HAS_S=s, ROWS=_NORM_ROWS, BD=_NORM_BD) for x, s in ((True, False), (False, False), (True, True))],
     ),
     "add_rms_bwd_kernel": dict(
-        mod=TN, warps=_NORM_WARPS,
+        mod=TN, odd={"rows_per_s"}, warps=_NORM_WARPS,
         f32={"drout_ptr", "rout_ptr", "rstd_ptr", "w_ptr", "dres_ptr", "dw_ptr", "s_ptr"}, floats={"inv_keep"},
         variants=[
             dict(HAS_DROUT=r, HAS_DX=x, HAS_S=s, ROWS=_NORM_ROWS, BD=_NORM_BD)
@@ -117,18 +119,28 @@ def _version() -> tuple[int, int]:
     return tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 
-def _source(fn, sig: dict, consts: dict) -> ASTSource:
+def _source(fn, sig: dict, consts: dict, div16: set) -> ASTSource:
     """What triton.compile takes for ``fn``, in this Triton's API: 3.3 and later key the signature
-    by name with the constexprs in it; 3.1 and 3.2 by name without them, 3.0 by index."""
+    by name with the constexprs in it; 3.1 and 3.2 by name without them, 3.0 by index. ``div16``:
+    the arguments the JIT would mark divisible by 16 (not passed to 3.2, whose descriptor wants
+    the argument values)."""
+    idx = fn.arg_names.index
     if "constexprs" in inspect.signature(ASTSource).parameters:
+        attrs = {(idx(a),): [["tt.divisibility", 16]] for a in div16}
         return ASTSource(
-            fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}
+            fn=fn, signature=sig, constexprs={(idx(k),): v for k, v in consts.items()}, attrs=attrs
         )
-    key = (lambda a: a) if _version() >= (3, 1) else fn.arg_names.index
+    key = (lambda a: a) if _version() >= (3, 1) else idx
+    extra = {}
+    if _version() < (3, 2):
+        from triton.compiler.compiler import AttrsDescriptor
+
+        extra["attrs"] = AttrsDescriptor(divisible_by_16={key(a) for a in div16})
     return ASTSource(
         fn=fn,
         signature={key(a): t for a, t in sig.items() if a not in consts},
         constants={key(a): v for a, v in consts.items()},
+        **extra,
     )
 
 
@@ -142,8 +154,9 @@ def counts(kernel: str, consts: dict, warps: int | None = None, maxnreg: int | N
     spec = KERNELS[kernel]
     fn = getattr(spec["mod"], kernel)
     sig = {a: "constexpr" if a in consts else _arg_type(spec, a) for a in fn.arg_names}
+    div16 = {a for a, t in sig.items() if t.startswith("*") or (t == "i32" and a not in spec.get("odd", ()))}
     ck = triton.compile(
-        _source(fn, sig, consts),
+        _source(fn, sig, consts, div16),
         target=GPUTarget("cuda", 90, 32),
         options={"num_warps": warps or spec["warps"], **({"maxnreg": maxnreg} if maxnreg else {})},
     )
