@@ -182,6 +182,14 @@ def _line(r: dict) -> str:
     )
 
 
+def _override(ap: argparse.ArgumentParser, kv: str) -> tuple[str, bool | int]:
+    """``NAME=VALUE`` of --set: VALUE True, False or an integer."""
+    k, sep, v = kv.partition("=")
+    if not sep or not (v in ("True", "False") or v.lstrip("-").isdigit()):
+        ap.error(f"--set {kv}: expected NAME=True, NAME=False or NAME=<integer>")
+    return k, (v == "True" if v in ("True", "False") else int(v))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -193,16 +201,17 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
     if args.all:
+        if args.set:
+            ap.error("--set applies to --kernel's default variants, not to --all's launch variants")
         jobs = [(k, dict(v)) for k, spec in KERNELS.items() for v in spec["variants"]]
     else:
-        jobs = []
-        for kernel in args.kernel:
-            consts = dict(KERNELS[kernel]["variants"][0])
-            for kv in args.set:
-                k, v = kv.split("=")
-                if k in consts:
-                    consts[k] = v == "True" if v in ("True", "False") else int(v)
-            jobs.append((kernel, consts))
+        overrides = dict(_override(ap, kv) for kv in args.set)
+        jobs = [(kernel, dict(KERNELS[kernel]["variants"][0])) for kernel in args.kernel]
+        for k in overrides:
+            if not any(k in consts for _, consts in jobs):
+                ap.error(f"--set {k}: no constexpr {k!r} in {', '.join(args.kernel)}")
+        for _, consts in jobs:
+            consts.update({k: v for k, v in overrides.items() if k in consts})
     results, failed = [], 0
     for kernel, consts in jobs:
         try:

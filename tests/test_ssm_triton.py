@@ -92,6 +92,21 @@ def test_every_kernel_compiles_for_the_h100(tmp_path):
         assert "error" not in r and 0 < r["registers"] <= 255 and r["total"] > 0, r
 
 
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--set", "NOPE=1"], "no constexpr 'NOPE'"),
+        (["--set", "BE=wide"], "expected NAME=True, NAME=False or NAME=<integer>"),
+        (["--all", "--set", "BE=32"], "not to --all"),
+    ],
+)
+def test_sass_counts_names_a_bad_setting(args, says):
+    script = Path(__file__).parents[1] / "benchmarks" / "sass_counts.py"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-2000:]
+
+
 def test_triton_is_a_backend_choice():
     assert "triton" in BACKENDS
     model = create_model("vim_test", backend="triton")

@@ -11,9 +11,9 @@ backward  conv recompute -> dt_proj recompute -> scan backward (one kernel, both
 Saved for the backward: xz, the x_proj output (small) and the ungated branch sum (B, L, E); the
 conv output and delta are recomputed. Long sequences at small batches run the scans in chunks
 (see :func:`_chunk_len`); short ones with too few programs to fill the GPU run the forward scan's
-two branches in separate programs and combine them in one more kernel (see :func:`_split`). Without gradients (inference, frozen encoders) the core runs
-the same forward without autograd, with its derived weights cached on the mixer. Triton is
-imported only when this module is.
+two branches in separate programs and combine them in one more kernel (see :func:`_split`).
+Without gradients (inference, frozen encoders) the core runs the same forward without autograd,
+with its derived weights cached on the mixer. Triton is imported only when this module is.
 """
 
 from __future__ import annotations

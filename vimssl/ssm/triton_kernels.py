@@ -537,19 +537,24 @@ def combine_kernel(
     o = r * E + e
     ys = tl.load(y2_ptr + o, mask=m, other=0.0).to(tl.float32)
     ys += tl.load(y2_ptr + sy_d + o, mask=m, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + r * sz_r + e, mask=m, other=0.0).to(tl.float32)
-    tl.store(y_ptr + o, (ys * _silu(z) * 0.5).to(y_ptr.dtype.element_ty), mask=m)
-    if SAVE_SUM:
-        tl.store(ysum_ptr + o, ys.to(ysum_ptr.dtype.element_ty), mask=m)
+    _gated_out(y_ptr + o, ysum_ptr + o, z_ptr + r * sz_r + e, ys, m, SAVE_SUM)
 
 
 @triton.jit
 def _combine(y_base, z_base, s_base, t, m, y_b, sy_l, sz_l, SAVE_SUM: tl.constexpr):
+    """The backward branch's output y_b of token t added to the forward branch's, parked in y."""
     ys = tl.load(y_base + t * sy_l, mask=m, other=0.0).to(tl.float32) + y_b
-    z = tl.load(z_base + t * sz_l, mask=m, other=0.0).to(tl.float32)
-    tl.store(y_base + t * sy_l, (ys * _silu(z) * 0.5).to(y_base.dtype.element_ty), mask=m)
+    _gated_out(y_base + t * sy_l, s_base + t * sy_l, z_base + t * sz_l, ys, m, SAVE_SUM)
+
+
+@triton.jit
+def _gated_out(y_ptrs, s_ptrs, z_ptrs, ys, m, SAVE_SUM: tl.constexpr):
+    """The output (y_fwd + y_bwd) / 2 * SiLU(z) from the branch sum ys, and the sum itself for the
+    backward when SAVE_SUM."""
+    z = tl.load(z_ptrs, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (ys * _silu(z) * 0.5).to(y_ptrs.dtype.element_ty), mask=m)
     if SAVE_SUM:
-        tl.store(s_base + t * sy_l, ys.to(s_base.dtype.element_ty), mask=m)
+        tl.store(s_ptrs, ys.to(s_ptrs.dtype.element_ty), mask=m)
 
 
 @triton.jit
