@@ -64,6 +64,10 @@ CONV_GP_FILL = 16
 PART_BT = 32  # tokens per program of the dB/dC partial sum
 COLSUM_BR, COLSUM_BW = 128, 32  # rows per step and columns per program of the weight-gradient sums
 PREP_BE = 64  # channels per program of the derived-weights kernel
+# fill of the chunk carries' buffers before scan_state_kernel writes them: None leaves them
+# uninitialised; the interpreter check sets NaN, so that reading a carry no program wrote (the
+# last chunk's, which it skips) shows in the results
+CARRY_FILL: float | None = None
 LAST: dict = {}  # the last launch handle of each kernel (registers and spills, for benchmarks)
 
 
@@ -236,6 +240,10 @@ def _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, 
     f32 = dict(device=xc.device, dtype=torch.float32)
     carry = torch.empty(bsz, n_ch, bn, e2, **f32)
     sums = torch.empty(bsz, n_ch, e2, **f32) if dy is None else xc
+    if CARRY_FILL is not None:
+        carry.fill_(CARRY_FILL)
+        if dy is None:
+            sums.fill_(CARRY_FILL)
     grad = dy is not None
     name = "scan_state_kernel" + ("_grad" if grad else "")
     LAST[name] = K.scan_state_kernel[(triton.cdiv(e, be), bsz, 2 * n_ch)](

@@ -586,9 +586,16 @@ def scan_state_kernel(
       sc (B, n_ch, 2E) (its decay product is exp(A * that sum));
     - GRAD true: the gradient carry w = a dh leaving the chunk's first step, from the reverse
       recurrence dh_t = C_t g_t + a_{t+1} dh_{t+1} started at zero at the chunk's end.
-    The scan kernels then start each chunk from :func:`_lookback` over these carries."""
+    The scan kernels then start each chunk from :func:`_lookback` over these carries. No look-back
+    reads the carry of the last chunk in its direction's order (the states: chunk n_ch-1 of the
+    forward branch, chunk 0 of the backward one; the gradient: the other way round), so those
+    programs skip their walk: the state pass stores only that chunk's sum of delta (the gradient
+    look-back still reads it), the gradient pass stores nothing."""
     pid_e, b, pid2 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     D, c = pid2 % 2, pid2 // 2
+    last = tl.where(D == 0, n_ch - 1, 0)  # the last chunk of the states' scan order
+    if GRAD and c == n_ch - 1 - last:  # the gradient's last chunk: no look-back reads its carry
+        return
     lo, cnt = _chunk(c, T, L, True)
     e, me, n, mn, ch, mA, At2 = _lanes(pid_e, D, E, N, At_ptr, BE, BN)
     bias = tl.load(dtb_ptr + ch, mask=me, other=0.0)
@@ -608,16 +615,23 @@ def scan_state_kernel(
                 x = _decay(At2, d) * (_vec(bc_base, t, sbc_l, off + N, n, mn, EVEN_N) * g + x)
     else:
         ssum = tl.zeros((1, BE), tl.float32)
-        for i0 in range(0, cnt, 4):
-            for k in tl.static_range(4):
-                t = _tp(i0 + k, lo, cnt, D)
-                m = me & (i0 + k < cnt)
-                u, r = _ud(ub, db, t, m, su_l, sd_l)
-                d = _delta(r + bias, m)
-                x = _decay(At2, d) * x + _vec(bc_base, t, sbc_l, off, n, mn, EVEN_N) * (d * u)
-                ssum += d
+        if c == last:  # the sum of delta only (no states: no look-back reads them)
+            for i0 in range(0, cnt, 4):
+                for k in tl.static_range(4):
+                    m = me & (i0 + k < cnt)
+                    ssum += _delta(_ld(db, lo + i0 + k, sd_l, m) + bias, m)
+        else:
+            for i0 in range(0, cnt, 4):
+                for k in tl.static_range(4):
+                    t = _tp(i0 + k, lo, cnt, D)
+                    m = me & (i0 + k < cnt)
+                    u, r = _ud(ub, db, t, m, su_l, sd_l)
+                    d = _delta(r + bias, m)
+                    x = _decay(At2, d) * x + _vec(bc_base, t, sbc_l, off, n, mn, EVEN_N) * (d * u)
+                    ssum += d
         tl.store(sc_ptr + (b * n_ch + c) * (2 * E) + ch, ssum, mask=me)
-    tl.store(hc_ptr + ((b * n_ch + c) * BN + n) * (2 * E) + ch, x, mask=mA)
+    if GRAD or c != last:
+        tl.store(hc_ptr + ((b * n_ch + c) * BN + n) * (2 * E) + ch, x, mask=mA)
 
 
 # Lane reduce-scatter (RS): the sums over a warp's 32 channels of a token's 16 dB and 16 dC
