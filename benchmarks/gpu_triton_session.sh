@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for the triton path: its GPU tests, the kernel sweep, then the throughput table
-# (cuda, triton and DeiT side by side in each process), most important rows first (about 9 minutes
+# (cuda, triton and DeiT side by side, each in its own process), most important rows first (about 9 minutes
 # in all on an H100: the last rows may not fit one device call). Usage (device
 # machine, repo root, after `source .gpu/activate.sh`):  bash benchmarks/gpu_triton_session.sh "$OUT"
 # If the scan variants' parity tests fail, the measurements fall back to the plain dB/dC sums.
@@ -19,7 +19,7 @@ timeout 100 python3 benchmarks/triton_core.py --sweep --out "$out/core.json" 2>&
 timeout 90 python3 benchmarks/triton_core.py --chunks long --out "$out/chunks_long.json" 2>&1 | grep -E "^chunks" | tee "$out/chunks_long.log"
 run() {  # name, image sizes...
   local name=$1; shift
-  timeout "${TP_TIMEOUT:-100}" python3 benchmarks/throughput.py --models "$name" --img-sizes "$@" --paths cuda triton deit \
+  timeout "${TP_TIMEOUT:-150}" python3 benchmarks/throughput.py --models "$name" --img-sizes "$@" --paths cuda triton deit \
     --iters 3 --out "$out/throughput_${name}_$1.json" 2>&1 | grep -v '^{' | grep '^| vim' | tee -a "$out/throughput.md"
 }
 run vim_small_patch16_224 224

@@ -77,9 +77,11 @@ KERNELS = {
     "scan_state_kernel": dict(
         mod=K, odd={"L", "n_ch"}, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
         variants=[
-            dict(GRAD=False, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True),
-            dict(GRAD=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True),
-            dict(GRAD=True, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True),
+            dict(GRAD=False, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD),
+            dict(GRAD=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD),
+            dict(GRAD=True, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD),
+            dict(GRAD=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, SKIP=not tc.SEQ_SKIP_UNREAD),
+            dict(GRAD=True, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=not tc.SEQ_SKIP_UNREAD),
         ],
     ),
     "scan_bwd_kernel": dict(

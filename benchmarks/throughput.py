@@ -13,14 +13,22 @@ warm-up, median of several timed windows. DeiT is timm's ViT of the same width w
 scaled-dot-product attention, measured in the same run. Writes one JSON record per
 (model, img_size, batch, path) with the fields model, img_size, batch, path, train_img_s,
 infer_img_s, train_peak_gib, gpu, date.
+
+Each (model, image size, path) is measured in a fresh Python process by default (``--in-process``
+measures them one after another in this one), so that no path's peak memory includes what an
+earlier one left allocated; the records then say ``"isolated": true``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime as dt
+import gc
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -92,6 +100,7 @@ def measure(name: str, path: str, img: int, batch: int, iters: int, graphs: bool
             fwd(x)
 
     model.train()
+    gc.collect()  # what an earlier measurement in this process left in reference cycles
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     train_s = time_fn(train_step, warmup=2, iters=iters)
@@ -105,6 +114,45 @@ def measure(name: str, path: str, img: int, batch: int, iters: int, graphs: bool
         train_peak_gib=round(peak, 2), gpu=torch.cuda.get_device_name(0),
         date=dt.date.today().isoformat(), **({"cuda_graphs": True, "infer_cuda_graphs": True} if graphs else {}),
     )  # fmt: skip
+
+
+def apply_settings(pairs: list[str]) -> dict:
+    """``NAME=VALUE`` pairs set on :mod:`vimssl.ssm.triton_core` (the triton path's tuning
+    constants, e.g. ``SEQ_SKIP_UNREAD=False``), VALUE a Python literal; for A/B runs."""
+    from vimssl.ssm import triton_core as tc
+
+    done = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if not hasattr(tc, name):
+            raise SystemExit(f"--set {pair}: vimssl.ssm.triton_core has no setting {name!r}")
+        setattr(tc, name, ast.literal_eval(value))
+        done[name] = getattr(tc, name)
+    return done
+
+
+def measure_safely(name: str, path: str, img: int, batch: int, iters: int, graphs: bool) -> dict:
+    """:func:`measure`, or the record of why it could not run (out of memory)."""
+    try:
+        return measure(name, path, img, batch, iters, graphs)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return dict(model=name, img_size=img, batch=batch, path=path, error="out of memory")
+
+
+def measure_isolated(
+    name: str, path: str, img: int, batch: int, iters: int, graphs: bool, settings: list[str] = ()
+) -> dict:
+    """:func:`measure_safely` in a fresh Python process (its record is the last line it prints),
+    with the triton path's ``settings`` (see :func:`apply_settings`)."""
+    job = dict(name=name, path=path, img=img, batch=batch, iters=iters, graphs=graphs)
+    cmd = [sys.executable, __file__, "--worker", json.dumps(job)] + (["--set", *settings] if settings else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return dict(model=name, img_size=img, batch=batch, path=path, error=f"worker failed: {err}"[:500])
+    return dict(json.loads(lines[-1]), isolated=True)
 
 
 def main() -> None:
@@ -128,9 +176,27 @@ def main() -> None:
     ap.add_argument(
         "--graphs", action="store_true", help="training and inference steps from CUDA graphs (all paths)"
     )
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure every configuration in this process (default: a fresh process each)",
+    )
+    ap.add_argument(
+        "--set", nargs="*", default=[], metavar="NAME=VALUE",
+        help="triton path settings (vimssl.ssm.triton_core constants) for this run, recorded in it",
+    )  # fmt: skip
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one job, as JSON (internal)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
+    settings = apply_settings(args.set)
+    if args.worker is not None:
+        print(json.dumps(measure_safely(**json.loads(args.worker))), flush=True)
+        return
+
+    def run(*job):
+        rec = measure_safely(*job) if args.in_process else measure_isolated(*job, settings=args.set)
+        return dict(rec, settings=settings) if settings and rec.get("path") == "triton" else rec
 
     records = []
     for name in args.models:
@@ -142,11 +208,7 @@ def main() -> None:
                 if path == "torch":
                     batch = min(batch, args.torch_batch)
                 iters = 2 if path == "torch" else args.iters
-                try:
-                    rec = measure(name, path, img, batch, iters, args.graphs)
-                except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    rec = dict(model=name, img_size=img, batch=batch, path=path, error="out of memory")
+                rec = run(name, path, img, batch, iters, args.graphs)
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
     if args.out:

@@ -429,8 +429,14 @@ def main():
     ap.add_argument(
         "--models", nargs="*", default=[], help="whole-model throughput (cuda, triton, deit) after the sweep"
     )
+    ap.add_argument(
+        "--set", nargs="*", default=[], metavar="NAME=VALUE",
+        help="vimssl.ssm.triton_core settings for this run (A/B runs), recorded in --out",
+    )  # fmt: skip
     args = ap.parse_args()
-    out = {"gpu": torch.cuda.get_device_name(0)}
+    from throughput import apply_settings
+
+    out = {"gpu": torch.cuda.get_device_name(0), "settings": apply_settings(args.set)}
     if args.narrow or args.conv_fwd:
         if args.narrow:
             out["narrow"] = narrow_sweep()

@@ -50,6 +50,8 @@ COMBINE_BR, COMBINE_BE = 16, 128  # tile (rows, channels) of the split forward's
 # fewer one-warp programs than ``start`` per SM (about what fits by registers) and aims at ``aim``
 # per SM; chunks are at least SEQ_MIN_CHUNK tokens. From the H100 chunk sweep (docs/kernel-notes.md).
 SEQ_CHUNK: int | None = None
+# the carry passes skip the chunk whose carry no look-back reads (see K.scan_state_kernel)
+SEQ_SKIP_UNREAD = True
 SEQ_FILL_FWD, SEQ_FILL_BWD, SEQ_MIN_CHUNK = (12, 24), (8, 48), 128
 CONV_BT, CONV_BE, CONV_WARPS = 8, 128, 4
 # conv backward's first kernel: one program per (batch row, channels) walking the tokens (H100 sweep,
@@ -248,7 +250,8 @@ def _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, 
     name = "scan_state_kernel" + ("_grad" if grad else "")
     LAST[name] = K.scan_state_kernel[(triton.cdiv(e, be), bsz, 2 * n_ch)](
         xc, dt, bc, z, dy if grad else xc, At2, dt_bias, carry, sums, seqlen, e, d_state, 0, chunk, n_ch,
-        *in_strides, *dy_strides[:2], GRAD=grad, BE=be, BN=bn, EVEN_N=bn == d_state, num_warps=SEQ_WARPS,
+        *in_strides, *dy_strides[:2], GRAD=grad, BE=be, BN=bn, EVEN_N=bn == d_state, SKIP=SEQ_SKIP_UNREAD,
+        num_warps=SEQ_WARPS,
     )  # fmt: skip
     return carry, (sums if not grad else None)
 

@@ -576,7 +576,7 @@ def scan_state_kernel(
     u_ptr, dt_ptr, bc_ptr, z_ptr, dy_ptr, At_ptr, dtb_ptr, hc_ptr, sc_ptr,
     L, E, N, R, T, n_ch,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l,
-    GRAD: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr,
+    GRAD: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, SKIP: tl.constexpr,
 ):  # fmt: skip
     """First level of the chunked (two-level) scan, for sequences too long for one sequential
     program per (batch row, channel block) to fill the GPU. Program (channel block, batch row,
@@ -589,11 +589,12 @@ def scan_state_kernel(
     The scan kernels then start each chunk from :func:`_lookback` over these carries. No look-back
     reads the carry of the last chunk in its direction's order (the states: chunk n_ch-1 of the
     forward branch, chunk 0 of the backward one; the gradient: the other way round), so those
-    programs skip their walk: the state pass stores only that chunk's sum of delta (the gradient
-    look-back still reads it), the gradient pass stores nothing."""
+    programs skip their walk (SKIP): the state pass stores only that chunk's sum of delta (the
+    gradient look-back still reads it), the gradient pass stores nothing."""
     pid_e, b, pid2 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     D, c = pid2 % 2, pid2 // 2
-    last = tl.where(D == 0, n_ch - 1, 0)  # the last chunk of the states' scan order
+    # the last chunk of the states' scan order (SKIP false: none, every program walks its chunk)
+    last = tl.where(D == 0, n_ch - 1, 0) if SKIP else -2
     if GRAD and c == n_ch - 1 - last:  # the gradient's last chunk: no look-back reads its carry
         return
     lo, cnt = _chunk(c, T, L, True)
