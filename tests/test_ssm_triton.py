@@ -30,7 +30,7 @@ def test_kernels_match_reference_under_interpreter():
     assert sorted(r["chunk"] for r in results if r["chunk"]) == [3, 4, 8]  # the two-level scan
     for r in results:
         assert r["finite"], r["shape"]
-        assert r["deterministic"], r["shape"]
+        assert r["deterministic"], r["shape"]  # (chunked: and the same with every carry walked)
         for name, err in r["errors"].items():
             # float32 kernels against float64: gradients through exp/softplus chains land ~1e-6
             assert err < (1e-5 if name == "out" else 1e-4), (r["shape"], r["keep"], name, err)

@@ -72,7 +72,10 @@ def main() -> None:
         names, params, ref, g, gref = core_reference(m, xz)
 
         runs = []
-        for _ in range(2):
+        for k in range(2):
+            # chunked: the second run walks every chunk's carries (SEQ_SKIP_UNREAD off), which must
+            # give the same bits as skipping the unread ones
+            tc.SEQ_SKIP_UNREAD = not (chunk and k == 1)
             xzt = xz.clone().requires_grad_()
             out = tc.bimamba_core_triton(xzt, m)
             grads = torch.autograd.grad(out, [xzt] + params, g.float())
@@ -93,7 +96,7 @@ def main() -> None:
                 finite=finite,
             )
         )
-    tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT = False, None, None
+    tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT, tc.SEQ_SKIP_UNREAD = False, None, None, True
 
     # half-precision inputs (fp16, bf16): outputs and input gradients in the input dtype
     half = {}
