@@ -31,6 +31,9 @@ from vimssl.ssm.dispatch import sm_count
 SEQ_BE_FWD, SEQ_BE_BWD, SEQ_WARPS = 64, 32, 1
 # scan backward: keep the recomputed decays in registers (see the kernel)
 SEQ_KEEP = False
+# ... and compute them again from the kept delta made opaque to the compiler (fewer instructions
+# than loading dt again; see K._decay_again)
+SEQ_FRESH_DECAY = True
 SEQ_RS = True  # scan backward: lane reduce-scatter for the dB/dC sums (see the kernel)
 SEQ_PART_BF16 = True  # scan backward: dB/dC partials in bf16 for bf16 runs (see scan_bwd)
 SEQ_NARROW = True  # narrower scan programs when a batch gives too few of them (see _seq_channels)
@@ -296,6 +299,7 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz, sum_parts: bool = Tru
         seqlen, e, d_state, 0, n_eb, chunk, n_ch, *in_strides,
         dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1),
         BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), CHUNKED=n_ch > 1,
+        FRESH=SEQ_FRESH_DECAY,
         num_warps=SEQ_WARPS,
     )  # fmt: skip
     dA_log, rest = colsum(acc, d_state)

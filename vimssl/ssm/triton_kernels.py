@@ -42,6 +42,18 @@ def _log2(x):
         return tl.log2(x)
 
 
+@triton.jit
+def _fresh(x):
+    """x, as a value the compiler cannot prove equal to x (an opaque move that stays in program
+    order): what is computed from it is computed again here, not kept live from an earlier use."""
+    if _PTX:
+        return tl.inline_asm_elementwise(
+            "add.f32 $0, $1, 0f00000000;", "=f,f", [x], dtype=tl.float32, is_pure=False, pack=1
+        )
+    else:
+        return x
+
+
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
@@ -695,6 +707,17 @@ def _store_dbc_rs(part, t, ok, dBp, dCp):
 
 
 @triton.jit
+def _decay_again(At2, d, db, t, sd_l, m, bias, FRESH: tl.constexpr):
+    """The decays of token t computed again, so that the compiler does not keep the first ones
+    live through the group: from its delta made opaque (FRESH: one add), or from its raw dt
+    loaded again (a load, a softplus)."""
+    if FRESH:
+        return _decay(At2, _fresh(d))
+    else:
+        return _decay(At2, _delta(_ld(db, t, sd_l, m) + bias, m))
+
+
+@triton.jit
 def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, dtb, ch, At2, Dv,
              dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS: tl.constexpr,
              hp, PREV: tl.constexpr):  # fmt: skip
@@ -740,7 +763,7 @@ def scan_bwd_kernel(
     L, E, N, R, n_eblocks, T, n_ch,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, sdz_b, sdz_l,
     BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, KEEP: tl.constexpr, RS: tl.constexpr,
-    CHUNKED: tl.constexpr,
+    CHUNKED: tl.constexpr, FRESH: tl.constexpr,
 ):  # fmt: skip
     """Backward of :func:`scan_fwd_kernel` for one branch and one chunk of T tokens (program axis
     2: 2 chunk + branch; unchunked T = L), one batch row and BE channels. dy (B, L, E): gradient of the gated output. Writes du (B, L, 2E): gradient of u;
@@ -759,8 +782,8 @@ def scan_bwd_kernel(
     (no division by a decay). Both passes load the next group's inputs (and the second its
     checkpoint) before computing the current one. KEEP keeps the four recomputed decays in
     registers instead of computing them again (one exp per state and token fewer, more
-    registers). RS sums dB and dC over the channels with the lane reduce-scatter (needs N == 16,
-    BE == 32, one warp, PTX)."""
+    registers; FRESH: how they are computed again, see :func:`_decay_again`). RS sums dB and dC
+    over the channels with the lane reduce-scatter (needs N == 16, BE == 32, one warp, PTX)."""
     pid_e, b, pid2 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     if CHUNKED:
         D, c, nc = pid2 % 2, pid2 // 2, n_ch
@@ -866,22 +889,22 @@ def scan_bwd_kernel(
         a3 = _decay(At2, d3)
         h3 = a3 * h2 + _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N) * (d3 * u3)
         if not KEEP:  # decays again from a fresh delta, so that the first ones are not kept live
-            a3 = _decay(At2, _delta(_ld(db, t3, sd_l, m3) + bias, m3))
+            a3 = _decay_again(At2, d3, db, t3, sd_l, m3, bias, FRESH)
         w, dA, dD, dtb = _bwd_tok(t3, i0 + 3 < cnt, m3, u3, r3, d3, y3, z3, s3, h3, a3,
                              _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t3, sbc_l, off + N, n, mn, EVEN_N),
                              w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, h2, True)  # fmt: skip
         if not KEEP:
-            a2 = _decay(At2, _delta(_ld(db, t2, sd_l, m2) + bias, m2))
+            a2 = _decay_again(At2, d2, db, t2, sd_l, m2, bias, FRESH)
         w, dA, dD, dtb = _bwd_tok(t2, i0 + 2 < cnt, m2, u2, r2, d2, y2, z2, s2, h2, a2,
                              _vec(bc_base, t2, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t2, sbc_l, off + N, n, mn, EVEN_N),
                              w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, h1, True)  # fmt: skip
         if not KEEP:
-            a1 = _decay(At2, _delta(_ld(db, t1, sd_l, m1) + bias, m1))
+            a1 = _decay_again(At2, d1, db, t1, sd_l, m1, bias, FRESH)
         w, dA, dD, dtb = _bwd_tok(t1, i0 + 1 < cnt, m1, u1, r1, d1, y1, z1, s1, h1, a1,
                              _vec(bc_base, t1, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t1, sbc_l, off + N, n, mn, EVEN_N),
                              w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, h0, True)  # fmt: skip
         if not KEEP:
-            a0 = _decay(At2, _delta(_ld(db, t0, sd_l, m0) + bias, m0))
+            a0 = _decay_again(At2, d0, db, t0, sd_l, m0, bias, FRESH)
         w, dA, dD, dtb = _bwd_tok(t0, i0 < cnt, m0, u0, r0, d0, y0, z0, s0, h0, a0,
                              _vec(bc_base, t0, sbc_l, off, n, mn, EVEN_N), _vec(bc_base, t0, sbc_l, off + N, n, mn, EVEN_N),
                              w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, h0, False)  # fmt: skip
