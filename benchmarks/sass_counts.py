@@ -90,6 +90,7 @@ KERNELS = {
             dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False, FRESH=tc.SEQ_FRESH_DECAY),
             dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=True, FRESH=tc.SEQ_FRESH_DECAY),
             dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=False, KEEP=tc.SEQ_KEEP, RS=False, CHUNKED=False, FRESH=tc.SEQ_FRESH_DECAY),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False, FRESH=not tc.SEQ_FRESH_DECAY),
         ],
     ),
     "part_sum_kernel": dict(mod=K, odd={"L", "n_parts"}, warps=4, f32=set(), variants=[dict(BT=tc.PART_BT, BJ=32)]),
