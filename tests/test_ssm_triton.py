@@ -158,9 +158,10 @@ def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
     def picks(batch, tokens, d_model):
         return tc.chunk_lengths(gpu, batch, tokens, 2 * d_model)
 
-    assert picks(8, 4097, 384) == (128, 244)  # Vim-S, 1024 px, batch 8
-    assert picks(8, 4097, 192) == (128, 128)  # Vim-T
-    assert picks(8, 4097, 768) == (244, 456)  # Vim-B
+    # Vim-S, Vim-T and Vim-B at 1024 px, batch 8: the backward's chunks by the wave model
+    assert picks(8, 4097, 384) == (128, 376)
+    assert picks(8, 4097, 192) == (128, 376)
+    assert picks(8, 4097, 768) == (244, 372)
     assert picks(32, 1025, 384) == (128, 1025)  # Vim-S 512 px: only the forward is chunked
     assert picks(128, 197, 192) == (197, 197)  # 224 px: too short to chunk
     assert picks(1, 255, 384) == (255, 255)
@@ -168,6 +169,10 @@ def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
         for chunk in picks(batch, tokens, d):
             assert chunk % 4 == 0 or chunk == tokens
             assert tc.SEQ_MIN_CHUNK <= chunk <= tokens
+    # without the wave model the backward aims at SEQ_FILL_BWD's programs per SM (the v8-v11 picks)
+    monkeypatch.setattr(tc, "SEQ_WAVES", False)
+    assert [picks(8, 4097, d)[1] for d in (384, 192, 768)] == [244, 128, 456]
+    monkeypatch.setattr(tc, "SEQ_WAVES", True)
     # forced lengths (tests, sweeps), 0 never chunks, and CPU tensors are never chunked
     monkeypatch.setattr(tc, "SEQ_CHUNK", 12)
     assert tc._chunk_len(gpu, 50, 1, tc.SEQ_FILL_FWD) == 12
@@ -176,6 +181,34 @@ def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
     assert tc._chunk_len(gpu, 4097, 1, tc.SEQ_FILL_FWD) == 4097
     monkeypatch.setattr(tc, "SEQ_CHUNK", None)
     assert tc._chunk_len(torch.empty(1), 4097, 1, tc.SEQ_FILL_FWD) == 4097
+
+
+def test_wave_model_of_the_chunked_backward():
+    from vimssl.ssm import triton_core as tc
+
+    steps = tc.SEQ_PROGRAM_STEPS
+    # 17 chunks of 384 programs on 1,056 slots: 16 full chunks are 6,144 programs, 5.8 waves; the
+    # last, short chunk (193 tokens) fills the 192 idle slots of the sixth wave, the other 192
+    # programs wait for it
+    assert tc._makespan(4097, 244, 384, 1056) == 6 * (244 + steps) + (193 + steps)
+    # 16 chunks of 256 and one of a single token: the same 6 waves, a shorter tail
+    assert tc._makespan(4097, 256, 384, 1056) == 6 * (256 + steps) + (1 + steps)
+    # whole waves, no short chunk; fewer programs than slots: one wave
+    assert tc._makespan(4096, 256, 66, 1056) == 256 + steps
+    assert tc._makespan(4096, 1024, 1056, 1056) == 4 * (1024 + steps)
+    # 11 chunks of 376 (10 full + 337): 3,840 programs then 384 short ones in the idle slots
+    assert tc._makespan(4097, 376, 384, 1056) == max(4 * (376 + steps), 3 * (376 + steps) + 337 + steps)
+    # the pick: a multiple of 4, at least SEQ_MIN_CHUNK, and no worse than any other length
+    chunk = tc._wave_chunk(4097, 384, 1056, 3036)
+    assert chunk % 4 == 0 and tc.SEQ_MIN_CHUNK <= chunk < 4097
+
+    def cost(c):
+        return tc._makespan(4097, c, 384, 1056) + tc.SEQ_STATE_WEIGHT * tc._makespan(4097, c, 384, 3036)
+
+    assert all(cost(chunk) <= cost(c) for c in range(tc.SEQ_MIN_CHUNK, 4097, 4))
+    # the v8 sweep's ranking of the backward at Vim-S 1024 px, batch 8 (training minus inference
+    # time of the core: 256 tokens 4.24 ms, 512 4.38, 244 4.44, 1,024 5.24)
+    assert cost(256) < cost(512) < cost(244) < cost(1024)
 
 
 def test_forward_scan_splits_its_branches_when_programs_are_few(monkeypatch):

@@ -56,6 +56,13 @@ SEQ_CHUNK: int | None = None
 # the carry passes skip the chunk whose carry no look-back reads (see K.scan_state_kernel)
 SEQ_SKIP_UNREAD = True
 SEQ_FILL_FWD, SEQ_FILL_BWD, SEQ_MIN_CHUNK = (12, 24), (8, 48), 128
+# The backward's chunk length by a wave model (see _wave_chunk) instead of SEQ_FILL_BWD's aim.
+# Its constants: one-warp programs per SM that fit by registers (the scan backward at 255
+# registers, the carry passes at 76-88), a program's fixed cost in token steps (setup, look-back;
+# fitted to the v8 chunk sweep), and the two carry passes' cost per token against the scan
+# backward's (v11 profile, Vim-S at 1024 px: 0.37 ms each against 2.43 ms per layer).
+SEQ_WAVES = True
+SEQ_SLOTS_BWD, SEQ_SLOTS_STATE, SEQ_PROGRAM_STEPS, SEQ_STATE_WEIGHT = 8, 23, 16, 0.3
 CONV_BT, CONV_BE, CONV_WARPS = 8, 128, 4
 # conv backward's first kernel: one program per (batch row, channels) walking the tokens (H100 sweep,
 # Vim-S layer, with the second kernel and the sum: 221 us at 8 x 128, one warp; 233 at 16 x 64)
@@ -178,9 +185,54 @@ def chunk_lengths(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> tuple[int, 
     """Tokens per chunk of the forward and backward scans of ``bsz`` rows of ``seqlen`` tokens and
     ``e`` inner channels (``seqlen``: one chunk), from their full-width program counts: the
     forward has one program per (row, SEQ_BE_FWD channels), the backward one per (row,
-    SEQ_BE_BWD channels, branch)."""
+    SEQ_BE_BWD channels, branch). A chunked backward takes its length from :func:`_wave_chunk`
+    (unless SEQ_WAVES is off or SEQ_CHUNK forces one)."""
     fwd = _chunk_len(x, seqlen, bsz * triton.cdiv(e, SEQ_BE_FWD), SEQ_FILL_FWD)
-    return fwd, _chunk_len(x, seqlen, 2 * bsz * triton.cdiv(e, SEQ_BE_BWD), SEQ_FILL_BWD)
+    programs = 2 * bsz * triton.cdiv(e, SEQ_BE_BWD)
+    bwd = _chunk_len(x, seqlen, programs, SEQ_FILL_BWD)
+    if bwd < seqlen and SEQ_WAVES and SEQ_CHUNK is None:
+        sms = sm_count(x.device)
+        bwd = _wave_chunk(seqlen, programs, SEQ_SLOTS_BWD * sms, SEQ_SLOTS_STATE * sms)
+    return fwd, bwd
+
+
+def _makespan(seqlen: int, chunk: int, programs: int, slots: int) -> int:
+    """Token steps until the last of a chunked scan's programs ends: ``programs`` per chunk, each
+    walking its chunk (the last one is shorter) plus SEQ_PROGRAM_STEPS, started in launch order
+    (chunk by chunk) on ``slots`` slots, each taking the next program as soon as it is free.
+    Programs of equal length run in waves, so a wave that is only partly filled costs as much as
+    a full one."""
+    n_full, rest = divmod(seqlen, chunk)
+    step, last = chunk + SEQ_PROGRAM_STEPS, rest + SEQ_PROGRAM_STEPS
+    full = programs * n_full
+    if full == 0:
+        return triton.cdiv(programs, slots) * last
+    waves = triton.cdiv(full, slots)
+    if rest == 0:
+        return waves * step
+    idle = slots - (full - (waves - 1) * slots)  # slots without a program in the last full wave
+    late = programs - min(programs, idle)  # the short chunk's programs that wait for that wave
+    if late == 0:
+        return max(waves * step, (waves - 1) * step + last)
+    return waves * step + triton.cdiv(late, slots) * last
+
+
+@functools.lru_cache(maxsize=256)
+def _wave_chunk(seqlen: int, programs: int, slots_bwd: int, slots_state: int) -> int:
+    """The backward's chunk length (a multiple of 4, at least SEQ_MIN_CHUNK) with the least
+    modelled time: the scan backward's :func:`_makespan` plus SEQ_STATE_WEIGHT times that of the
+    carry passes, which run the same grid with more programs at once. Programs of equal length
+    run in waves, so the chunk count decides how full the last wave is: at 1024 px, batch 8,
+    Vim-S's 17 chunks of 244 tokens make 6.2 waves of the scan backward (7 waves' time), 11 of
+    376 make 4.0. On the v8 chunk sweep the model ranked the backward's times at 128-2,048
+    tokens as measured (Vim-S and Vim-B, 1024 px, batch 8)."""
+
+    def cost(chunk: int) -> float:
+        bwd = _makespan(seqlen, chunk, programs, slots_bwd)
+        return bwd + SEQ_STATE_WEIGHT * _makespan(seqlen, chunk, programs, slots_state)
+
+    # the least cost; among equal costs the longest chunk (fewer carries)
+    return min(range(SEQ_MIN_CHUNK, seqlen, 4), key=lambda chunk: (cost(chunk), -chunk))
 
 
 def _bc_pack(dbc: torch.Tensor, r: int) -> torch.Tensor:
