@@ -158,10 +158,10 @@ def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
     def picks(batch, tokens, d_model):
         return tc.chunk_lengths(gpu, batch, tokens, 2 * d_model)
 
-    # Vim-S, Vim-T and Vim-B at 1024 px, batch 8: the backward's chunks by the wave model
+    # Vim-S, Vim-T and Vim-B at 1024 px, batch 8: chunk lengths by the wave model
     assert picks(8, 4097, 384) == (128, 376)
     assert picks(8, 4097, 192) == (128, 376)
-    assert picks(8, 4097, 768) == (244, 372)
+    assert picks(8, 4097, 768) == (260, 372)
     assert picks(32, 1025, 384) == (128, 1025)  # Vim-S 512 px: only the forward is chunked
     assert picks(128, 197, 192) == (197, 197)  # 224 px: too short to chunk
     assert picks(1, 255, 384) == (255, 255)
@@ -169,9 +169,9 @@ def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
         for chunk in picks(batch, tokens, d):
             assert chunk % 4 == 0 or chunk == tokens
             assert tc.SEQ_MIN_CHUNK <= chunk <= tokens
-    # without the wave model the backward aims at SEQ_FILL_BWD's programs per SM (the v8-v11 picks)
+    # without the wave model the chunks aim at SEQ_FILL's programs per SM (the v8-v11 picks)
     monkeypatch.setattr(tc, "SEQ_WAVES", False)
-    assert [picks(8, 4097, d)[1] for d in (384, 192, 768)] == [244, 128, 456]
+    assert [picks(8, 4097, d) for d in (384, 192, 768)] == [(128, 244), (128, 128), (244, 456)]
     monkeypatch.setattr(tc, "SEQ_WAVES", True)
     # forced lengths (tests, sweeps), 0 never chunks, and CPU tensors are never chunked
     monkeypatch.setattr(tc, "SEQ_CHUNK", 12)
@@ -199,16 +199,30 @@ def test_wave_model_of_the_chunked_backward():
     # 11 chunks of 376 (10 full + 337): 3,840 programs then 384 short ones in the idle slots
     assert tc._makespan(4097, 376, 384, 1056) == max(4 * (376 + steps), 3 * (376 + steps) + 337 + steps)
     # the pick: a multiple of 4, at least SEQ_MIN_CHUNK, and no worse than any other length
-    chunk = tc._wave_chunk(4097, 384, 1056, 3036)
+    slots, state_slots, weight = tc.SEQ_WAVE_BWD
+    chunk = tc._wave_chunk(4097, 244, 384, slots * 132, 384, state_slots * 132, weight)
     assert chunk % 4 == 0 and tc.SEQ_MIN_CHUNK <= chunk < 4097
 
-    def cost(c):
-        return tc._makespan(4097, c, 384, 1056) + tc.SEQ_STATE_WEIGHT * tc._makespan(4097, c, 384, 3036)
+    def cost(c, programs=384, wave=tc.SEQ_WAVE_BWD, state_programs=384):
+        slots, state_slots, weight = wave
+        scan = tc._makespan(4097, c, programs, slots * 132)
+        return scan + weight * tc._makespan(4097, c, state_programs, state_slots * 132)
 
     assert all(cost(chunk) <= cost(c) for c in range(tc.SEQ_MIN_CHUNK, 4097, 4))
-    # the v8 sweep's ranking of the backward at Vim-S 1024 px, batch 8 (training minus inference
-    # time of the core: 256 tokens 4.24 ms, 512 4.38, 244 4.44, 1,024 5.24)
+    # ... which replaces the base pick only when it models SEQ_WAVE_GAIN less time: 376 models 10%
+    # less than 244 (the base above), but under 5% less than 256
+    assert chunk == 376 and cost(376) < 0.95 * cost(244) and cost(376) > 0.95 * cost(256)
+    assert tc._wave_chunk(4097, 256, 384, slots * 132, 384, state_slots * 132, weight) == 256
+    # the v8 sweep's rankings at 1024 px, batch 8: Vim-S's backward (training minus inference time
+    # of the core: 256 tokens 4.24 ms, 512 4.38, 244 4.44, 1,024 5.24) and forward (inference:
+    # 128 1.011, 256 1.017, 512 1.448, 1,024 2.327), Vim-B's forward (256 1.92, 244 2.105, 1,024 2.85)
     assert cost(256) < cost(512) < cost(244) < cost(1024)
+
+    def fwd(c, programs):
+        return cost(c, programs, tc.SEQ_WAVE_FWD, 2 * programs)
+
+    assert fwd(128, 96) < fwd(256, 96) < fwd(512, 96) < fwd(1024, 96)
+    assert fwd(256, 192) < fwd(244, 192) < fwd(1024, 192)
 
 
 def test_forward_scan_splits_its_branches_when_programs_are_few(monkeypatch):

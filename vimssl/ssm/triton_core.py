@@ -56,13 +56,16 @@ SEQ_CHUNK: int | None = None
 # the carry passes skip the chunk whose carry no look-back reads (see K.scan_state_kernel)
 SEQ_SKIP_UNREAD = True
 SEQ_FILL_FWD, SEQ_FILL_BWD, SEQ_MIN_CHUNK = (12, 24), (8, 48), 128
-# The backward's chunk length by a wave model (see _wave_chunk) instead of SEQ_FILL_BWD's aim.
-# Its constants: one-warp programs per SM that fit by registers (the scan backward at 255
-# registers, the carry passes at 76-88), a program's fixed cost in token steps (setup, look-back;
-# fitted to the v8 chunk sweep), and the two carry passes' cost per token against the scan
-# backward's (v11 profile, Vim-S at 1024 px: 0.37 ms each against 2.43 ms per layer).
+# Chunk lengths by a wave model (see _wave_chunk) instead of SEQ_FILL's aims. SEQ_WAVE_{FWD,BWD}
+# = (one-warp scan programs per SM that fit by registers: 168 and 255; the carry passes' programs
+# per SM: 124-128 and 76-88 registers; the carry passes' cost per token against the scan's, from
+# the v11 profiles of Vim-S at 1024 px, batch 8: forward state pass 7.14 ms against the forward
+# scan's 12.35 in inference, the backward's two passes 0.37 ms each against the scan backward's
+# 2.43 per layer). SEQ_PROGRAM_STEPS: a program's fixed cost in token steps (setup, look-back),
+# fitted to the v8 chunk sweep.
 SEQ_WAVES = True
-SEQ_SLOTS_BWD, SEQ_SLOTS_STATE, SEQ_PROGRAM_STEPS, SEQ_STATE_WEIGHT = 8, 23, 16, 0.3
+SEQ_WAVE_FWD, SEQ_WAVE_BWD, SEQ_PROGRAM_STEPS = (12, 16, 0.58), (8, 23, 0.3), 16
+SEQ_WAVE_GAIN = 0.05  # the model's pick replaces SEQ_FILL's only when it models this much less time
 CONV_BT, CONV_BE, CONV_WARPS = 8, 128, 4
 # conv backward's first kernel: one program per (batch row, channels) walking the tokens (H100 sweep,
 # Vim-S layer, with the second kernel and the sum: 221 us at 8 x 128, one warp; 233 at 16 x 64)
@@ -185,14 +188,22 @@ def chunk_lengths(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> tuple[int, 
     """Tokens per chunk of the forward and backward scans of ``bsz`` rows of ``seqlen`` tokens and
     ``e`` inner channels (``seqlen``: one chunk), from their full-width program counts: the
     forward has one program per (row, SEQ_BE_FWD channels), the backward one per (row,
-    SEQ_BE_BWD channels, branch). A chunked backward takes its length from :func:`_wave_chunk`
-    (unless SEQ_WAVES is off or SEQ_CHUNK forces one)."""
-    fwd = _chunk_len(x, seqlen, bsz * triton.cdiv(e, SEQ_BE_FWD), SEQ_FILL_FWD)
-    programs = 2 * bsz * triton.cdiv(e, SEQ_BE_BWD)
-    bwd = _chunk_len(x, seqlen, programs, SEQ_FILL_BWD)
-    if bwd < seqlen and SEQ_WAVES and SEQ_CHUNK is None:
-        sms = sm_count(x.device)
-        bwd = _wave_chunk(seqlen, programs, SEQ_SLOTS_BWD * sms, SEQ_SLOTS_STATE * sms)
+    SEQ_BE_BWD channels, branch). Whether to chunk follows SEQ_FILL's first numbers; how long
+    the chunks are, :func:`_wave_chunk` (unless SEQ_WAVES is off or SEQ_CHUNK forces a length).
+    The carry passes run the backward's grid, and the forward's with both branches as programs."""
+    fwd_programs, bwd_programs = bsz * triton.cdiv(e, SEQ_BE_FWD), 2 * bsz * triton.cdiv(e, SEQ_BE_BWD)
+    fwd = _chunk_len(x, seqlen, fwd_programs, SEQ_FILL_FWD)
+    bwd = _chunk_len(x, seqlen, bwd_programs, SEQ_FILL_BWD)
+    if SEQ_WAVES and SEQ_CHUNK is None:
+        sms = sm_count(x.device) if x.device.type == "cuda" else 0
+        if fwd < seqlen:
+            slots, state_slots, weight = SEQ_WAVE_FWD
+            fwd = _wave_chunk(
+                seqlen, fwd, fwd_programs, slots * sms, 2 * fwd_programs, state_slots * sms, weight
+            )
+        if bwd < seqlen:
+            slots, state_slots, weight = SEQ_WAVE_BWD
+            bwd = _wave_chunk(seqlen, bwd, bwd_programs, slots * sms, bwd_programs, state_slots * sms, weight)
     return fwd, bwd
 
 
@@ -218,21 +229,32 @@ def _makespan(seqlen: int, chunk: int, programs: int, slots: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _wave_chunk(seqlen: int, programs: int, slots_bwd: int, slots_state: int) -> int:
-    """The backward's chunk length (a multiple of 4, at least SEQ_MIN_CHUNK) with the least
-    modelled time: the scan backward's :func:`_makespan` plus SEQ_STATE_WEIGHT times that of the
-    carry passes, which run the same grid with more programs at once. Programs of equal length
-    run in waves, so the chunk count decides how full the last wave is: at 1024 px, batch 8,
-    Vim-S's 17 chunks of 244 tokens make 6.2 waves of the scan backward (7 waves' time), 11 of
-    376 make 4.0. On the v8 chunk sweep the model ranked the backward's times at 128-2,048
-    tokens as measured (Vim-S and Vim-B, 1024 px, batch 8)."""
+def _wave_chunk(
+    seqlen: int,
+    base: int,
+    programs: int,
+    slots: int,
+    state_programs: int,
+    state_slots: int,
+    state_weight: float,
+) -> int:
+    """A chunk length (a multiple of 4, at least SEQ_MIN_CHUNK) with the least modelled time: the
+    scan's :func:`_makespan` (``programs`` per chunk on ``slots``) plus ``state_weight`` times
+    that of its carry passes; ``base`` (SEQ_FILL's pick) unless that models SEQ_WAVE_GAIN less
+    time (the model is coarse: it does not move measured picks for a few percent). Programs of equal length run in waves, so the chunk count decides
+    how full the last wave is: at 1024 px, batch 8, Vim-S's backward in 17 chunks of 244 tokens
+    makes 6.2 waves (7 waves' time), in 11 of 376 it makes 4.0. On the v8 chunk sweep (1024 px,
+    batch 8, 128-2,048 tokens) the model ranked the measured times: the backward's of Vim-S and
+    Vim-B (training minus inference), the forward's of Vim-S and Vim-T (inference) exactly, and
+    Vim-B's forward but for two lengths within 1% of each other."""
 
     def cost(chunk: int) -> float:
-        bwd = _makespan(seqlen, chunk, programs, slots_bwd)
-        return bwd + SEQ_STATE_WEIGHT * _makespan(seqlen, chunk, programs, slots_state)
+        scan = _makespan(seqlen, chunk, programs, slots)
+        return scan + state_weight * _makespan(seqlen, chunk, state_programs, state_slots)
 
     # the least cost; among equal costs the longest chunk (fewer carries)
-    return min(range(SEQ_MIN_CHUNK, seqlen, 4), key=lambda chunk: (cost(chunk), -chunk))
+    best = min(range(SEQ_MIN_CHUNK, seqlen, 4), key=lambda chunk: (cost(chunk), -chunk))
+    return best if cost(best) <= (1 - SEQ_WAVE_GAIN) * cost(base) else base
 
 
 def _bc_pack(dbc: torch.Tensor, r: int) -> torch.Tensor:
