@@ -241,12 +241,14 @@ def _wave_chunk(
     """A chunk length (a multiple of 4, at least SEQ_MIN_CHUNK) with the least modelled time: the
     scan's :func:`_makespan` (``programs`` per chunk on ``slots``) plus ``state_weight`` times
     that of its carry passes; ``base`` (SEQ_FILL's pick) unless that models SEQ_WAVE_GAIN less
-    time (the model is coarse: it does not move measured picks for a few percent). Programs of equal length run in waves, so the chunk count decides
-    how full the last wave is: at 1024 px, batch 8, Vim-S's backward in 17 chunks of 244 tokens
-    makes 6.2 waves (7 waves' time), in 11 of 376 it makes 4.0. On the v8 chunk sweep (1024 px,
-    batch 8, 128-2,048 tokens) the model ranked the measured times: the backward's of Vim-S and
-    Vim-B (training minus inference), the forward's of Vim-S and Vim-T (inference) exactly, and
-    Vim-B's forward but for two lengths within 1% of each other."""
+    time (the model is coarse: it does not move measured picks for a few percent).
+
+    Programs of equal length run in waves, so the chunk count decides how full the last wave is:
+    at 1024 px, batch 8, Vim-S's backward in 17 chunks of 244 tokens makes 6.2 waves (7 waves'
+    time), in 11 of 376 it makes 4.0. On the v8 chunk sweep (1024 px, batch 8, 128-2,048 tokens)
+    the model ranked the measured times: the backward's of Vim-S and Vim-B (training minus
+    inference) and the forward's of Vim-S and Vim-T (inference) exactly, Vim-B's forward but for
+    two lengths within 1% of each other."""
 
     def cost(chunk: int) -> float:
         scan = _makespan(seqlen, chunk, programs, slots)

@@ -628,11 +628,11 @@ def scan_state_kernel(
                 x = _decay(At2, d) * (_vec(bc_base, t, sbc_l, off + N, n, mn, EVEN_N) * g + x)
     else:
         ssum = tl.zeros((1, BE), tl.float32)
-        if c == last:  # the sum of delta only (no states: no look-back reads them)
+        if c == last:  # the sum of delta only (no states: no look-back reads them), in walk order
             for i0 in range(0, cnt, 4):
                 for k in tl.static_range(4):
                     m = me & (i0 + k < cnt)
-                    ssum += _delta(_ld(db, lo + i0 + k, sd_l, m) + bias, m)
+                    ssum += _delta(_ld(db, _tp(i0 + k, lo, cnt, D), sd_l, m) + bias, m)
         else:
             for i0 in range(0, cnt, 4):
                 for k in tl.static_range(4):
