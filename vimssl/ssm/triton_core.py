@@ -192,19 +192,19 @@ def chunk_lengths(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> tuple[int, 
     the chunks are, :func:`_wave_chunk` (unless SEQ_WAVES is off or SEQ_CHUNK forces a length).
     The carry passes run the backward's grid, and the forward's with both branches as programs."""
     fwd_programs, bwd_programs = bsz * triton.cdiv(e, SEQ_BE_FWD), 2 * bsz * triton.cdiv(e, SEQ_BE_BWD)
-    fwd = _chunk_len(x, seqlen, fwd_programs, SEQ_FILL_FWD)
-    bwd = _chunk_len(x, seqlen, bwd_programs, SEQ_FILL_BWD)
-    if SEQ_WAVES and SEQ_CHUNK is None:
-        sms = sm_count(x.device) if x.device.type == "cuda" else 0
-        if fwd < seqlen:
-            slots, state_slots, weight = SEQ_WAVE_FWD
-            fwd = _wave_chunk(
-                seqlen, fwd, fwd_programs, slots * sms, 2 * fwd_programs, state_slots * sms, weight
-            )
-        if bwd < seqlen:
-            slots, state_slots, weight = SEQ_WAVE_BWD
-            bwd = _wave_chunk(seqlen, bwd, bwd_programs, slots * sms, bwd_programs, state_slots * sms, weight)
-    return fwd, bwd
+
+    def pick(programs: int, fill: tuple, wave: tuple, state_programs: int) -> int:
+        chunk = _chunk_len(x, seqlen, programs, fill)
+        if chunk == seqlen or not SEQ_WAVES or SEQ_CHUNK is not None:
+            return chunk
+        slots, state_slots, weight = wave
+        sms = sm_count(x.device)  # (chunked: a CUDA tensor)
+        return _wave_chunk(seqlen, chunk, programs, slots * sms, state_programs, state_slots * sms, weight)
+
+    return (
+        pick(fwd_programs, SEQ_FILL_FWD, SEQ_WAVE_FWD, 2 * fwd_programs),
+        pick(bwd_programs, SEQ_FILL_BWD, SEQ_WAVE_BWD, bwd_programs),
+    )
 
 
 def _makespan(seqlen: int, chunk: int, programs: int, slots: int) -> int:
