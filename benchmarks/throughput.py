@@ -126,7 +126,12 @@ def apply_settings(pairs: list[str]) -> dict:
         name, _, value = pair.partition("=")
         if not hasattr(tc, name):
             raise SystemExit(f"--set {pair}: vimssl.ssm.triton_core has no setting {name!r}")
-        setattr(tc, name, ast.literal_eval(value))
+        try:
+            setattr(tc, name, ast.literal_eval(value))
+        except (ValueError, SyntaxError):
+            raise SystemExit(
+                f"--set {pair}: expected NAME=VALUE with VALUE a Python literal (True, 256, (12, 24))"
+            ) from None
         done[name] = getattr(tc, name)
     return done
 

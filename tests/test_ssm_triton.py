@@ -275,3 +275,23 @@ def test_fused_norm_names_mismatched_shapes():
         triton_norm.add_rms_norm(None, res, RMSNorm(6))
     with pytest.raises(ValueError, match=r"drop mask \(3,\) must have one value per sample \(2\)"):
         triton_norm.add_rms_norm(torch.randn(2, 5, 8), res, RMSNorm(8), (torch.ones(3), 0.9))
+
+
+def test_benchmark_settings_set_triton_core_constants_or_name_the_bad_one(monkeypatch):
+    # throughput.py / triton_core.py --set NAME=VALUE: the A/B switch of the benchmarks
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from throughput import apply_settings
+
+    from vimssl.ssm import triton_core as tc
+
+    monkeypatch.setattr(tc, "SEQ_WAVES", tc.SEQ_WAVES)  # restored after the test
+    monkeypatch.setattr(tc, "SEQ_FILL_BWD", tc.SEQ_FILL_BWD)
+    assert apply_settings(["SEQ_WAVES=False", "SEQ_FILL_BWD=(8, 40)"]) == {
+        "SEQ_WAVES": False,
+        "SEQ_FILL_BWD": (8, 40),
+    }
+    assert tc.SEQ_WAVES is False and tc.SEQ_FILL_BWD == (8, 40)
+    with pytest.raises(SystemExit, match="no setting 'SEQ_NOPE'"):
+        apply_settings(["SEQ_NOPE=1"])
+    with pytest.raises(SystemExit, match="SEQ_WAVES=maybe: expected NAME=VALUE"):
+        apply_settings(["SEQ_WAVES=maybe"])
