@@ -53,8 +53,11 @@ KERNELS = {
         variants=[dict(K=4, BT=tc.CONV_BT, BE=tc.CONV_BE)],
     ),
     "conv_bwd_gp_kernel": dict(
-        mod=K, odd={"L", "T", "n_split"}, warps=tc.CONV_GP_WARPS, f32={"w_ptr", "bias_ptr", "dwb_ptr"},
-        variants=[dict(K=4, BK=8, BT=tc.CONV_GP_BT, BE=tc.CONV_GP_BE)],
+        mod=K, odd={"L", "T", "n_split", "P"}, warps=tc.CONV_GP_WARPS, f32={"w_ptr", "bias_ptr", "dwb_ptr"},
+        variants=[
+            dict(K=4, BK=8, BT=tc.CONV_GP_DOT_BT, BE=tc.CONV_GP_DOT_BE, DOT=True, BP=64),
+            dict(K=4, BK=8, BT=tc.CONV_GP_BT, BE=tc.CONV_GP_BE, DOT=False, BP=16),
+        ],
     ),
     "conv_bwd_dx_kernel": dict(
         mod=K, odd={"L"}, warps=tc.CONV_WARPS, f32={"w_ptr"},
@@ -153,7 +156,9 @@ def _arg_type(spec: dict, name: str) -> str:
     return "fp32" if name in spec.get("floats", ()) else "i32"
 
 
-def counts(kernel: str, consts: dict, warps: int | None = None, maxnreg: int | None = None) -> dict:
+def counts(
+    kernel: str, consts: dict, warps: int | None = None, maxnreg: int | None = None, stages: int | None = None
+) -> dict:
     spec = KERNELS[kernel]
     fn = getattr(spec["mod"], kernel)
     sig = {a: "constexpr" if a in consts else _arg_type(spec, a) for a in fn.arg_names}
@@ -161,7 +166,11 @@ def counts(kernel: str, consts: dict, warps: int | None = None, maxnreg: int | N
     ck = triton.compile(
         _source(fn, sig, consts, div16),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": warps or spec["warps"], **({"maxnreg": maxnreg} if maxnreg else {})},
+        options={
+            "num_warps": warps or spec["warps"],
+            **({"maxnreg": maxnreg} if maxnreg else {}),
+            **({"num_stages": stages} if stages else {}),
+        },
     )
     with tempfile.TemporaryDirectory() as d:
         cubin, ptx = Path(d) / "k.cubin", Path(d) / "k.ptx"
@@ -200,6 +209,8 @@ def main() -> None:
     )
     ap.add_argument("--set", nargs="*", default=[], help="constexpr overrides, e.g. BE=64 RS=False")
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (ptxas)")
+    ap.add_argument("--warps", type=int, default=None, help="warps per program (default: the launcher's)")
+    ap.add_argument("--stages", type=int, default=None, help="software-pipelining stages (default: Triton's)")
     ap.add_argument("--all", action="store_true", help="every kernel in every launch variant")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
@@ -218,7 +229,7 @@ def main() -> None:
     results, failed = [], 0
     for kernel, consts in jobs:
         try:
-            r = counts(kernel, consts, maxnreg=args.maxnreg)
+            r = counts(kernel, consts, warps=args.warps, maxnreg=args.maxnreg, stages=args.stages)
             print(_line(r), flush=True)
         except Exception as exc:  # report every kernel, then fail
             failed += 1
