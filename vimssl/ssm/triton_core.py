@@ -76,9 +76,6 @@ CONV_GP_BT, CONV_GP_BE, CONV_GP_WARPS = 8, 128, 1
 # would be 48 programs for 132 SMs
 CONV_GP_SPLIT: int | None = None
 CONV_GP_FILL = 16
-# the x_proj and dt_proj matmuls one per branch on strided views (no products with the zero
-# blocks of the block-diagonal weights, nor dt_proj's with the B/C columns) instead of one each
-XPROJ_SPLIT = True
 PART_BT = 32  # tokens per program of the dB/dC partial sum
 COLSUM_BR, COLSUM_BW = 128, 32  # rows per step and columns per program of the weight-gradient sums
 PREP_BE = 64  # channels per program of the derived-weights kernel
@@ -426,36 +423,6 @@ def derived_weights(params: tuple, dtype: torch.dtype) -> tuple:
     return cw.view(e2, k), cb, xw.view(2 * p_rows, e2), dtw.view(e2, 2 * p_rows), at.view(n, e2), d, dtb
 
 
-def _halves(n: int) -> tuple[slice, slice]:
-    return slice(0, n), slice(n, 2 * n)
-
-
-def x_proj(xc: torch.Tensor, x_w: torch.Tensor) -> torch.Tensor:
-    """xc (B*L, 2E) @ x_w.T -> (B*L, 2P) for the block-diagonal x_proj weight x_w (2P, 2E): one
-    matmul per branch on strided views with XPROJ_SPLIT, else one over both (half its products
-    are with the zero blocks)."""
-    if not XPROJ_SPLIT:
-        return xc @ x_w.t()
-    (e, p), bl = (x_w.shape[1] // 2, x_w.shape[0] // 2), xc.shape[0]
-    out = torch.empty(bl, 2 * p, device=xc.device, dtype=xc.dtype)
-    for se, sp in zip(_halves(e), _halves(p)):
-        torch.mm(xc[:, se], x_w[sp, se].t(), out=out[:, sp])
-    return out
-
-
-def dt_proj(dbc: torch.Tensor, dt_w: torch.Tensor, r: int) -> torch.Tensor:
-    """delta before its bias and softplus: dbc (B*L, 2P) @ dt_w.T -> (B*L, 2E), dt_w (2E, 2P)
-    block-diagonal and zero in the B/C columns: per branch from its R dt columns only with
-    XPROJ_SPLIT."""
-    if not XPROJ_SPLIT:
-        return dbc @ dt_w.t()
-    (e, p), bl = (dt_w.shape[0] // 2, dt_w.shape[1] // 2), dbc.shape[0]
-    out = torch.empty(bl, 2 * e, device=dbc.device, dtype=dbc.dtype)
-    for se, sp in zip(_halves(e), _halves(p)):
-        torch.mm(dbc[:, sp][:, :r], dt_w[se, sp][:, :r].t(), out=out[:, se])
-    return out
-
-
 def core_forward(xz, weights, d_state: int, save_sum: bool):
     """xz (B, L, 2E) -> y (B, L, E) with ``weights`` from :func:`derived_weights`; also returns
     the x_proj output [dt_in | B | C] of both branches (B*L, 2P), packed B/C and the ungated
@@ -465,8 +432,8 @@ def core_forward(xz, weights, d_state: int, save_sum: bool):
     e, p = e2 // 2, dt_w.shape[1] // 2
     x, z = xz[..., :e], xz[..., e:]
     xc = conv_fwd(x, cw, cb, torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype))
-    dbc = x_proj(xc.view(-1, e2), x_w)  # (B*L, 2P)
-    dt = dt_proj(dbc, dt_w, p - 2 * d_state).view(bsz, seqlen, e2)
+    dbc = xc.view(-1, e2) @ x_w.t()  # (B*L, 2P)
+    dt = (dbc @ dt_w.t()).view(bsz, seqlen, e2)  # dt_proj reads the dt columns (zero weights elsewhere)
     bc = _bc_pack(dbc.view(bsz, seqlen, 2, p), p - 2 * d_state)
     y, ysum = scan_fwd(xc, dt, bc, z, At2, D32, dtb32, save_sum=save_sum)
     return y, dbc, bc, ysum
@@ -497,7 +464,7 @@ class BiMambaCoreFn(torch.autograd.Function):
         bl, r = bsz * seqlen, p - 2 * n
         x, z = xz[..., :e], xz[..., e:]
         xc = conv_fwd(x, cw, cb, torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype))
-        dt = dt_proj(dbc, dt_w, r).view(bsz, seqlen, e2)
+        dt = (dbc @ dt_w.t()).view(bsz, seqlen, e2)
         dxz = torch.empty_like(xz)
         du, ddt, part, dA_log, dD, d_dt_bias = scan_bwd(
             xc, dt, bc, z, At2, D32, dtb32, dy.to(xz.dtype), ysum, dxz[..., e:], sum_parts=False
@@ -506,29 +473,14 @@ class BiMambaCoreFn(torch.autograd.Function):
         # The gradient of the x_proj output [dt_in | B | C] per branch: d dt_in from the matmul
         # (zeros in the B/C columns), then dB, dC written into their columns
         ddt2 = ddt.view(bl, e2)
-        if XPROJ_SPLIT:  # per branch, strided views: no products with the zero blocks
-            d_dbc2 = torch.empty(bl, 2 * p, device=xz.device, dtype=xz.dtype)  # (B*L, 2P)
-            for se, sp in zip(_halves(e), _halves(p)):
-                torch.mm(ddt2[:, se], dt_w[se, sp][:, :r], out=d_dbc2[:, sp][:, :r])
-        else:
-            d_dbc2 = ddt2 @ dt_w  # (B*L, 2P)
+        d_dbc2 = ddt2 @ dt_w  # (B*L, 2P)
         sum_dbc_parts(part, xz.dtype, d_dbc2.view(bsz, seqlen, 2, p)[..., r:])
-        # the weight gradients' diagonal blocks, cast to float32 contiguous per branch as the
+        # the weight gradient's diagonal blocks, cast to float32 contiguous per branch as the
         # parameters are
-        xc2 = xc.view(bl, e2)
-        if XPROJ_SPLIT:  # batched over the branches, on strided views
-            d_dt_w = torch.bmm(
-                ddt2.view(bl, 2, e).permute(1, 2, 0), dbc.view(bl, 2, p)[..., :r].transpose(0, 1)
-            )
-            d_x_w = torch.bmm(d_dbc2.view(bl, 2, p).permute(1, 2, 0), xc2.view(bl, 2, e).transpose(0, 1))
-            d_dt_w, d_x_w = d_dt_w.float(), d_x_w.float()  # (2, E, R), (2, P, E)
-            du2 = du.view(bl, e2)
-            for se, sp in zip(_halves(e), _halves(p)):  # x_proj: dbc = xc @ x_w.T
-                du2[:, se].addmm_(d_dbc2[:, sp], x_w[sp, se])
-        else:
-            d_dt_w = _blocks(ddt2.t() @ dbc, 2, e, r, p).float()  # (2, E, R)
-            du = du.view(bl, e2).addmm_(d_dbc2, x_w).view(bsz, seqlen, e2)  # x_proj: dbc = xc @ x_w.T
-            d_x_w = _blocks(d_dbc2.t() @ xc2, 2, p, e).float()  # (2, P, E)
+        d_dt_w = _blocks(ddt2.t() @ dbc, 2, e, r, p).float()  # (2, E, R)
+        # x_proj: dbc = xc @ x_w.T
+        du = du.view(bl, e2).addmm_(d_dbc2, x_w).view(bsz, seqlen, e2)
+        d_x_w = _blocks(d_dbc2.t() @ xc.view(bl, e2), 2, p, e).float()  # (2, P, E)
         dcw, dcb = conv_bwd(x, cw, cb, du, dxz[..., :e])
         dcw = dcw.unsqueeze(1)  # (2E, 1, K)
         grads = (dcw[:e], dcw[e:], dcb[:e], dcb[e:], d_x_w[0], d_x_w[1], d_dt_w[0], d_dt_w[1],
