@@ -49,18 +49,15 @@ KERNELS = {
         variants=[dict(K=4, BK=4, BN=16, BP=128, BE=tc.PREP_BE)],
     ),
     "conv_fwd_kernel": dict(
-        mod=K, odd={"L"}, warps=tc.CONV_WARPS, f32={"w_ptr", "bias_ptr"},
+        mod=K, odd={"L", "T"}, warps=tc.CONV_WARPS, f32={"w_ptr", "bias_ptr"},
         variants=[dict(K=4, BT=tc.CONV_BT, BE=tc.CONV_BE)],
     ),
     "conv_bwd_gp_kernel": dict(
-        mod=K, odd={"L", "T", "n_split", "P"}, warps=tc.CONV_GP_WARPS, f32={"w_ptr", "bias_ptr", "dwb_ptr"},
-        variants=[
-            dict(K=4, BK=8, BT=tc.CONV_GP_DOT_BT, BE=tc.CONV_GP_DOT_BE, DOT=True, BP=64),
-            dict(K=4, BK=8, BT=tc.CONV_GP_BT, BE=tc.CONV_GP_BE, DOT=False, BP=16),
-        ],
+        mod=K, odd={"L", "T", "n_split"}, warps=tc.CONV_GP_WARPS, f32={"w_ptr", "bias_ptr", "dwb_ptr"},
+        variants=[dict(K=4, BK=8, BT=tc.CONV_GP_BT, BE=tc.CONV_GP_BE)],
     ),
     "conv_bwd_dx_kernel": dict(
-        mod=K, odd={"L"}, warps=tc.CONV_WARPS, f32={"w_ptr"},
+        mod=K, odd={"L", "T"}, warps=tc.CONV_WARPS, f32={"w_ptr"},
         variants=[dict(K=4, BT=tc.CONV_BT, BE=tc.CONV_BE)],
     ),
     "scan_fwd_kernel": dict(
