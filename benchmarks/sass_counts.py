@@ -49,7 +49,7 @@ KERNELS = {
         variants=[dict(K=4, BK=4, BN=16, BP=128, BE=tc.PREP_BE)],
     ),
     "conv_fwd_kernel": dict(
-        mod=K, odd={"L", "T"}, warps=tc.CONV_WARPS, f32={"w_ptr", "bias_ptr"},
+        mod=K, odd={"L"}, warps=tc.CONV_WARPS, f32={"w_ptr", "bias_ptr"},
         variants=[dict(K=4, BT=tc.CONV_BT, BE=tc.CONV_BE)],
     ),
     "conv_bwd_gp_kernel": dict(
@@ -57,7 +57,7 @@ KERNELS = {
         variants=[dict(K=4, BK=8, BT=tc.CONV_GP_BT, BE=tc.CONV_GP_BE)],
     ),
     "conv_bwd_dx_kernel": dict(
-        mod=K, odd={"L", "T"}, warps=tc.CONV_WARPS, f32={"w_ptr"},
+        mod=K, odd={"L"}, warps=tc.CONV_WARPS, f32={"w_ptr"},
         variants=[dict(K=4, BT=tc.CONV_BT, BE=tc.CONV_BE)],
     ),
     "scan_fwd_kernel": dict(

@@ -10,8 +10,7 @@
   exp count over the special-function rate.
 * ``--sweep``: channels per scan program and warps; the conv tile. ``--conv``: the conv
   backward's first kernel (tile, warps, token spans per batch row).
-* ``--conv-walk`` (alone, or with ``--narrow``): the conv forward's and dx's token walks at
-  several shapes (the forward's tile sweep of v10 is in the git history).
+* ``--conv-fwd`` (alone, or with ``--narrow``): the conv forward's tile at several shapes.
 * ``--narrow`` (alone): the scan kernels' time by how their programs are laid out (channels per
   program, the forward's branches split or not), at several shapes.
 * ``--chunks sweep`` (alone): the two-level scan's chunk length at long and short sequences,
@@ -359,47 +358,33 @@ CONV_FWD_SHAPES = [
     ("vim_t_224_b128", 128, 197, 192), ("vim_s_224_b128", 128, 197, 384), ("vim_b_224_b128", 128, 197, 768),
     ("vim_s_1024_b8", 8, 4097, 384),
 ]  # fmt: skip
-CONV_WALKS = [("one_tile", 10**6, None), ("fill4", None, 4), ("fill8", None, 8), ("fill16", None, 16),
-              ("fill32", None, 32)]  # fmt: skip
+CONV_FWD_TILES = [(8, 128, 4), (16, 128, 4), (8, 64, 2), (4, 128, 2), (16, 256, 8), (32, 128, 8), (8, 256, 4)]
 
 
-def conv_walk_sweep(shapes=CONV_FWD_SHAPES, walks=CONV_WALKS) -> list[dict]:
-    """The conv forward and the conv backward (both kernels and the sums, less a clone of g) by
-    how many token tiles each program of the forward and of dx walks (CONV_WALK_SPLIT /
-    CONV_WALK_FILL; "one_tile" is the layout before v13), at several shapes, x a strided half of
-    xz as in the core. The forward's fewest bytes (read x, write both branches) over its time in
-    TB/s."""
-    saved = tc.CONV_WALK_SPLIT, tc.CONV_WALK_FILL
+def conv_fwd_sweep(shapes=CONV_FWD_SHAPES, tiles=CONV_FWD_TILES) -> list[dict]:
+    """The conv forward's tile (tokens, channels, warps) at several shapes, with its fewest bytes
+    (read x, write both branches' outputs) over the time, in TB/s."""
+    saved = tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS
     rows = []
     for label, bsz, seqlen, d in shapes:
         e = 2 * d
-        xz = torch.randn(bsz, seqlen, 2 * e, device="cuda", dtype=torch.bfloat16)
-        x = xz[..., :e]
+        x = torch.randn(bsz, seqlen, e, device="cuda", dtype=torch.bfloat16)
         out = torch.empty(bsz, seqlen, 2 * e, device="cuda", dtype=torch.bfloat16)
-        g = torch.randn_like(out)
-        dx = torch.empty_like(x)
         cw, cb = torch.randn(2 * e, 4, device="cuda"), torch.randn(2 * e, device="cuda")
-        clone = do_bench(g.clone, return_mode="median")
-        row = dict(shape=label, min_bytes_fwd=bsz * seqlen * e * 2 * 3)
-        for name, split, fill in walks:
-            tc.CONV_WALK_SPLIT, tc.CONV_WALK_FILL = split, fill if fill else saved[1]
-            row[f"fwd_{name}_ms"] = do_bench(lambda a=(x, cw, cb, out): tc.conv_fwd(*a), return_mode="median")
-            row[f"bwd_{name}_ms"] = (
-                do_bench(
-                    lambda a=(x, cw, cb, g, dx): tc.conv_bwd(*a[:3], a[3].clone(), a[4]), return_mode="median"
-                )
-                - clone
-            )
+        row = dict(shape=label)
+        for bt, be, w in tiles:
+            tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS = bt, be, w
+            ms = do_bench(lambda a=(x, cw, cb, out): tc.conv_fwd(*a), return_mode="median")
+            row[f"{bt}x{be}x{w}_ms"] = ms
+        row["min_bytes"] = bsz * seqlen * e * 2 * 3
         rows.append(row)
+        best = min((k for k in row if k.endswith("_ms")), key=row.get)
         cells = "  ".join(f"{k[:-3]} {v * 1e3:.1f}" for k, v in row.items() if k.endswith("_ms"))
-        best = min((k for k in row if k.startswith("fwd_")), key=row.get)
         print(
-            f"conv walk {label} (us): {cells}; fwd best {best} "
-            f"{row['min_bytes_fwd'] / row[best] / 1e9:.2f} TB/s (one tile: "
-            f"{row['min_bytes_fwd'] / row['fwd_one_tile_ms'] / 1e9:.2f})",
+            f"conv fwd {label} (us): {cells}; best {best} {row['min_bytes'] / row[best] / 1e9:.2f} TB/s",
             flush=True,
         )
-    tc.CONV_WALK_SPLIT, tc.CONV_WALK_FILL = saved
+    tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS = saved
     return rows
 
 
@@ -438,9 +423,7 @@ def main():
         help="only the two-level scan's chunk sweep, or the launchers' choice at small batches",
     )  # fmt: skip
     ap.add_argument("--conv", action="store_true", help="the conv backward's sweep (first kernel)")
-    ap.add_argument(
-        "--conv-walk", action="store_true", help="only the conv kernels' token walks, at several shapes"
-    )
+    ap.add_argument("--conv-fwd", action="store_true", help="only the conv forward's tile, at several shapes")
     ap.add_argument("--narrow", action="store_true", help="only the scan programs' layout, at several shapes")
     ap.add_argument("--out", default=None)
     ap.add_argument(
@@ -454,11 +437,11 @@ def main():
     from throughput import apply_settings
 
     out = {"gpu": torch.cuda.get_device_name(0), "settings": apply_settings(args.set)}
-    if args.narrow or args.conv_walk:
+    if args.narrow or args.conv_fwd:
         if args.narrow:
             out["narrow"] = narrow_sweep()
-        if args.conv_walk:
-            out["conv_walk"] = conv_walk_sweep()
+        if args.conv_fwd:
+            out["conv_fwd"] = conv_fwd_sweep()
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(out, f, indent=1)

@@ -67,10 +67,6 @@ SEQ_WAVES = True
 SEQ_WAVE_FWD, SEQ_WAVE_BWD, SEQ_PROGRAM_STEPS = (12, 16, 0.58), (8, 23, 0.3), 16
 SEQ_WAVE_GAIN = 0.05  # the model's pick replaces SEQ_FILL's only when it models this much less time
 CONV_BT, CONV_BE, CONV_WARPS = 8, 128, 4
-# the conv forward's and the conv backward dx's programs walk token spans: CONV_WALK_SPLIT spans
-# per batch row, or (None) enough for CONV_WALK_FILL programs per SM (to be measured)
-CONV_WALK_SPLIT: int | None = None
-CONV_WALK_FILL = 8
 # conv backward's first kernel: one program per (batch row, channels) walking the tokens (H100 sweep,
 # Vim-S layer, with the second kernel and the sum: 221 us at 8 x 128, one warp; 233 at 16 x 64)
 CONV_GP_BT, CONV_GP_BE, CONV_GP_WARPS = 8, 128, 1
@@ -100,26 +96,12 @@ def _check(xz: torch.Tensor, e: int) -> None:
 def conv_fwd(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """x (B, L, E) view, channel stride 1 -> out (B, L, 2E): both branches' SiLU(conv + bias)."""
     bsz, seqlen, e = x.shape
-    span = _walk_span(x, bsz, seqlen, e)
-    grid = (triton.cdiv(seqlen, span), triton.cdiv(e, CONV_BE), bsz)
+    grid = (triton.cdiv(seqlen, CONV_BT), triton.cdiv(e, CONV_BE), bsz)
     LAST["conv_fwd_kernel"] = K.conv_fwd_kernel[grid](
-        x, w, bias, out, seqlen, e, span, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        x, w, bias, out, seqlen, e, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         K=w.shape[1], BT=CONV_BT, BE=CONV_BE, num_warps=CONV_WARPS,
     )  # fmt: skip
     return out
-
-
-def _walk_span(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> int:
-    """Tokens each program of the conv forward and of the conv backward's dx walks (a multiple
-    of CONV_BT): enough programs for CONV_WALK_FILL per SM (CONV_WALK_SPLIT spans per row if
-    set), so that each loads its taps' weights once for several tiles."""
-    if CONV_WALK_SPLIT is not None:
-        n = CONV_WALK_SPLIT
-    elif x.device.type != "cuda":
-        n = triton.cdiv(seqlen, 2 * CONV_BT)  # (interpreter: two tiles per program, walks tested)
-    else:
-        n = triton.cdiv(CONV_WALK_FILL * sm_count(x.device), bsz * triton.cdiv(e, CONV_BE))
-    return CONV_BT * triton.cdiv(triton.cdiv(seqlen, max(n, 1)), CONV_BT)
 
 
 def conv_bwd(x, w, bias, g, dx):
@@ -134,10 +116,9 @@ def conv_bwd(x, w, bias, g, dx):
         x, w, bias, g, g, dwb, seqlen, e, span, n_split, x.stride(0), x.stride(1), g.stride(0), g.stride(1),
         K=k, BK=triton.next_power_of_2(k + 1), BT=CONV_GP_BT, BE=CONV_GP_BE, num_warps=CONV_GP_WARPS,
     )  # fmt: skip
-    span = _walk_span(x, bsz, seqlen, e)
-    grid = (triton.cdiv(seqlen, span), triton.cdiv(e, CONV_BE), bsz)
+    grid = (triton.cdiv(seqlen, CONV_BT), triton.cdiv(e, CONV_BE), bsz)
     LAST["conv_bwd_dx_kernel"] = K.conv_bwd_dx_kernel[grid](
-        g, w, dx, seqlen, e, span, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
+        g, w, dx, seqlen, e, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
         K=k, BT=CONV_BT, BE=CONV_BE, num_warps=CONV_WARPS,
     )  # fmt: skip
     dw, db = colsum(dwb.view(bsz * n_split, k + 1, 2 * e), k)  # contiguous, as the parameters are

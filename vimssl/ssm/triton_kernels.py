@@ -160,51 +160,32 @@ def prep_kernel(
 @triton.jit
 def conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
-    L, E, T,
+    L, E,
     sx_b, sx_l, so_b, so_l,
     K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
     """x (B, L, E) [channel stride 1] -> out (B, L, 2E) = SiLU(conv(x) + bias), forward branch causal
-    (taps t-K+1..t), backward branch anti-causal (taps t..t+K-1). w: (2E, K) float32, bias: (2E,).
-    A program walks T tokens (a multiple of BT; program axis 0) of one batch row in tiles of BT,
-    with the taps' weights loaded once (up to four taps, Vim's d_conv): a weight vector arrives in
-    another layout than the tile's and is converted through shared memory, which per tile and
-    tap made this kernel wait on barriers."""
+    (taps t-K+1..t), backward branch anti-causal (taps t..t+K-1). w: (2E, K) float32, bias: (2E,)."""
     pid_t, pid_e, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    t = pid_t * BT + tl.arange(0, BT)
     e = pid_e * BE + tl.arange(0, BE)
     me = e < E
     x_base = x_ptr + b * sx_b + e[None, :]
-    bias_f = tl.load(bias_ptr + e, mask=me, other=0.0)[None, :]
-    bias_b = tl.load(bias_ptr + E + e, mask=me, other=0.0)[None, :]
-    if K <= 4:
-        wf0, wf1 = _w(w_ptr, e, me, E, 0, 0, K), _w(w_ptr, e, me, E, 1, 0, K)
-        wf2, wf3 = _w(w_ptr, e, me, E, 2, 0, K), _w(w_ptr, e, me, E, 3, 0, K)
-        wb0, wb1 = _w(w_ptr, e, me, E, 0, 1, K), _w(w_ptr, e, me, E, 1, 1, K)
-        wb2, wb3 = _w(w_ptr, e, me, E, 2, 1, K), _w(w_ptr, e, me, E, 3, 1, K)
-    for t0 in range(pid_t * T, tl.minimum(pid_t * T + T, L), BT):
-        t = t0 + tl.arange(0, BT)
-        if K <= 4:  # (w_k = 0 past K)
-            acc_f = bias_f + wf0 * _tap(x_base, sx_l, t, me, L, 0, 0, K)
-            acc_b = bias_b + wb0 * _tap(x_base, sx_l, t, me, L, 0, 1, K)
-            if K > 1:
-                acc_f += wf1 * _tap(x_base, sx_l, t, me, L, 1, 0, K)
-                acc_b += wb1 * _tap(x_base, sx_l, t, me, L, 1, 1, K)
-            if K > 2:
-                acc_f += wf2 * _tap(x_base, sx_l, t, me, L, 2, 0, K)
-                acc_b += wb2 * _tap(x_base, sx_l, t, me, L, 2, 1, K)
-            if K > 3:
-                acc_f += wf3 * _tap(x_base, sx_l, t, me, L, 3, 0, K)
-                acc_b += wb3 * _tap(x_base, sx_l, t, me, L, 3, 1, K)
-        else:
-            acc_f = tl.zeros((BT, BE), tl.float32) + bias_f
-            acc_b = tl.zeros((BT, BE), tl.float32) + bias_b
-            for k in tl.static_range(K):
-                acc_f += _w(w_ptr, e, me, E, k, 0, K) * _tap(x_base, sx_l, t, me, L, k, 0, K)
-                acc_b += _w(w_ptr, e, me, E, k, 1, K) * _tap(x_base, sx_l, t, me, L, k, 1, K)
-        m = (t < L)[:, None] & me[None, :]
-        o = out_ptr + b * so_b + t[:, None] * so_l + e[None, :]
-        tl.store(o, _silu(acc_f).to(out_ptr.dtype.element_ty), mask=m)
-        tl.store(o + E, _silu(acc_b).to(out_ptr.dtype.element_ty), mask=m)
+    acc_f = tl.zeros((BT, BE), tl.float32) + tl.load(bias_ptr + e, mask=me, other=0.0)[None, :]
+    acc_b = tl.zeros((BT, BE), tl.float32) + tl.load(bias_ptr + E + e, mask=me, other=0.0)[None, :]
+    for k in tl.static_range(K):
+        tf = t - (K - 1) + k
+        xf = tl.load(
+            x_base + tf[:, None] * sx_l, mask=((tf >= 0) & (tf < L))[:, None] & me[None, :], other=0.0
+        )
+        acc_f += tl.load(w_ptr + e * K + k, mask=me, other=0.0)[None, :] * xf.to(tl.float32)
+        tb = t + (K - 1) - k
+        xb = tl.load(x_base + tb[:, None] * sx_l, mask=(tb < L)[:, None] & me[None, :], other=0.0)
+        acc_b += tl.load(w_ptr + (E + e) * K + k, mask=me, other=0.0)[None, :] * xb.to(tl.float32)
+    m = (t < L)[:, None] & me[None, :]
+    o = out_ptr + b * so_b + t[:, None] * so_l + e[None, :]
+    tl.store(o, _silu(acc_f).to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(o + E, _silu(acc_b).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -333,48 +314,28 @@ def conv_bwd_gp_kernel(
 @triton.jit
 def conv_bwd_dx_kernel(
     gp_ptr, w_ptr, dx_ptr,
-    L, E, T,
+    L, E,
     sg_b, sg_l, sdx_b, sdx_l,
     K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
-    """Second half: dx[t] = sum_j w_fwd[j] gp_fwd[t + K-1 - j] + w_bwd[j] gp_bwd[t - K+1 + j]. A
-    program walks T tokens in tiles of BT, with the weights loaded once (up to four taps), as
-    :func:`conv_fwd_kernel` does."""
+    """Second half: dx[t] = sum_j w_fwd[j] gp_fwd[t + K-1 - j] + w_bwd[j] gp_bwd[t - K+1 + j]."""
     pid_t, pid_e, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    t = pid_t * BT + tl.arange(0, BT)
     e = pid_e * BE + tl.arange(0, BE)
     me = e < E
     g_base = gp_ptr + b * sg_b + e[None, :]
-    if K <= 4:
-        wf0, wf1 = _w(w_ptr, e, me, E, 0, 0, K), _w(w_ptr, e, me, E, 1, 0, K)
-        wf2, wf3 = _w(w_ptr, e, me, E, 2, 0, K), _w(w_ptr, e, me, E, 3, 0, K)
-        wb0, wb1 = _w(w_ptr, e, me, E, 0, 1, K), _w(w_ptr, e, me, E, 1, 1, K)
-        wb2, wb3 = _w(w_ptr, e, me, E, 2, 1, K), _w(w_ptr, e, me, E, 3, 1, K)
-    for t0 in range(pid_t * T, tl.minimum(pid_t * T + T, L), BT):
-        t = t0 + tl.arange(0, BT)
-        # the gradient of x[t] through tap j of the forward branch comes from output t + K-1 - j,
-        # which is the input under tap j of the backward branch's walk (_tap, D=1), and the
-        # other way round
-        if K <= 4:
-            dx = wf0 * _tap(g_base, sg_l, t, me, L, 0, 1, K) + wb0 * _tap(g_base + E, sg_l, t, me, L, 0, 0, K)
-            if K > 1:
-                dx += wf1 * _tap(g_base, sg_l, t, me, L, 1, 1, K) + wb1 * _tap(
-                    g_base + E, sg_l, t, me, L, 1, 0, K
-                )
-            if K > 2:
-                dx += wf2 * _tap(g_base, sg_l, t, me, L, 2, 1, K) + wb2 * _tap(
-                    g_base + E, sg_l, t, me, L, 2, 0, K
-                )
-            if K > 3:
-                dx += wf3 * _tap(g_base, sg_l, t, me, L, 3, 1, K) + wb3 * _tap(
-                    g_base + E, sg_l, t, me, L, 3, 0, K
-                )
-        else:
-            dx = tl.zeros((BT, BE), tl.float32)
-            for j in tl.static_range(K):
-                dx += _w(w_ptr, e, me, E, j, 0, K) * _tap(g_base, sg_l, t, me, L, j, 1, K)
-                dx += _w(w_ptr, e, me, E, j, 1, K) * _tap(g_base + E, sg_l, t, me, L, j, 0, K)
-        m = (t < L)[:, None] & me[None, :]
-        tl.store(dx_ptr + b * sdx_b + t[:, None] * sdx_l + e[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
+    dx = tl.zeros((BT, BE), tl.float32)
+    for j in tl.static_range(K):
+        sf = t + (K - 1) - j
+        gf = tl.load(g_base + sf[:, None] * sg_l, mask=(sf < L)[:, None] & me[None, :], other=0.0)
+        dx += tl.load(w_ptr + e * K + j, mask=me, other=0.0)[None, :] * gf.to(tl.float32)
+        sb = t - (K - 1) + j
+        gb = tl.load(
+            g_base + E + sb[:, None] * sg_l, mask=((sb >= 0) & (sb < L))[:, None] & me[None, :], other=0.0
+        )
+        dx += tl.load(w_ptr + (E + e) * K + j, mask=me, other=0.0)[None, :] * gb.to(tl.float32)
+    m = (t < L)[:, None] & me[None, :]
+    tl.store(dx_ptr + b * sdx_b + t[:, None] * sdx_l + e[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
 # ----------------------------------------------------------------------------------------------
