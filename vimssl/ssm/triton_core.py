@@ -35,9 +35,6 @@ SEQ_KEEP = False
 # than loading dt again; see K._decay_again)
 SEQ_FRESH_DECAY = True
 SEQ_RS = True  # scan backward: lane reduce-scatter for the dB/dC sums (see the kernel)
-# scan backward: register cap per thread (None: the compiler's 255); 224 fits nine one-warp
-# programs per SM instead of eight (to be measured)
-SEQ_BWD_MAXNREG: int | None = None
 SEQ_PART_BF16 = True  # scan backward: dB/dC partials in bf16 for bf16 runs (see scan_bwd)
 SEQ_NARROW = True  # narrower scan programs when a batch gives too few of them (see _seq_channels)
 # ... below how many one-warp programs per SM the launchers narrow them (H100, seventh session:
@@ -379,7 +376,7 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz, sum_parts: bool = Tru
         dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1),
         BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), CHUNKED=n_ch > 1,
         FRESH=SEQ_FRESH_DECAY,
-        num_warps=SEQ_WARPS, **({"maxnreg": SEQ_BWD_MAXNREG} if SEQ_BWD_MAXNREG else {}),
+        num_warps=SEQ_WARPS,
     )  # fmt: skip
     dA_log, rest = colsum(acc, d_state)
     dbc = sum_dbc_parts(part, xc.dtype) if sum_parts else part
