@@ -9,7 +9,7 @@ backward  conv recompute -> dt_proj recompute -> scan backward (one kernel, both
           -> dt_proj / x_proj backward matmuls -> conv backward (two kernels)
 
 Saved for the backward: xz, the x_proj output (small) and the ungated branch sum (B, L, E); the
-conv output, delta and the packed float32 B/C are recomputed. Long sequences at small batches run the scans in chunks
+conv output and delta are recomputed. Long sequences at small batches run the scans in chunks
 (see :func:`_chunk_len`); short ones with too few programs to fill the GPU run the forward scan's
 two branches in separate programs and combine them in one more kernel (see :func:`_split`).
 Without gradients (inference, frozen encoders) the core runs the same forward without autograd,
@@ -442,11 +442,9 @@ def core_forward(xz, weights, d_state: int, save_sum: bool):
 class BiMambaCoreFn(torch.autograd.Function):
     """The whole core in one Function, taking the mixer's parameters as they are (both branches
     separately, :func:`_core_params` order) so that no stacking op enters the autograd graph.
-    The derived weights (one :func:`derived_weights` launch) and the x_proj output are computed
-    once in the forward and kept for the backward: fewer launches per layer, which matters because
-    a Vim training step is otherwise partly bound by the host. The packed float32 B and C are
-    rebuilt from the x_proj output (one small copy) rather than kept: 2N float32 per token and
-    layer less memory."""
+    The derived weights (one :func:`derived_weights` launch), the x_proj output and the packed B
+    and C are computed once in the forward and kept for the backward: fewer launches per layer,
+    which matters because a Vim training step is otherwise partly bound by the host."""
 
     @staticmethod
     def forward(ctx, xz, d_state: int, *params):
@@ -454,17 +452,16 @@ class BiMambaCoreFn(torch.autograd.Function):
         save = any(ctx.needs_input_grad)  # (grad mode is always off inside forward)
         y, dbc, bc, ysum = core_forward(xz, weights, d_state, save_sum=save)
         if save:
-            ctx.save_for_backward(xz, dbc, ysum, *weights)
+            ctx.save_for_backward(xz, dbc, bc, ysum, *weights)
             ctx.dtypes = [t.dtype for t in params]
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xz, dbc, ysum, cw, cb, x_w, dt_w, At2, D32, dtb32 = ctx.saved_tensors
+        xz, dbc, bc, ysum, cw, cb, x_w, dt_w, At2, D32, dtb32 = ctx.saved_tensors
         bsz, seqlen, e2 = xz.shape
-        e, p, n = e2 // 2, dbc.shape[1] // 2, At2.shape[0]
+        e, p, n = e2 // 2, dbc.shape[1] // 2, bc.shape[-1] // 2
         bl, r = bsz * seqlen, p - 2 * n
-        bc = _bc_pack(dbc.view(bsz, seqlen, 2, p), r)
         x, z = xz[..., :e], xz[..., e:]
         xc = conv_fwd(x, cw, cb, torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype))
         dt = (dbc @ dt_w.t()).view(bsz, seqlen, e2)
