@@ -6,6 +6,7 @@ for the v5/v6 kernels in docs/kernel-notes.md (the loop bodies dominate the coun
     python benchmarks/sass_counts.py --kernel scan_bwd_kernel --set BE=64 KEEP=True RS=False
     python benchmarks/sass_counts.py --kernel scan_fwd_kernel scan_bwd_kernel --set CHUNKED=True
     python benchmarks/sass_counts.py --all --json counts.json   # every kernel, every launch variant
+    python benchmarks/sass_counts.py --kernel conv_fwd_kernel --warps 8 --stages 1 --set BT=16
 
 ``--all`` compiles every kernel of the path (the mixer core's and the fused norm's) in every
 constexpr variant the launchers use, with their defaults: a compile check for a Triton release
