@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -114,6 +115,25 @@ def measure(name: str, path: str, img: int, batch: int, iters: int, graphs: bool
         train_peak_gib=round(peak, 2), gpu=torch.cuda.get_device_name(0),
         date=dt.date.today().isoformat(), **({"cuda_graphs": True, "infer_cuda_graphs": True} if graphs else {}),
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def triton_settings(**values):
+    """Set :mod:`vimssl.ssm.triton_core` constants for the ``with`` block and restore them after
+    it, also when it raises (the sweeps in ``triton_core.py``)."""
+    from vimssl.ssm import triton_core as tc
+
+    unknown = sorted(k for k in values if not hasattr(tc, k))
+    if unknown:
+        raise AttributeError(f"vimssl.ssm.triton_core has no setting {', '.join(map(repr, unknown))}")
+    saved = {k: getattr(tc, k) for k in values}
+    try:
+        for k, v in values.items():
+            setattr(tc, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(tc, k, v)
 
 
 def apply_settings(pairs: list[str]) -> dict:

@@ -25,6 +25,7 @@ import argparse
 import json
 
 import torch
+from throughput import apply_settings, triton_settings
 from triton.testing import do_bench
 
 from vimssl.models.mixer import BiMambaMixer, bimamba_core
@@ -169,7 +170,6 @@ def chunk_sweep(chunks=(0, None, 2048, 1024, 512, 256, 128), shapes=CHUNK_SHAPES
     pick), against the composed cuda path, at the shapes in CHUNK_SHAPES."""
     cuda_ops = get_ops("cuda")
     rows = []
-    saved = tc.SEQ_CHUNK
     for label, bsz, seqlen, d in shapes:
         m = mixer(d)
         e = m.d_inner
@@ -189,13 +189,12 @@ def chunk_sweep(chunks=(0, None, 2048, 1024, 512, 256, 128), shapes=CHUNK_SHAPES
         row["cuda_infer_ms"] = timed(lambda x, mm: bimamba_core(x, mm, cuda_ops), False)
         row["cuda_train_ms"] = timed(lambda x, mm: bimamba_core(x, mm, cuda_ops), True)
         for chunk in chunks:
-            tc.SEQ_CHUNK = chunk
             key = "auto" if chunk is None else str(chunk)
-            row[f"triton_{key}_infer_ms"] = timed(tc.bimamba_core_triton, False)
-            row[f"triton_{key}_train_ms"] = timed(tc.bimamba_core_triton, True)
-            if chunk is None:  # the chunk lengths the launchers picked (forward, backward)
-                row["auto_chunks"] = tc.chunk_lengths(xz, bsz, seqlen, e)
-        tc.SEQ_CHUNK = saved
+            with triton_settings(SEQ_CHUNK=chunk):
+                row[f"triton_{key}_infer_ms"] = timed(tc.bimamba_core_triton, False)
+                row[f"triton_{key}_train_ms"] = timed(tc.bimamba_core_triton, True)
+                if chunk is None:  # the chunk lengths the launchers picked (forward, backward)
+                    row["auto_chunks"] = tc.chunk_lengths(xz, bsz, seqlen, e)
         rows.append(row)
         cells = "  ".join(f"{k[:-3]} {v:.3f}" for k, v in row.items() if k.endswith("_ms"))
         print(f"chunks {label} auto={row['auto_chunks']}: {cells}", flush=True)
@@ -253,20 +252,18 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     e = z.shape[-1]
     rows = []
     names = ("SEQ_BE_FWD", "SEQ_BE_BWD", "SEQ_WARPS", "SEQ_KEEP", "SEQ_RS")
-    saved = [getattr(tc, k) for k in names]
     # channels per program, warps, whether the scan backward keeps its recomputed decays, and
     # whether it sums dB/dC with the lane reduce-scatter (register caps through ptxas and 16-byte
     # B/C loads through inline PTX were tried in the third session: docs/kernel-notes.md)
     configs = [(32, 1, False, True), (32, 1, False, False), (64, 1, False, False)]
     for BE, W, keep, rs in configs:
-        for k, v in zip(names, (BE, BE, W, keep, rs)):
-            setattr(tc, k, v)
         try:
-            f = do_bench(lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True), return_mode="median")
-            _, ysum = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True)
-            b = do_bench(
-                lambda ys=ysum: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ys, dz), return_mode="median"
-            )
+            with triton_settings(**dict(zip(names, (BE, BE, W, keep, rs)))):
+                f = do_bench(lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True), return_mode="median")
+                _, ysum = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True)
+                b = do_bench(
+                    lambda ys=ysum: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ys, dz), return_mode="median"
+                )
         except Exception as err:  # out of resources
             print(f"sweep BE={BE} rs={rs}: {type(err).__name__}: {str(err)[:200]}", flush=True)
             continue
@@ -287,17 +284,15 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
             f"sweep seq BE={BE:3d} W={W} keep={keep:d} rs={rs:d}: fwd {f:.3f} ms  bwd {b:.3f} ms  {regs}",
             flush=True,
         )
-    for k, v in zip(names, saved):
-        setattr(tc, k, v)
     x = xc[..., :e]
     cw = torch.randn(2 * e, 4, device="cuda")
     cb = torch.randn(2 * e, device="cuda")
     out = torch.empty_like(xc)
     dx = torch.empty_like(z)
     for bt, be, w in [(16, 128, 2), (16, 128, 4), (16, 128, 8), (32, 128, 4), (8, 256, 4), (32, 64, 4)]:
-        tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS = bt, be, w
-        f = do_bench(lambda: tc.conv_fwd(x, cw, cb, out), return_mode="median")
-        b = do_bench(lambda: tc.conv_bwd(x, cw, cb, xc.clone(), dx), return_mode="median")
+        with triton_settings(CONV_BT=bt, CONV_BE=be, CONV_WARPS=w):
+            f = do_bench(lambda: tc.conv_fwd(x, cw, cb, out), return_mode="median")
+            b = do_bench(lambda: tc.conv_bwd(x, cw, cb, xc.clone(), dx), return_mode="median")
         rows.append(dict(impl="conv", T=bt, BE=be, warps=w, fwd_ms=f, bwd_ms=b))
         print(
             f"sweep conv  BT={bt:3d} BE={be:3d} W={w}: fwd {f:.3f} ms  bwd {b:.3f} ms (incl. a clone)",
@@ -320,7 +315,6 @@ def narrow_sweep(shapes=NARROW_SHAPES) -> list[dict]:
     (the chunk rule follows the width), and the forward's branches in separate programs
     (``split``) or not, at the shapes in NARROW_SHAPES."""
     names = ("SEQ_BE_FWD", "SEQ_BE_BWD", "SEQ_NARROW", "SEQ_SPLIT")
-    saved = [getattr(tc, k) for k in names]
     rows = []
     for label, bsz, seqlen, d in shapes:
         ins, gy, dz = scan_inputs(bsz, seqlen, d)
@@ -331,23 +325,22 @@ def narrow_sweep(shapes=NARROW_SHAPES) -> list[dict]:
             lambda ins=ins, g=(gy, ysum, dz): tc.scan_bwd(*ins, *g), return_mode="median"
         )
         variants = {
-            "auto": saved,
+            "auto": tuple(getattr(tc, k) for k in names),
             "64": (64, 32, False, False),
             "64_split": (64, 32, False, True),
             "32": (32, 32, False, False),
         }
         for key, cfg in variants.items():
-            for k, v in zip(names, cfg):
-                setattr(tc, k, v)
-            chunked = tc.chunk_lengths(xc, bsz, seqlen, e)[0] < seqlen
-            if key == "64_split" and chunked:
-                continue  # (the same kernel as "64": chunked scans do not split)
-            row[f"fwd_{key}_ms"] = do_bench(lambda ins=ins: tc.scan_fwd(*ins, False), return_mode="median")
-            row[f"fwd_train_{key}_ms"] = do_bench(
-                lambda ins=ins: tc.scan_fwd(*ins, True), return_mode="median"
-            )
-        for k, v in zip(names, saved):
-            setattr(tc, k, v)
+            with triton_settings(**dict(zip(names, cfg))):
+                chunked = tc.chunk_lengths(xc, bsz, seqlen, e)[0] < seqlen
+                if key == "64_split" and chunked:
+                    continue  # (the same kernel as "64": chunked scans do not split)
+                row[f"fwd_{key}_ms"] = do_bench(
+                    lambda ins=ins: tc.scan_fwd(*ins, False), return_mode="median"
+                )
+                row[f"fwd_train_{key}_ms"] = do_bench(
+                    lambda ins=ins: tc.scan_fwd(*ins, True), return_mode="median"
+                )
         rows.append(row)
         cells = "  ".join(f"{k[:-3]} {v:.3f}" for k, v in row.items() if k.endswith("_ms"))
         print(f"narrow {label}: {cells}", flush=True)
@@ -364,7 +357,6 @@ CONV_FWD_TILES = [(8, 128, 4), (16, 128, 4), (8, 64, 2), (4, 128, 2), (16, 256, 
 def conv_fwd_sweep(shapes=CONV_FWD_SHAPES, tiles=CONV_FWD_TILES) -> list[dict]:
     """The conv forward's tile (tokens, channels, warps) at several shapes, with its fewest bytes
     (read x, write both branches' outputs) over the time, in TB/s."""
-    saved = tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS
     rows = []
     for label, bsz, seqlen, d in shapes:
         e = 2 * d
@@ -373,8 +365,8 @@ def conv_fwd_sweep(shapes=CONV_FWD_SHAPES, tiles=CONV_FWD_TILES) -> list[dict]:
         cw, cb = torch.randn(2 * e, 4, device="cuda"), torch.randn(2 * e, device="cuda")
         row = dict(shape=label)
         for bt, be, w in tiles:
-            tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS = bt, be, w
-            ms = do_bench(lambda a=(x, cw, cb, out): tc.conv_fwd(*a), return_mode="median")
+            with triton_settings(CONV_BT=bt, CONV_BE=be, CONV_WARPS=w):
+                ms = do_bench(lambda a=(x, cw, cb, out): tc.conv_fwd(*a), return_mode="median")
             row[f"{bt}x{be}x{w}_ms"] = ms
         row["min_bytes"] = bsz * seqlen * e * 2 * 3
         rows.append(row)
@@ -384,7 +376,6 @@ def conv_fwd_sweep(shapes=CONV_FWD_SHAPES, tiles=CONV_FWD_TILES) -> list[dict]:
             f"conv fwd {label} (us): {cells}; best {best} {row['min_bytes'] / row[best] / 1e9:.2f} TB/s",
             flush=True,
         )
-    tc.CONV_BT, tc.CONV_BE, tc.CONV_WARPS = saved
     return rows
 
 
@@ -399,18 +390,14 @@ def conv_sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     cw = torch.randn(2 * e, 4, device="cuda")
     cb = torch.randn(2 * e, device="cuda")
     names = ("CONV_GP_BT", "CONV_GP_BE", "CONV_GP_WARPS", "CONV_GP_SPLIT")  # (SPLIT None: by CONV_GP_FILL)
-    saved = [getattr(tc, k) for k in names]
     clone = do_bench(lambda: g.clone(), return_mode="median")
     rows = []
     cfgs = [(8, 128, 1, s) for s in (1, 2, 3, 4, 6)] + [(16, 64, 1, 2), (16, 64, 1, 3), (8, 64, 1, 2)]
     for cfg in cfgs:
-        for k, v in zip(names, cfg):
-            setattr(tc, k, v)
-        ms = do_bench(lambda: tc.conv_bwd(x, cw, cb, g.clone(), dx), return_mode="median") - clone
+        with triton_settings(**dict(zip(names, cfg))):
+            ms = do_bench(lambda: tc.conv_bwd(x, cw, cb, g.clone(), dx), return_mode="median") - clone
         rows.append(dict(impl="conv_gp", T=cfg[0], BE=cfg[1], warps=cfg[2], split=cfg[3], bwd_ms=ms))
         print(f"sweep conv gp BT={cfg[0]} BE={cfg[1]} W={cfg[2]} split={cfg[3]}: bwd {ms:.4f} ms", flush=True)
-    for k, v in zip(names, saved):
-        setattr(tc, k, v)
     return rows
 
 
@@ -434,8 +421,6 @@ def main():
         help="vimssl.ssm.triton_core settings for this run (A/B runs), recorded in --out",
     )  # fmt: skip
     args = ap.parse_args()
-    from throughput import apply_settings
-
     out = {"gpu": torch.cuda.get_device_name(0), "settings": apply_settings(args.set)}
     if args.narrow or args.conv_fwd:
         if args.narrow:

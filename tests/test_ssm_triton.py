@@ -295,3 +295,25 @@ def test_benchmark_settings_set_triton_core_constants_or_name_the_bad_one(monkey
         apply_settings(["SEQ_NOPE=1"])
     with pytest.raises(SystemExit, match="SEQ_WAVES=maybe: expected NAME=VALUE"):
         apply_settings(["SEQ_WAVES=maybe"])
+
+
+def test_benchmark_sweeps_restore_the_triton_core_constants(monkeypatch):
+    # triton_core.py's sweeps set the constants per configuration with this, and a failing
+    # configuration (out of resources) must not leave its settings behind
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from throughput import triton_settings
+
+    from vimssl.ssm import triton_core as tc
+
+    before = (tc.SEQ_BE_BWD, tc.CONV_BT)
+    with triton_settings(SEQ_BE_BWD=64, CONV_BT=16):
+        assert (tc.SEQ_BE_BWD, tc.CONV_BT) == (64, 16)
+    assert (tc.SEQ_BE_BWD, tc.CONV_BT) == before
+    with pytest.raises(RuntimeError, match="out of resources"):
+        with triton_settings(SEQ_BE_BWD=128):
+            raise RuntimeError("out of resources")
+    assert tc.SEQ_BE_BWD == before[0]
+    with pytest.raises(AttributeError, match="no setting 'SEQ_NOPE'"):
+        with triton_settings(SEQ_NOPE=1, SEQ_BE_BWD=8):
+            pass
+    assert tc.SEQ_BE_BWD == before[0]  # nothing was set
