@@ -183,7 +183,7 @@ def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
     assert tc._chunk_len(torch.empty(1), 4097, 1, tc.SEQ_FILL_FWD) == 4097
 
 
-def test_wave_model_of_the_chunked_backward():
+def test_wave_model_of_the_chunked_backward(monkeypatch):
     from vimssl.ssm import triton_core as tc
 
     steps = tc.SEQ_PROGRAM_STEPS
@@ -213,6 +213,10 @@ def test_wave_model_of_the_chunked_backward():
     # less than 244 (the base above), but under 5% less than 256
     assert chunk == 376 and cost(376) < 0.95 * cost(244) and cost(376) > 0.95 * cost(256)
     assert tc._wave_chunk(4097, 256, 384, slots * 132, 384, state_slots * 132, weight) == 256
+    # the picks are cached, but not across the settings the model reads (sweeps change them)
+    monkeypatch.setattr(tc, "SEQ_WAVE_GAIN", 0.5)
+    assert tc._wave_chunk(4097, 244, 384, slots * 132, 384, state_slots * 132, weight) == 244
+    monkeypatch.undo()
     # the v8 sweep's rankings at 1024 px, batch 8: Vim-S's backward (training minus inference time
     # of the core: 256 tokens 4.24 ms, 512 4.38, 244 4.44, 1,024 5.24) and forward (inference:
     # 128 1.011, 256 1.017, 512 1.448, 1,024 2.327), Vim-B's forward (256 1.92, 244 2.105, 1,024 2.85)

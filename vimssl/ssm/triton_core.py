@@ -228,7 +228,6 @@ def _makespan(seqlen: int, chunk: int, programs: int, slots: int) -> int:
     return waves * step + triton.cdiv(late, slots) * last
 
 
-@functools.lru_cache(maxsize=256)
 def _wave_chunk(
     seqlen: int,
     base: int,
@@ -237,6 +236,25 @@ def _wave_chunk(
     state_programs: int,
     state_slots: int,
     state_weight: float,
+) -> int:
+    """:func:`_wave_chunk_cached` under the current SEQ_MIN_CHUNK, SEQ_PROGRAM_STEPS and
+    SEQ_WAVE_GAIN, which are part of its cache key (sweeps and tests change them)."""
+    settings = (SEQ_MIN_CHUNK, SEQ_PROGRAM_STEPS, SEQ_WAVE_GAIN)
+    return _wave_chunk_cached(
+        seqlen, base, programs, slots, state_programs, state_slots, state_weight, settings
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _wave_chunk_cached(
+    seqlen: int,
+    base: int,
+    programs: int,
+    slots: int,
+    state_programs: int,
+    state_slots: int,
+    state_weight: float,
+    settings: tuple,
 ) -> int:
     """A chunk length (a multiple of 4, at least SEQ_MIN_CHUNK) with the least modelled time: the
     scan's :func:`_makespan` (``programs`` per chunk on ``slots``) plus ``state_weight`` times
