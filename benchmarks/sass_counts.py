@@ -50,8 +50,8 @@ KERNELS = {
         variants=[dict(K=4, BK=4, BN=16, BP=128, BE=tc.PREP_BE)],
     ),
     "conv_fwd_kernel": dict(
-        mod=K, odd={"L"}, warps=tc.CONV_WARPS, f32={"w_ptr", "bias_ptr"},
-        variants=[dict(K=4, BT=tc.CONV_BT, BE=tc.CONV_BE)],
+        mod=K, odd={"L", "P", "R"}, warps=tc.CONV_WARPS, f32={"w_ptr", "bias_ptr", "bc_ptr"},
+        variants=[dict(K=4, BT=tc.CONV_BT, BE=tc.CONV_BE, PACK=p, BJ=32) for p in (False, True)],
     ),
     "conv_bwd_gp_kernel": dict(
         mod=K, odd={"L", "T", "n_split"}, warps=tc.CONV_GP_WARPS, f32={"w_ptr", "bias_ptr", "dwb_ptr"},

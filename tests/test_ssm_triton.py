@@ -25,7 +25,8 @@ def test_kernels_match_reference_under_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     results = report["shapes"]
-    assert len(results) == 11 and sum(r["keep"] for r in results) == 2
+    assert len(results) == 12 and sum(r["keep"] for r in results) == 2
+    assert sum(not r["bc_in_conv"] for r in results) == 1  # the packed B/C kept from the forward
     assert sum(r["split"] for r in results) == 2  # the forward's branches in separate programs
     assert sorted(r["chunk"] for r in results if r["chunk"]) == [3, 4, 8]  # the two-level scan
     for r in results:

@@ -25,6 +25,8 @@ KEEP_SHAPES = [(2, 7, 8, 4), (1, 37, 8, 16)]
 CHUNK_SHAPES = [((2, 7, 8, 4), 3), ((3, 13, 6, 3), 4), ((1, 37, 8, 16), 8)]
 # the forward scan with its branches in separate programs and a combine kernel (SEQ_SPLIT)
 SPLIT_SHAPES = [(2, 7, 8, 4), (1, 37, 8, 16)]
+# the packed B/C kept from the forward instead of rebuilt in the backward's conv (BC_IN_CONV off)
+BC_KEPT_SHAPES = [(3, 13, 6, 3)]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,11 +60,12 @@ def main() -> None:
     tc.CARRY_FILL = float("nan")  # a look-back reading a carry no program wrote gives NaN
     torch.manual_seed(0)
     results = []
-    runs_cfg = [(s, False, 0, False) for s in SHAPES] + [(s, True, 0, False) for s in KEEP_SHAPES]
-    runs_cfg += [(s, False, chunk, False) for s, chunk in CHUNK_SHAPES]
-    runs_cfg += [(s, False, 0, True) for s in SPLIT_SHAPES]
-    for (bsz, seqlen, d, n), keep, chunk, split in runs_cfg:
-        tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT = keep, chunk, split
+    runs_cfg = [(s, False, 0, False, True) for s in SHAPES] + [(s, True, 0, False, True) for s in KEEP_SHAPES]
+    runs_cfg += [(s, False, chunk, False, True) for s, chunk in CHUNK_SHAPES]
+    runs_cfg += [(s, False, 0, True, True) for s in SPLIT_SHAPES]
+    runs_cfg += [(s, False, 0, False, False) for s in BC_KEPT_SHAPES]
+    for (bsz, seqlen, d, n), keep, chunk, split, bc_in_conv in runs_cfg:
+        tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT, tc.BC_IN_CONV = keep, chunk, split, bc_in_conv
         tc.CONV_GP_SPLIT = 3 if chunk else 1  # the conv backward's token walk in spans, too
         m = BiMambaMixer(d, d_state=n)
         with torch.no_grad():
@@ -91,12 +94,13 @@ def main() -> None:
                 keep=keep,
                 chunk=chunk,
                 split=split,
+                bc_in_conv=bc_in_conv,
                 errors=errs,
                 deterministic=same,
                 finite=finite,
             )
         )
-    tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT, tc.SEQ_SKIP_UNREAD = False, None, None, True
+    tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT, tc.SEQ_SKIP_UNREAD, tc.BC_IN_CONV = False, None, None, True, True
 
     # half-precision inputs (fp16, bf16): outputs and input gradients in the input dtype
     half = {}

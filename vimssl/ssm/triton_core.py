@@ -76,6 +76,9 @@ CONV_GP_BT, CONV_GP_BE, CONV_GP_WARPS = 8, 128, 1
 # would be 48 programs for 132 SMs
 CONV_GP_SPLIT: int | None = None
 CONV_GP_FILL = 16
+# training keeps the x_proj output but not the packed float32 B/C built from it: the backward's
+# conv recompute rebuilds it in the same launch (2N float32 per token and layer less memory)
+BC_IN_CONV = True
 PART_BT = 32  # tokens per program of the dB/dC partial sum
 COLSUM_BR, COLSUM_BW = 128, 32  # rows per step and columns per program of the weight-gradient sums
 PREP_BE = 64  # channels per program of the derived-weights kernel
@@ -93,13 +96,20 @@ def _check(xz: torch.Tensor, e: int) -> None:
         raise ValueError("xz must be contiguous in its last (channel) dimension")
 
 
-def conv_fwd(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """x (B, L, E) view, channel stride 1 -> out (B, L, 2E): both branches' SiLU(conv + bias)."""
+def conv_fwd(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, pack: tuple | None = None
+) -> torch.Tensor:
+    """x (B, L, E) view, channel stride 1 -> out (B, L, 2E): both branches' SiLU(conv + bias).
+    ``pack`` = (dbc (B*L, 2P) contiguous, R, bc (B, L, 2, 2N) float32 contiguous): also writes
+    :func:`_bc_pack` of dbc into bc, in the same launch."""
     bsz, seqlen, e = x.shape
     grid = (triton.cdiv(seqlen, CONV_BT), triton.cdiv(e, CONV_BE), bsz)
+    dbc, r, bc = pack if pack is not None else (x, 0, out)
+    n2, p = (bc.shape[-1], dbc.shape[1] // 2) if pack is not None else (0, 0)
     LAST["conv_fwd_kernel"] = K.conv_fwd_kernel[grid](
-        x, w, bias, out, seqlen, e, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        K=w.shape[1], BT=CONV_BT, BE=CONV_BE, num_warps=CONV_WARPS,
+        x, w, bias, out, dbc, bc, seqlen, e, p, r, n2, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        K=w.shape[1], BT=CONV_BT, BE=CONV_BE, PACK=pack is not None, BJ=triton.next_power_of_2(max(n2, 1)),
+        num_warps=CONV_WARPS,
     )  # fmt: skip
     return out
 
@@ -469,19 +479,26 @@ class BiMambaCoreFn(torch.autograd.Function):
         weights = derived_weights(params, xz.dtype)
         save = any(ctx.needs_input_grad)  # (grad mode is always off inside forward)
         y, dbc, bc, ysum = core_forward(xz, weights, d_state, save_sum=save)
-        if save:
-            ctx.save_for_backward(xz, dbc, bc, ysum, *weights)
+        if save:  # (with BC_IN_CONV the packed B/C is rebuilt in the backward's conv recompute)
+            ctx.bc_kept = not BC_IN_CONV
+            ctx.save_for_backward(xz, dbc, ysum, *weights, *((bc,) if ctx.bc_kept else ()))
             ctx.dtypes = [t.dtype for t in params]
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xz, dbc, bc, ysum, cw, cb, x_w, dt_w, At2, D32, dtb32 = ctx.saved_tensors
+        xz, dbc, ysum, cw, cb, x_w, dt_w, At2, D32, dtb32, *kept = ctx.saved_tensors
         bsz, seqlen, e2 = xz.shape
-        e, p, n = e2 // 2, dbc.shape[1] // 2, bc.shape[-1] // 2
+        e, p, n = e2 // 2, dbc.shape[1] // 2, At2.shape[0]
         bl, r = bsz * seqlen, p - 2 * n
         x, z = xz[..., :e], xz[..., e:]
-        xc = conv_fwd(x, cw, cb, torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype))
+        xc = torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype)
+        if ctx.bc_kept:
+            (bc,) = kept
+            conv_fwd(x, cw, cb, xc)
+        else:
+            bc = torch.empty(bsz, seqlen, 2, 2 * n, device=xz.device, dtype=torch.float32)
+            conv_fwd(x, cw, cb, xc, (dbc, r, bc))
         dt = (dbc @ dt_w.t()).view(bsz, seqlen, e2)
         dxz = torch.empty_like(xz)
         du, ddt, part, dA_log, dD, d_dt_bias = scan_bwd(

@@ -159,15 +159,27 @@ def prep_kernel(
 
 @triton.jit
 def conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr,
-    L, E,
+    x_ptr, w_ptr, bias_ptr, out_ptr, dbc_ptr, bc_ptr,
+    L, E, P, R, N2,
     sx_b, sx_l, so_b, so_l,
-    K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+    K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, PACK: tl.constexpr, BJ: tl.constexpr,
 ):  # fmt: skip
     """x (B, L, E) [channel stride 1] -> out (B, L, 2E) = SiLU(conv(x) + bias), forward branch causal
-    (taps t-K+1..t), backward branch anti-causal (taps t..t+K-1). w: (2E, K) float32, bias: (2E,)."""
+    (taps t-K+1..t), backward branch anti-causal (taps t..t+K-1). w: (2E, K) float32, bias: (2E,).
+    With PACK, the programs of the first channel block also write their tokens' B and C, columns
+    R..R+N2 of each branch's P columns of the x_proj output dbc (B*L, 2P), as float32 to bc
+    (B, L, 2, N2) contiguous: the backward rebuilds the scans' packed B/C here instead of keeping
+    it from the forward or spending a launch on it."""
     pid_t, pid_e, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     t = pid_t * BT + tl.arange(0, BT)
+    if PACK:
+        if pid_e == 0:
+            j = tl.arange(0, BJ)
+            mj = (t < L)[:, None] & (j < N2)[None, :]
+            row = b * L + t  # (BT,) rows of dbc
+            for D in tl.static_range(2):
+                v = tl.load(dbc_ptr + row[:, None] * (2 * P) + D * P + R + j[None, :], mask=mj, other=0.0)
+                tl.store(bc_ptr + (row * 2 + D)[:, None] * N2 + j[None, :], v.to(tl.float32), mask=mj)
     e = pid_e * BE + tl.arange(0, BE)
     me = e < E
     x_base = x_ptr + b * sx_b + e[None, :]
