@@ -32,7 +32,7 @@ def main() -> None:
     _, _, _, _, At2, D, dtb = tc.derived_weights(tc._core_params(m), torch.bfloat16)
     gy, dz = torch.randn(bsz, seqlen, e, **bf), torch.empty(bsz, seqlen, e, **bf)
     for _ in range(2):
-        _, ysum = tc.scan_fwd(xc, dt, bc, z, At2, D, dtb, True)
+        _, ysum, _ = tc.scan_fwd(xc, dt, bc, z, At2, D, dtb, True)
         tc.scan_bwd(xc, dt, bc, z, At2, D, dtb, gy, ysum, dz)
     torch.cuda.synchronize()
 

@@ -35,7 +35,18 @@ from vimssl.ssm import triton_core as tc
 from vimssl.ssm import triton_kernels as K
 from vimssl.ssm import triton_norm as TN
 
-_SCAN_F32 = {"At_ptr", "D_ptr", "dtb_ptr", "bc_ptr", "hc_ptr", "sc_ptr", "wc_ptr", "hst_ptr", "acc_ptr"}
+_SCAN_F32 = {
+    "At_ptr",
+    "D_ptr",
+    "dtb_ptr",
+    "bc_ptr",
+    "hc_ptr",
+    "sc_ptr",
+    "wc_ptr",
+    "hst_ptr",
+    "acc_ptr",
+    "hin_ptr",
+}
 _NORM_ROWS, _NORM_BD, _NORM_WARPS = TN._tile(384)  # Vim-S rows
 # Per kernel: its module, float32 pointer arguments (other pointers: bf16, the activations of a
 # bf16 run), float scalar arguments (other scalars: int32), warps, the integer arguments that are
@@ -62,13 +73,14 @@ KERNELS = {
         variants=[dict(K=4, BT=tc.CONV_BT, BE=tc.CONV_BE)],
     ),
     "scan_fwd_kernel": dict(
-        mod=K, odd={"L", "T", "n_ch"}, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
+        mod=K, odd={"L", "T", "n_ch", "n_b"}, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
         variants=[
-            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=False),
-            dict(SAVE_SUM=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=False),
-            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=True),
-            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=True, SPLIT=False),
-            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=False, CHUNKED=False, SPLIT=False),
+            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=False, SAVE_CARRY=False),
+            dict(SAVE_SUM=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=False, SAVE_CARRY=False),
+            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=True, SAVE_CARRY=False),
+            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=True, SPLIT=False, SAVE_CARRY=False),
+            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=True, SPLIT=False, SAVE_CARRY=True),
+            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=False, CHUNKED=False, SPLIT=False, SAVE_CARRY=False),
         ],
     ),
     "combine_kernel": dict(
@@ -78,20 +90,22 @@ KERNELS = {
     "scan_state_kernel": dict(
         mod=K, odd={"L", "n_ch"}, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
         variants=[
-            dict(GRAD=False, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD),
-            dict(GRAD=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD),
-            dict(GRAD=True, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD),
-            dict(GRAD=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, SKIP=not tc.SEQ_SKIP_UNREAD),
-            dict(GRAD=True, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=not tc.SEQ_SKIP_UNREAD),
+            dict(GRAD=False, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD, SUMS=False),
+            dict(GRAD=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD, SUMS=False),
+            dict(GRAD=True, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD, SUMS=False),
+            dict(GRAD=True, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD, SUMS=True),
+            dict(GRAD=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, SKIP=not tc.SEQ_SKIP_UNREAD, SUMS=False),
+            dict(GRAD=True, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=not tc.SEQ_SKIP_UNREAD, SUMS=False),
         ],
     ),
     "scan_bwd_kernel": dict(
         mod=K, odd={"L", "T", "n_ch", "n_eblocks"}, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
         variants=[
-            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False, FRESH=tc.SEQ_FRESH_DECAY),
-            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=True, FRESH=tc.SEQ_FRESH_DECAY),
-            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=False, KEEP=tc.SEQ_KEEP, RS=False, CHUNKED=False, FRESH=tc.SEQ_FRESH_DECAY),
-            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False, FRESH=not tc.SEQ_FRESH_DECAY),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False, FRESH=tc.SEQ_FRESH_DECAY, HIN=False),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=True, FRESH=tc.SEQ_FRESH_DECAY, HIN=False),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=True, FRESH=tc.SEQ_FRESH_DECAY, HIN=True),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=False, KEEP=tc.SEQ_KEEP, RS=False, CHUNKED=False, FRESH=tc.SEQ_FRESH_DECAY, HIN=False),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False, FRESH=not tc.SEQ_FRESH_DECAY, HIN=False),
         ],
     ),
     "part_sum_kernel": dict(mod=K, odd={"L", "n_parts"}, warps=4, f32=set(), variants=[dict(BT=tc.PART_BT, BJ=32)]),

@@ -128,7 +128,7 @@ def core_times(bsz=128, seqlen=197, d=384) -> dict:
         res["k_scan_fwd_save_ms"] = do_bench(
             lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True), return_mode="median"
         )
-        _, ysum = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True)
+        _, ysum, _ = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True)
         dz = torch.empty(bsz, seqlen, e, device="cuda", dtype=torch.bfloat16)
         res["k_scan_bwd_ms"] = do_bench(
             lambda: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ysum, dz), return_mode="median"
@@ -260,7 +260,7 @@ def sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
         try:
             with triton_settings(**dict(zip(names, (BE, BE, W, keep, rs)))):
                 f = do_bench(lambda: tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True), return_mode="median")
-                _, ysum = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True)
+                _, ysum, _ = tc.scan_fwd(xc, dt, dbc, z, A, D, dtb, True)
                 b = do_bench(
                     lambda ys=ysum: tc.scan_bwd(xc, dt, dbc, z, A, D, dtb, gy, ys, dz), return_mode="median"
                 )
@@ -319,7 +319,7 @@ def narrow_sweep(shapes=NARROW_SHAPES) -> list[dict]:
     for label, bsz, seqlen, d in shapes:
         ins, gy, dz = scan_inputs(bsz, seqlen, d)
         xc, e = ins[0], gy.shape[-1]
-        _, ysum = tc.scan_fwd(*ins, True)
+        _, ysum, _ = tc.scan_fwd(*ins, True)
         row = dict(shape=label, batch=bsz, tokens=seqlen, d_model=d)
         row["bwd_auto_ms"] = do_bench(
             lambda ins=ins, g=(gy, ysum, dz): tc.scan_bwd(*ins, *g), return_mode="median"

@@ -131,16 +131,22 @@ def test_split_forward_matches_float64_reference(monkeypatch, split, dtype):
 
 
 # the two-level scan: forced chunk lengths at full program width (with the lane reduce-scatter at
-# 32 channels), including a last chunk shorter than a 4-token group, and the launchers' own choice
+# 32 channels), including a last chunk shorter than a 4-token group, and the launchers' own choice;
+# (forward, backward) pairs whose backward chunks start from the states the forward saved
+# (SEQ_SAVE_CARRY), and one whose backward computes them itself
 @pytest.mark.parametrize(
-    "chunk,shape", [(64, (3, 257, 80, 16)), (12, (2, 50, 64, 5)), (128, (1, 1025, 128, 16)), (None, (1, 1025, 64, 16))]
+    "chunk,shape,save",
+    [(64, (3, 257, 80, 16), True), (12, (2, 50, 64, 5), True), (128, (1, 1025, 128, 16), True),
+     (None, (1, 1025, 64, 16), True), ((64, 192), (3, 257, 80, 16), True), ((128, 384), (1, 1025, 128, 16), True),
+     ((128, 384), (1, 1025, 128, 16), False)],
 )  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_two_level_scan_matches_float64_reference(monkeypatch, chunk, shape, dtype):
+def test_two_level_scan_matches_float64_reference(monkeypatch, chunk, shape, save, dtype):
     from vimssl.ssm import triton_core as tc
 
     monkeypatch.setattr(tc, "SEQ_CHUNK", chunk)
     monkeypatch.setattr(tc, "SEQ_NARROW", chunk is None)
+    monkeypatch.setattr(tc, "SEQ_SAVE_CARRY", save)
     bsz, seqlen, d, _ = shape
     x = torch.empty(1, device="cuda")
     assert tc.chunk_lengths(x, bsz, seqlen, 2 * d)[0] < seqlen  # it really chunks

@@ -25,10 +25,14 @@ def test_kernels_match_reference_under_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     results = report["shapes"]
-    assert len(results) == 12 and sum(r["keep"] for r in results) == 2
+    assert len(results) == 17 and sum(r["keep"] for r in results) == 2
     assert sum(not r["bc_in_conv"] for r in results) == 1  # the packed B/C kept from the forward
     assert sum(r["split"] for r in results) == 2  # the forward's branches in separate programs
-    assert sorted(r["chunk"] for r in results if r["chunk"]) == [3, 4, 8]  # the two-level scan
+    # the two-level scan: one length for both scans, or (forward, backward); with the forward's
+    # states saved for the backward (SEQ_SAVE_CARRY) or computed by the backward itself
+    chunked = [(r["chunk"], r["save_carry"]) for r in results if r["chunk"]]
+    assert chunked == [(3, True), (4, True), (8, True), ([2, 4], True), ([3, 6], True), ([4, 12], True),
+                       (4, False), ([4, 12], False)]  # fmt: skip
     for r in results:
         assert r["finite"], r["shape"]
         assert r["deterministic"], r["shape"]  # (chunked: and the same with every carry walked)
@@ -159,10 +163,15 @@ def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
     def picks(batch, tokens, d_model):
         return tc.chunk_lengths(gpu, batch, tokens, 2 * d_model)
 
-    # Vim-S, Vim-T and Vim-B at 1024 px, batch 8: chunk lengths by the wave model
-    assert picks(8, 4097, 384) == (128, 376)
-    assert picks(8, 4097, 192) == (128, 376)
-    assert picks(8, 4097, 768) == (260, 372)
+    # Vim-S, Vim-T and Vim-B at 1024 px, batch 8: chunk lengths by the wave model, the backward's
+    # a multiple of the forward's so that the forward can save the states its chunks start from
+    assert picks(8, 4097, 384) == (128, 384)
+    assert picks(8, 4097, 192) == (128, 384)
+    assert picks(8, 4097, 768) == (260, 260)
+    # ... and the unaligned picks without that (v12)
+    monkeypatch.setattr(tc, "SEQ_SAVE_CARRY", False)
+    assert [picks(8, 4097, d) for d in (384, 192, 768)] == [(128, 376), (128, 376), (260, 372)]
+    monkeypatch.setattr(tc, "SEQ_SAVE_CARRY", True)
     assert picks(32, 1025, 384) == (128, 1025)  # Vim-S 512 px: only the forward is chunked
     assert picks(128, 197, 192) == (197, 197)  # 224 px: too short to chunk
     assert picks(1, 255, 384) == (255, 255)
@@ -170,9 +179,13 @@ def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
         for chunk in picks(batch, tokens, d):
             assert chunk % 4 == 0 or chunk == tokens
             assert tc.SEQ_MIN_CHUNK <= chunk <= tokens
-    # without the wave model the chunks aim at SEQ_FILL's programs per SM (the v8-v11 picks)
+    # without the wave model the chunks aim at SEQ_FILL's programs per SM (the v8-v11 picks), the
+    # backward's rounded to the nearest multiple of the forward's
     monkeypatch.setattr(tc, "SEQ_WAVES", False)
+    assert [picks(8, 4097, d) for d in (384, 192, 768)] == [(128, 256), (128, 128), (244, 488)]
+    monkeypatch.setattr(tc, "SEQ_SAVE_CARRY", False)
     assert [picks(8, 4097, d) for d in (384, 192, 768)] == [(128, 244), (128, 128), (244, 456)]
+    monkeypatch.setattr(tc, "SEQ_SAVE_CARRY", True)
     monkeypatch.setattr(tc, "SEQ_WAVES", True)
     # forced lengths (tests, sweeps), 0 never chunks, and CPU tensors are never chunked
     monkeypatch.setattr(tc, "SEQ_CHUNK", 12)
@@ -180,6 +193,8 @@ def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
     assert tc._chunk_len(gpu, 7, 1, tc.SEQ_FILL_FWD) == 7
     monkeypatch.setattr(tc, "SEQ_CHUNK", 0)
     assert tc._chunk_len(gpu, 4097, 1, tc.SEQ_FILL_FWD) == 4097
+    monkeypatch.setattr(tc, "SEQ_CHUNK", (128, 0))  # forward and backward forced separately
+    assert picks(8, 4097, 384) == (128, 4097)
     monkeypatch.setattr(tc, "SEQ_CHUNK", None)
     assert tc._chunk_len(torch.empty(1), 4097, 1, tc.SEQ_FILL_FWD) == 4097
 

@@ -27,6 +27,13 @@ CHUNK_SHAPES = [((2, 7, 8, 4), 3), ((3, 13, 6, 3), 4), ((1, 37, 8, 16), 8)]
 SPLIT_SHAPES = [(2, 7, 8, 4), (1, 37, 8, 16)]
 # the packed B/C kept from the forward instead of rebuilt in the backward's conv (BC_IN_CONV off)
 BC_KEPT_SHAPES = [(3, 13, 6, 3)]
+# the two-level scan with (forward, backward) chunk lengths, the backward's a multiple of the
+# forward's, so that the forward stores the states the backward's chunks start from
+# (SEQ_SAVE_CARRY): a backward chunk of two and of three forward chunks, and a last backward chunk
+# that ends inside the forward's last (37 tokens: 10 forward chunks, 4 backward ones)
+PAIR_SHAPES = [((2, 7, 8, 4), (2, 4)), ((3, 13, 6, 3), (3, 6)), ((1, 37, 8, 16), (4, 12))]
+# ... and the two-level scan whose backward computes the states itself (SEQ_SAVE_CARRY off)
+OWN_STATE_SHAPES = [((3, 13, 6, 3), 4), ((1, 37, 8, 16), (4, 12))]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -60,12 +67,15 @@ def main() -> None:
     tc.CARRY_FILL = float("nan")  # a look-back reading a carry no program wrote gives NaN
     torch.manual_seed(0)
     results = []
-    runs_cfg = [(s, False, 0, False, True) for s in SHAPES] + [(s, True, 0, False, True) for s in KEEP_SHAPES]
-    runs_cfg += [(s, False, chunk, False, True) for s, chunk in CHUNK_SHAPES]
-    runs_cfg += [(s, False, 0, True, True) for s in SPLIT_SHAPES]
-    runs_cfg += [(s, False, 0, False, False) for s in BC_KEPT_SHAPES]
-    for (bsz, seqlen, d, n), keep, chunk, split, bc_in_conv in runs_cfg:
+    runs_cfg = [(s, False, 0, False, True, True) for s in SHAPES]
+    runs_cfg += [(s, True, 0, False, True, True) for s in KEEP_SHAPES]
+    runs_cfg += [(s, False, chunk, False, True, True) for s, chunk in CHUNK_SHAPES + PAIR_SHAPES]
+    runs_cfg += [(s, False, chunk, False, True, False) for s, chunk in OWN_STATE_SHAPES]
+    runs_cfg += [(s, False, 0, True, True, True) for s in SPLIT_SHAPES]
+    runs_cfg += [(s, False, 0, False, False, True) for s in BC_KEPT_SHAPES]
+    for (bsz, seqlen, d, n), keep, chunk, split, bc_in_conv, save_carry in runs_cfg:
         tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT, tc.BC_IN_CONV = keep, chunk, split, bc_in_conv
+        tc.SEQ_SAVE_CARRY = save_carry
         tc.CONV_GP_SPLIT = 3 if chunk else 1  # the conv backward's token walk in spans, too
         m = BiMambaMixer(d, d_state=n)
         with torch.no_grad():
@@ -95,12 +105,14 @@ def main() -> None:
                 chunk=chunk,
                 split=split,
                 bc_in_conv=bc_in_conv,
+                save_carry=save_carry,
                 errors=errs,
                 deterministic=same,
                 finite=finite,
             )
         )
     tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT, tc.SEQ_SKIP_UNREAD, tc.BC_IN_CONV = False, None, None, True, True
+    tc.SEQ_SAVE_CARRY = True
 
     # half-precision inputs (fp16, bf16): outputs and input gradients in the input dtype
     half = {}

@@ -49,10 +49,10 @@ SEQ_SPLIT: bool | None = None
 COMBINE_BR, COMBINE_BE = 16, 128  # tile (rows, channels) of the split forward's combine
 # Two-level (chunked) scans for long sequences, see _chunk_len. SEQ_CHUNK: None picks the chunk
 # length by occupancy on a GPU; an int forces that many tokens per chunk (tests and sweeps), 0
-# never chunks. SEQ_FILL_{FWD,BWD} = (start, aim): chunking starts when the unchunked scan has
+# never chunks; a pair forces the forward's and the backward's separately. SEQ_FILL_{FWD,BWD} = (start, aim): chunking starts when the unchunked scan has
 # fewer one-warp programs than ``start`` per SM (about what fits by registers) and aims at ``aim``
 # per SM; chunks are at least SEQ_MIN_CHUNK tokens. From the H100 chunk sweep (docs/kernel-notes.md).
-SEQ_CHUNK: int | None = None
+SEQ_CHUNK: int | tuple[int, int] | None = None
 # the carry passes skip the chunk whose carry no look-back reads (see K.scan_state_kernel)
 SEQ_SKIP_UNREAD = True
 SEQ_FILL_FWD, SEQ_FILL_BWD, SEQ_MIN_CHUNK = (12, 24), (8, 48), 128
@@ -66,6 +66,10 @@ SEQ_FILL_FWD, SEQ_FILL_BWD, SEQ_MIN_CHUNK = (12, 24), (8, 48), 128
 SEQ_WAVES = True
 SEQ_WAVE_FWD, SEQ_WAVE_BWD, SEQ_PROGRAM_STEPS = (12, 16, 0.58), (8, 23, 0.3), 16
 SEQ_WAVE_GAIN = 0.05  # the model's pick replaces SEQ_FILL's only when it models this much less time
+# training with both scans chunked: the forward scan also stores the state entering each of the
+# backward's chunks (the backward's chunk length then a multiple of the forward's), so that the
+# backward needs one carry pass (the gradient's) instead of two (see chunk_lengths, scan_fwd)
+SEQ_SAVE_CARRY = True
 CONV_BT, CONV_BE, CONV_WARPS = 8, 128, 4
 # conv backward's first kernel: one program per (batch row, channels) walking the tokens (H100 sweep,
 # Vim-S layer, with the second kernel and the sum: 221 us at 8 x 128, one warp; 233 at 16 x 64)
@@ -183,7 +187,8 @@ def _chunk_len(x: torch.Tensor, seqlen: int, programs: int, fill: tuple[int, int
     programs; the cost is one more pass over the tokens for the chunk-local carries. More
     programs than fit at once still help (shorter tails, more latency hidden), hence ``aim``."""
     if SEQ_CHUNK is not None:
-        return min(SEQ_CHUNK, seqlen) if SEQ_CHUNK > 0 else seqlen
+        forced = SEQ_CHUNK if isinstance(SEQ_CHUNK, int) else SEQ_CHUNK[fill is SEQ_FILL_BWD]
+        return min(forced, seqlen) if forced > 0 else seqlen
     if x.device.type != "cuda":
         return seqlen
     sms = sm_count(x.device)
@@ -200,7 +205,10 @@ def chunk_lengths(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> tuple[int, 
     forward has one program per (row, SEQ_BE_FWD channels), the backward one per (row,
     SEQ_BE_BWD channels, branch). Whether to chunk follows SEQ_FILL's first numbers; how long
     the chunks are, :func:`_wave_chunk` (unless SEQ_WAVES is off or SEQ_CHUNK forces a length).
-    The carry passes run the backward's grid, and the forward's with both branches as programs."""
+    The carry passes run the backward's grid, and the forward's with both branches as programs.
+    With SEQ_SAVE_CARRY and both scans chunked, the backward's length is the multiple of the
+    forward's that models the least time (:func:`_aligned_chunk`), so that the forward can store
+    the states its backward chunks start from."""
     fwd_programs, bwd_programs = bsz * triton.cdiv(e, SEQ_BE_FWD), 2 * bsz * triton.cdiv(e, SEQ_BE_BWD)
 
     def pick(programs: int, fill: tuple, wave: tuple, state_programs: int) -> int:
@@ -211,10 +219,28 @@ def chunk_lengths(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> tuple[int, 
         sms = sm_count(x.device)  # (chunked: a CUDA tensor)
         return _wave_chunk(seqlen, chunk, programs, slots * sms, state_programs, state_slots * sms, weight)
 
-    return (
-        pick(fwd_programs, SEQ_FILL_FWD, SEQ_WAVE_FWD, 2 * fwd_programs),
-        pick(bwd_programs, SEQ_FILL_BWD, SEQ_WAVE_BWD, bwd_programs),
-    )
+    fwd = pick(fwd_programs, SEQ_FILL_FWD, SEQ_WAVE_FWD, 2 * fwd_programs)
+    bwd = pick(bwd_programs, SEQ_FILL_BWD, SEQ_WAVE_BWD, bwd_programs)
+    if SEQ_SAVE_CARRY and SEQ_CHUNK is None and max(fwd, bwd) < seqlen and bwd % fwd:
+        bwd = _aligned_chunk(seqlen, fwd, bwd, bwd_programs, sm_count(x.device))
+    return fwd, bwd
+
+
+def _aligned_chunk(seqlen: int, fwd: int, bwd: int, programs: int, sms: int) -> int:
+    """The backward's chunk length as a multiple of the forward's ``fwd`` (shorter than
+    ``seqlen``): with the wave model (SEQ_WAVES), the one with the least modelled time of the
+    scan backward and its one carry pass (the gradient's: the states come from the forward);
+    otherwise the one nearest the unaligned pick ``bwd`` (the longer on a tie)."""
+    cands = range(fwd, seqlen, fwd)
+    if not SEQ_WAVES:
+        return min(cands, key=lambda c: (abs(c - bwd), -c))
+    slots, state_slots, weight = SEQ_WAVE_BWD
+
+    def cost(chunk: int) -> float:
+        scan = _makespan(seqlen, chunk, programs, slots * sms)
+        return scan + weight / 2 * _makespan(seqlen, chunk, programs, state_slots * sms)
+
+    return min(cands, key=lambda c: (cost(c), -c))
 
 
 def _makespan(seqlen: int, chunk: int, programs: int, slots: int) -> int:
@@ -293,9 +319,12 @@ def _bc_pack(dbc: torch.Tensor, r: int) -> torch.Tensor:
     return dbc[..., r:].float().contiguous()
 
 
-def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum):
+def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum, carry_chunk: int | None = None):
     """xc, dt (B, L, 2E), bc (B, L, 2, 2N) float32, z (B, L, E); At2 (N, 2E) A log2(e) from :func:`derived_weights`,
-    D, dt_bias (2E,) float32. Returns y (B, L, E) and, if ``save_sum``, the ungated branch sum (else None)."""
+    D, dt_bias (2E,) float32. Returns y (B, L, E), the ungated branch sum if ``save_sum`` (else
+    None), and the states entering the backward's chunks of ``carry_chunk`` tokens (B, n_b, BN,
+    2E) float32 for :func:`scan_bwd`'s ``carries`` when this scan is chunked and ``carry_chunk``
+    is a multiple of its chunk, shorter than L (else None)."""
     bsz, seqlen, e2 = xc.shape
     e, d_state = e2 // 2, bc.shape[-1] // 2
     y = torch.empty(bsz, seqlen, e, device=xc.device, dtype=xc.dtype)
@@ -312,10 +341,16 @@ def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum):
         z.stride(0), z.stride(1), out.stride(-3), out.stride(-2), out.stride(0) if split else 0,
     )  # fmt: skip
     hc, sc = _chunk_states(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, strides[:-3], y.stride())
+    save_carry = n_ch > 1 and carry_chunk is not None and carry_chunk < seqlen and carry_chunk % chunk == 0
+    n_b = triton.cdiv(seqlen, carry_chunk) if save_carry else 1
+    hin = torch.empty(bsz, n_b, bn, e2, device=xc.device, dtype=torch.float32) if save_carry else None
+    if save_carry and CARRY_FILL is not None:
+        hin.fill_(CARRY_FILL)
     LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(triton.cdiv(e, be), bsz, 2 if split else n_ch)](
-        xc, dt, bc, z, At2, D, dt_bias, out, ysum, hc, sc, seqlen, e, d_state, 0, chunk, n_ch, *strides,
+        xc, dt, bc, z, At2, D, dt_bias, out, ysum, hc, sc, hin if save_carry else hc,
+        seqlen, e, d_state, 0, chunk, n_ch, carry_chunk if save_carry else 1, n_b, *strides,
         SAVE_SUM=save_sum, BE=be, BN=bn, EVEN_N=bn == d_state, CHUNKED=n_ch > 1, SPLIT=split,
-        num_warps=SEQ_WARPS,
+        SAVE_CARRY=save_carry, num_warps=SEQ_WARPS,
     )  # fmt: skip
     if split:
         rows = bsz * seqlen
@@ -323,7 +358,7 @@ def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum):
             out, z, y, ysum, rows, e, out.stride(0), z.stride(1),
             SAVE_SUM=save_sum, BR=COMBINE_BR, BE=COMBINE_BE, num_warps=4,
         )  # fmt: skip
-    return y, (ysum if save_sum else None)
+    return y, (ysum if save_sum else None), hin
 
 
 def _split(x: torch.Tensor, programs: int) -> bool:
@@ -336,31 +371,32 @@ def _split(x: torch.Tensor, programs: int) -> bool:
     return x.device.type == "cuda" and programs < SEQ_SPLIT_FILL * sm_count(x.device)
 
 
-def _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy_strides):
+def _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy_strides, sums=False):
     """The chunk-local carries of the two-level scan (:func:`K.scan_state_kernel`): the states
-    and sums of delta (``dy`` None) or the gradient carries (``dy`` given). Returns (carries
-    (B, n_ch, BN, 2E), sums of delta (B, n_ch, 2E) or None) float32; (xc, xc) placeholders when
-    there is one chunk (the kernels do not read them then)."""
+    and sums of delta (``dy`` None) or the gradient carries (``dy`` given; with ``sums``, the
+    sums of delta too). Returns (carries (B, n_ch, BN, 2E), sums of delta (B, n_ch, 2E) or None)
+    float32; (xc, xc) placeholders when there is one chunk (the kernels do not read them then)."""
     if n_ch == 1:
         return xc, xc
     bsz, seqlen, e2 = xc.shape
     e, d_state = e2 // 2, bc.shape[-1] // 2
     bn = triton.next_power_of_2(d_state)
     f32 = dict(device=xc.device, dtype=torch.float32)
+    grad = dy is not None
+    with_sums = not grad or sums
     carry = torch.empty(bsz, n_ch, bn, e2, **f32)
-    sums = torch.empty(bsz, n_ch, e2, **f32) if dy is None else xc
+    sums = torch.empty(bsz, n_ch, e2, **f32) if with_sums else xc
     if CARRY_FILL is not None:
         carry.fill_(CARRY_FILL)
-        if dy is None:
+        if with_sums:
             sums.fill_(CARRY_FILL)
-    grad = dy is not None
     name = "scan_state_kernel" + ("_grad" if grad else "")
     LAST[name] = K.scan_state_kernel[(triton.cdiv(e, be), bsz, 2 * n_ch)](
         xc, dt, bc, z, dy if grad else xc, At2, dt_bias, carry, sums, seqlen, e, d_state, 0, chunk, n_ch,
         *in_strides, *dy_strides[:2], GRAD=grad, BE=be, BN=bn, EVEN_N=bn == d_state, SKIP=SEQ_SKIP_UNREAD,
-        num_warps=SEQ_WARPS,
+        SUMS=grad and with_sums, num_warps=SEQ_WARPS,
     )  # fmt: skip
-    return carry, (sums if not grad else None)
+    return carry, (sums if with_sums else None)
 
 
 def _rs(be: int, d_state: int) -> bool:
@@ -369,16 +405,36 @@ def _rs(be: int, d_state: int) -> bool:
     return SEQ_RS and be == 32 and d_state == 16 and SEQ_WARPS == 1 and bool(K._PTX.value)
 
 
-def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz, sum_parts: bool = True):
+def scan_bwd(
+    xc,
+    dt,
+    bc,
+    z,
+    At2,
+    D,
+    dt_bias,
+    dy,
+    ysum,
+    dz,
+    sum_parts: bool = True,
+    chunk: int | None = None,
+    carries=None,
+):
     """Inputs as :func:`scan_fwd`, dy (B, L, E) the gradient of y. Returns du, ddt (B, L, 2E) in
     xc's dtype, dBC (B, L, 2, 2N) in xc's dtype, dA_log (2E, N), dD and d_dt_bias (2E,) float32;
     writes dz (B, L, E). ``sum_parts=False`` returns dBC's per-program partials instead, for
-    :func:`sum_dbc_parts` to write where the caller wants them."""
+    :func:`sum_dbc_parts` to write where the caller wants them. ``chunk``: tokens per chunk
+    (default: :func:`chunk_lengths`'s); ``carries``: the states entering those chunks from
+    :func:`scan_fwd` (its ``carry_chunk`` = ``chunk``), which spare the backward its state pass."""
     bsz, seqlen, e2 = xc.shape
     e, d_state = e2 // 2, bc.shape[-1] // 2
     bn = triton.next_power_of_2(d_state)
-    chunk = chunk_lengths(xc, bsz, seqlen, e)[1]
+    if chunk is None:
+        chunk = chunk_lengths(xc, bsz, seqlen, e)[1]
     n_ch = triton.cdiv(seqlen, chunk)
+    hin = carries is not None and n_ch > 1
+    if hin and tuple(carries.shape) != (bsz, n_ch, bn, e2):
+        raise ValueError(f"carries of shape {tuple(carries.shape)} for {n_ch} chunks of {chunk} tokens")
     be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_BWD)
     n_eb = triton.cdiv(e, be)
     f32 = dict(device=xc.device, dtype=torch.float32)
@@ -396,14 +452,22 @@ def scan_bwd(xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz, sum_parts: bool = Tru
         bc.stride(0), bc.stride(1), bc.stride(2), z.stride(0), z.stride(1),
     )  # fmt: skip
     # the two-level scan's chunk-local carries (placeholders when there is one chunk)
-    hc, sc = _chunk_states(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride())
-    wc, _ = _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride())
+    # (with the forward's states, the gradient pass also sums delta per chunk for its look-back)
+    if hin:
+        hc = carries
+    else:
+        hc, sc = _chunk_states(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride())
+    wc, gsc = _chunk_states(
+        xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride(), sums=hin
+    )
+    if hin:
+        sc = gsc
     LAST["scan_bwd_kernel"] = K.scan_bwd_kernel[(n_eb, bsz, 2 * n_ch)](
         xc, dt, bc, z, At2, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, acc, hc, sc, wc,
         seqlen, e, d_state, 0, n_eb, chunk, n_ch, *in_strides,
         dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1),
         BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), CHUNKED=n_ch > 1,
-        FRESH=SEQ_FRESH_DECAY,
+        FRESH=SEQ_FRESH_DECAY, HIN=hin,
         num_warps=SEQ_WARPS,
     )  # fmt: skip
     dA_log, rest = colsum(acc, d_state)
@@ -453,8 +517,9 @@ def derived_weights(params: tuple, dtype: torch.dtype) -> tuple:
 
 def core_forward(xz, weights, d_state: int, save_sum: bool):
     """xz (B, L, 2E) -> y (B, L, E) with ``weights`` from :func:`derived_weights`; also returns
-    the x_proj output [dt_in | B | C] of both branches (B*L, 2P), packed B/C and the ungated
-    branch sum (None unless ``save_sum``), which the backward keeps."""
+    the x_proj output [dt_in | B | C] of both branches (B*L, 2P), packed B/C, the ungated
+    branch sum (None unless ``save_sum``) and (chunk length, states entering those chunks or
+    None) for the backward's scan (with ``save_sum`` and SEQ_SAVE_CARRY: :func:`scan_fwd`)."""
     cw, cb, x_w, dt_w, At2, D32, dtb32 = weights
     bsz, seqlen, e2 = xz.shape
     e, p = e2 // 2, dt_w.shape[1] // 2
@@ -463,8 +528,10 @@ def core_forward(xz, weights, d_state: int, save_sum: bool):
     dbc = xc.view(-1, e2) @ x_w.t()  # (B*L, 2P)
     dt = (dbc @ dt_w.t()).view(bsz, seqlen, e2)  # dt_proj reads the dt columns (zero weights elsewhere)
     bc = _bc_pack(dbc.view(bsz, seqlen, 2, p), p - 2 * d_state)
-    y, ysum = scan_fwd(xc, dt, bc, z, At2, D32, dtb32, save_sum=save_sum)
-    return y, dbc, bc, ysum
+    bwd_chunk = chunk_lengths(xc, bsz, seqlen, e)[1] if save_sum else None
+    carry_chunk = bwd_chunk if SEQ_SAVE_CARRY else None
+    y, ysum, hin = scan_fwd(xc, dt, bc, z, At2, D32, dtb32, save_sum=save_sum, carry_chunk=carry_chunk)
+    return y, dbc, bc, ysum, (bwd_chunk, hin)
 
 
 class BiMambaCoreFn(torch.autograd.Function):
@@ -478,10 +545,11 @@ class BiMambaCoreFn(torch.autograd.Function):
     def forward(ctx, xz, d_state: int, *params):
         weights = derived_weights(params, xz.dtype)
         save = any(ctx.needs_input_grad)  # (grad mode is always off inside forward)
-        y, dbc, bc, ysum = core_forward(xz, weights, d_state, save_sum=save)
+        y, dbc, bc, ysum, (ctx.chunk, hin) = core_forward(xz, weights, d_state, save_sum=save)
         if save:  # (with BC_IN_CONV the packed B/C is rebuilt in the backward's conv recompute)
-            ctx.bc_kept = not BC_IN_CONV
-            ctx.save_for_backward(xz, dbc, ysum, *weights, *((bc,) if ctx.bc_kept else ()))
+            ctx.bc_kept, ctx.hin_kept = not BC_IN_CONV, hin is not None
+            kept = ((bc,) if ctx.bc_kept else ()) + ((hin,) if ctx.hin_kept else ())
+            ctx.save_for_backward(xz, dbc, ysum, *weights, *kept)
             ctx.dtypes = [t.dtype for t in params]
         return y
 
@@ -493,6 +561,7 @@ class BiMambaCoreFn(torch.autograd.Function):
         bl, r = bsz * seqlen, p - 2 * n
         x, z = xz[..., :e], xz[..., e:]
         xc = torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype)
+        hin = kept.pop() if ctx.hin_kept else None
         if ctx.bc_kept:
             (bc,) = kept
             conv_fwd(x, cw, cb, xc)
@@ -502,7 +571,19 @@ class BiMambaCoreFn(torch.autograd.Function):
         dt = (dbc @ dt_w.t()).view(bsz, seqlen, e2)
         dxz = torch.empty_like(xz)
         du, ddt, part, dA_log, dD, d_dt_bias = scan_bwd(
-            xc, dt, bc, z, At2, D32, dtb32, dy.to(xz.dtype), ysum, dxz[..., e:], sum_parts=False
+            xc,
+            dt,
+            bc,
+            z,
+            At2,
+            D32,
+            dtb32,
+            dy.to(xz.dtype),
+            ysum,
+            dxz[..., e:],
+            sum_parts=False,
+            chunk=ctx.chunk,
+            carries=hin,
         )
         # dt_proj: dt = dbc @ dt_w.T (+ bias inside the kernel), dt_w zero in the B/C columns.
         # The gradient of the x_proj output [dt_in | B | C] per branch: d dt_in from the matmul

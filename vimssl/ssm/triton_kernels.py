@@ -453,11 +453,11 @@ def _rev_in(ub, db, dyb, zb, sb, t, m, fwd, su_l, sd_l, sy_l, sz_l):
 
 @triton.jit
 def scan_fwd_kernel(
-    u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, y_ptr, ysum_ptr, hc_ptr, sc_ptr,
-    L, E, N, R, T, n_ch,
+    u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, y_ptr, ysum_ptr, hc_ptr, sc_ptr, hin_ptr,
+    L, E, N, R, T, n_ch, TB, n_b,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, sy_d,
     SAVE_SUM: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr,
-    CHUNKED: tl.constexpr, SPLIT: tl.constexpr,
+    CHUNKED: tl.constexpr, SPLIT: tl.constexpr, SAVE_CARRY: tl.constexpr,
 ):  # fmt: skip
     """Both branches of one batch row, BE channels and one chunk of T tokens (program axis 2;
     unchunked: T = L, one chunk), or (SPLIT, unchunked) one branch: program axis 2 is the branch.
@@ -472,21 +472,26 @@ def scan_fwd_kernel(
     long: for batches too small to fill the GPU). EVEN_N: N == BN (no state mask). CHUNKED: each
     branch starts its chunk from the carry of the chunks before it (:func:`_lookback` over the
     chunk-local states hc (B, n_ch, BN, 2E) and sums of delta sc (B, n_ch, 2E) written by
-    :func:`scan_state_kernel`).
+    :func:`scan_state_kernel`). SAVE_CARRY (chunked, training): the state each branch starts its
+    chunk from is also the state entering one of the backward's chunks of TB tokens (a multiple
+    of T) when the chunk's first token in scan order begins one: then it is stored to hin
+    (B, n_b, BN, 2E) at that backward chunk, for :func:`scan_bwd_kernel` (HIN). The backward
+    chunks whose carry is zero (the first in each branch's scan order) are not stored.
     """
     pid_e, b, pid2 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     e = pid_e * BE + tl.arange(0, BE)
     if SPLIT:
         _fwd_branch(pid2, 0, 0, L, n_ch, b, e, u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr,
-                    y_ptr + pid2 * sy_d, ysum_ptr, hc_ptr, sc_ptr, E, N, R, su_b, su_l, sd_b, sd_l,
-                    sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, False, SAVE_SUM, BE, BN, EVEN_N, False)  # fmt: skip
+                    y_ptr + pid2 * sy_d, ysum_ptr, hc_ptr, sc_ptr, hin_ptr, TB, n_b, E, N, R, su_b, su_l,
+                    sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, False, SAVE_SUM, BE, BN, EVEN_N,
+                    False, False)  # fmt: skip
     else:
         lo, cnt = _chunk(pid2, T, L, CHUNKED)
         for D in tl.static_range(2):
             _fwd_branch(D, pid2, lo, cnt, n_ch, b, e, u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr,
-                        dtb_ptr, y_ptr, ysum_ptr, hc_ptr, sc_ptr, E, N, R, su_b, su_l, sd_b, sd_l,
-                        sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, True, SAVE_SUM, BE, BN, EVEN_N,
-                        CHUNKED)  # fmt: skip
+                        dtb_ptr, y_ptr, ysum_ptr, hc_ptr, sc_ptr, hin_ptr, TB, n_b, E, N, R, su_b, su_l,
+                        sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, True, SAVE_SUM, BE, BN,
+                        EVEN_N, CHUNKED, SAVE_CARRY)  # fmt: skip
             if D == 0:
                 tl.debug_barrier()
 
@@ -494,9 +499,9 @@ def scan_fwd_kernel(
 @triton.jit
 def _fwd_branch(
     D, c, lo, cnt, n_ch, b, e, u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, y_ptr, ysum_ptr,
-    hc_ptr, sc_ptr, E, N, R, su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l,
-    COMBINE: tl.constexpr, SAVE_SUM: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr,
-    EVEN_N: tl.constexpr, CHUNKED: tl.constexpr,
+    hc_ptr, sc_ptr, hin_ptr, TB, n_b, E, N, R, su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l,
+    sy_b, sy_l, COMBINE: tl.constexpr, SAVE_SUM: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr,
+    EVEN_N: tl.constexpr, CHUNKED: tl.constexpr, SAVE_CARRY: tl.constexpr,
 ):  # fmt: skip
     """Branch D of :func:`scan_fwd_kernel` over tokens [lo, lo + cnt) of batch row b, channels e
     (BE,): the outputs are stored to y (the forward branch, or every branch unless COMBINE) or
@@ -516,6 +521,13 @@ def _fwd_branch(
         sc = sc_ptr + b * n_ch * (2 * E) + ch[None, :]
         mA = mn[:, None] & me[None, :]
         h = _lookback(hc, sc, c, n_ch, At2, mA, me[None, :], D == 0, BN * 2 * E, 2 * E)
+        if SAVE_CARRY:
+            # scan order starts at token lo (forward branch) or lo + cnt - 1 (backward branch); a
+            # backward chunk [cb TB, cb TB + TB) starts there when lo (or lo + cnt) is a multiple of TB
+            edge = tl.where(D == 0, lo, lo + cnt)
+            cb = tl.where(D == 0, edge // TB, edge // TB - 1)
+            if (edge % TB == 0) & (tl.where(D == 0, c > 0, c < n_ch - 1)):
+                tl.store(hin_ptr + ((b * n_b + cb) * BN + n[:, None]) * (2 * E) + ch[None, :], h, mask=mA)
     else:
         h = tl.zeros((BN, BE), tl.float32)
     for i0 in range(0, cnt, 4):
@@ -601,6 +613,7 @@ def scan_state_kernel(
     L, E, N, R, T, n_ch,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l,
     GRAD: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, SKIP: tl.constexpr,
+    SUMS: tl.constexpr,
 ):  # fmt: skip
     """First level of the chunked (two-level) scan, for sequences too long for one sequential
     program per (batch row, channel block) to fill the GPU. Program (channel block, batch row,
@@ -610,6 +623,8 @@ def scan_state_kernel(
       sc (B, n_ch, 2E) (its decay product is exp(A * that sum));
     - GRAD true: the gradient carry w = a dh leaving the chunk's first step, from the reverse
       recurrence dh_t = C_t g_t + a_{t+1} dh_{t+1} started at zero at the chunk's end.
+    GRAD with SUMS also stores the chunk's sum of delta to sc (when the forward saved the states,
+    the state pass that would store it does not run).
     The scan kernels then start each chunk from :func:`_lookback` over these carries. No look-back
     reads the carry of the last chunk in its direction's order (the states: chunk n_ch-1 of the
     forward branch, chunk 0 of the backward one; the gradient: the other way round), so those
@@ -630,6 +645,7 @@ def scan_state_kernel(
     x = tl.zeros((BN, BE), tl.float32)
     if GRAD:
         dyb, zb = dy_ptr + b * sy_b + e, z_ptr + b * sz_b + e
+        ssum = tl.zeros((1, BE), tl.float32)
         for i0 in range(0, cnt, 4):
             for k in tl.static_range(4):
                 i = cnt - 1 - (i0 + k)  # the chunk's steps in reverse
@@ -638,6 +654,10 @@ def scan_state_kernel(
                 d = _delta(_ld(db, t, sd_l, m) + bias, m)
                 g = _ld(dyb, t, sy_l, m) * _silu(_ld(zb, t, sz_l, m)) * 0.5
                 x = _decay(At2, d) * (_vec(bc_base, t, sbc_l, off + N, n, mn, EVEN_N) * g + x)
+                if SUMS:
+                    ssum += d
+        if SUMS:
+            tl.store(sc_ptr + (b * n_ch + c) * (2 * E) + ch, ssum, mask=me)
     else:
         ssum = tl.zeros((1, BE), tl.float32)
         if c == last:  # the sum of delta only (no states: no look-back reads them), in walk order
@@ -775,7 +795,7 @@ def scan_bwd_kernel(
     L, E, N, R, n_eblocks, T, n_ch,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, sdz_b, sdz_l,
     BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, KEEP: tl.constexpr, RS: tl.constexpr,
-    CHUNKED: tl.constexpr, FRESH: tl.constexpr,
+    CHUNKED: tl.constexpr, FRESH: tl.constexpr, HIN: tl.constexpr,
 ):  # fmt: skip
     """Backward of :func:`scan_fwd_kernel` for one branch and one chunk of T tokens (program axis
     2: 2 chunk + branch; unchunked T = L), one batch row and BE channels. dy (B, L, E): gradient of the gated output. Writes du (B, L, 2E): gradient of u;
@@ -786,7 +806,9 @@ def scan_bwd_kernel(
     summed by the caller in one reduction.
     hst: float32 scratch (B, n_ch, ceil(T / 4), BN, 2E). CHUNKED: the chunk starts from the state
     carried in from the chunks before it and the gradient carry w from those after it
-    (:func:`_lookback` over hc, sc and wc from :func:`scan_state_kernel`).
+    (:func:`_lookback` over hc, sc and wc from :func:`scan_state_kernel`). HIN (chunked): hc
+    holds the states entering the chunks themselves, stored by the forward (SAVE_CARRY), read
+    as they are; the first chunk in each branch's scan order starts from zero.
 
     The first pass stores the state entering every group of four tokens; the second walks the
     groups backwards, recomputes their four states in registers and runs the gradient recurrence
@@ -820,7 +842,10 @@ def scan_bwd_kernel(
 
     # pass 1: the state entering every group of four tokens
     if CHUNKED:
-        h = _lookback(hcb, scb, c, n_ch, At2, mA, me, D == 0, BN * 2 * E, 2 * E)
+        if HIN:
+            h = tl.load(hcb + c * (BN * 2 * E), mask=mA & (c != tl.where(D == 0, 0, n_ch - 1)), other=0.0)
+        else:
+            h = _lookback(hcb, scb, c, n_ch, At2, mA, me, D == 0, BN * 2 * E, 2 * E)
     else:
         h = tl.zeros((BN, BE), tl.float32)
     u0, r0 = _ud(ub, db, _tp(0, lo, cnt, D), me & (0 < cnt), su_l, sd_l)
