@@ -101,11 +101,11 @@ KERNELS = {
     "scan_bwd_kernel": dict(
         mod=K, odd={"L", "T", "n_ch", "n_eblocks"}, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
         variants=[
-            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False, FRESH=tc.SEQ_FRESH_DECAY, HIN=False),
-            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=True, FRESH=tc.SEQ_FRESH_DECAY, HIN=False),
-            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=True, FRESH=tc.SEQ_FRESH_DECAY, HIN=True),
-            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=False, KEEP=tc.SEQ_KEEP, RS=False, CHUNKED=False, FRESH=tc.SEQ_FRESH_DECAY, HIN=False),
-            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False, FRESH=not tc.SEQ_FRESH_DECAY, HIN=False),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False, FRESH=tc.SEQ_FRESH_DECAY, HIN=False, Y_OUT=False),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=True, FRESH=tc.SEQ_FRESH_DECAY, HIN=False, Y_OUT=False),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=True, FRESH=tc.SEQ_FRESH_DECAY, HIN=True, Y_OUT=True),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=False, KEEP=tc.SEQ_KEEP, RS=False, CHUNKED=False, FRESH=tc.SEQ_FRESH_DECAY, HIN=False, Y_OUT=False),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False, FRESH=not tc.SEQ_FRESH_DECAY, HIN=False, Y_OUT=False),
         ],
     ),
     "part_sum_kernel": dict(mod=K, odd={"L", "n_parts"}, warps=4, f32=set(), variants=[dict(BT=tc.PART_BT, BJ=32)]),

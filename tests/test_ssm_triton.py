@@ -58,6 +58,17 @@ def test_kernels_match_reference_under_interpreter():
             assert r["dtypes"][4] == r["x_dtype"], r
     assert set(report["conv_widths"]) == {"3", "5"}  # conv widths other than 4 (another code path)
     assert all(err < 1e-4 for err in report["conv_widths"].values()), report["conv_widths"]
+    # out_proj inside the core's Function: the core's output kept, rebuilt by the scan backward
+    # (forced, and by default with the forward's carries saved), out_proj frozen, and hooked (then
+    # called as a module, so that its hook sees the core's output)
+    core_out = report["core_out"]
+    assert [(r["y_rebuild"], r["frozen"], r["hook"]) for r in core_out] == [
+        (False, False, False), (True, False, False), (None, False, False), (True, True, False), (None, False, True),
+    ]  # fmt: skip
+    for r in core_out:
+        assert set(r["errors"]) == {"out", "xz", "A_log"} | (set() if r["frozen"] else {"out_w"}), r
+        assert all(err < 1e-5 for err in r["errors"].values()), r
+        assert r["hook_seen"] == int(r["hook"]), r
     # drop path fused into the next norm (triton) against applied to the block output (torch)
     drop = report["drop"]
     assert drop["vs_no_drop"] > 1e-2, drop  # samples were dropped

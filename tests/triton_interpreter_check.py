@@ -136,7 +136,50 @@ def main() -> None:
         shapes=results, half=half, norm=norm_errors(), cache=inference_cache(), conv_widths=conv_widths()
     )
     report["drop"] = drop_path_model()
+    report["core_out"] = core_out()
     print(json.dumps(report))
+
+
+def core_out() -> list[dict]:
+    """out_proj inside the core's Function (:func:`tc.bimamba_core_out_triton`): the output and
+    the gradients of xz, out_proj's weight and A_log against float64 out_proj(core(xz)), with the
+    core's output kept, rebuilt by the scan backward (Y_REBUILD True, and by default when the
+    forward saved its carries, a chunk pair), with a frozen out_proj, and with a hooked out_proj
+    (called as a module: the hook must see the core's output)."""
+    out = []
+    for y_rebuild, chunk, frozen, hook in [
+        (False, 0, False, False), (True, 0, False, False), (None, (3, 6), False, False),
+        (True, 0, True, False), (None, 0, False, True),
+    ]:  # fmt: skip
+        tc.Y_REBUILD, tc.SEQ_CHUNK = y_rebuild, chunk
+        torch.manual_seed(5)
+        m = BiMambaMixer(8, d_state=4)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        m.out_proj.weight.requires_grad_(not frozen)
+        seen = []
+        handle = m.out_proj.register_forward_hook(lambda mod, i, o: seen.append(i[0].shape)) if hook else None
+        xz = torch.randn(3, 13, 2 * m.d_inner)
+        md = BiMambaMixer(8, d_state=4).double()
+        md.load_state_dict(m.state_dict())
+        xzd = xz.double().requires_grad_()
+        ref = md.out_proj(bimamba_core(xzd, md, get_ops("torch")))
+        g = torch.randn_like(ref)
+        ref_grads = torch.autograd.grad(ref, [xzd, md.out_proj.weight, md.A_log], g)
+        xzt = xz.clone().requires_grad_()
+        o = tc.bimamba_core_out_triton(xzt, m)
+        wants = [xzt, m.A_log] + ([] if frozen else [m.out_proj.weight])
+        grads = dict(zip(["xz", "A_log", "out_w"], torch.autograd.grad(o, wants, g.float())))
+        refs = dict(zip(["xz", "out_w", "A_log"], ref_grads))
+        errs = {"out": rel(o, ref)} | {k: rel(v, refs[k]) for k, v in grads.items()}
+        if handle is not None:
+            handle.remove()
+        out.append(
+            dict(y_rebuild=y_rebuild, chunk=chunk, frozen=frozen, hook=hook, errors=errs, hook_seen=len(seen))
+        )
+    tc.Y_REBUILD, tc.SEQ_CHUNK = None, None
+    return out
 
 
 def conv_widths() -> dict:

@@ -76,6 +76,8 @@ class BiMambaMixer(nn.Module):
         rows, tokens = hidden.shape[0] * self.d_inner, hidden.shape[1]
         ops = get_ops(resolve_backend(self.backend, hidden.device, rows=rows, tokens=tokens))
         xz = self.in_proj(hidden)  # (B, L, 2E)
+        if ops.core_out is not None:
+            return ops.core_out(xz, self)  # out_proj inside (see bimamba_core_out_triton)
         y = ops.core(xz, self) if ops.core is not None else bimamba_core(xz, self, ops)  # (B, L, E)
         return self.out_proj(y)
 

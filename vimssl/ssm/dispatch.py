@@ -29,6 +29,8 @@ class SSMOps:
     add_rms_norm: Callable
     # the whole mixer core (xz, mixer) -> y, replacing the composed scan + conv when set
     core: Callable | None = None
+    # ... and with the mixer's out_proj applied, (xz, mixer) -> out_proj(y), when set
+    core_out: Callable | None = None
 
 
 def check_backend(backend: str) -> str:
@@ -149,6 +151,7 @@ def get_ops(name: str) -> SSMOps:
             causal_conv1d_ref,
             triton_core.add_rms_norm,
             core=triton_core.bimamba_core_triton,
+            core_out=triton_core.bimamba_core_out_triton,
         )
     raise ValueError(f"no kernel ops for backend {name!r}; resolve 'auto' first")
 

@@ -86,6 +86,12 @@ BC_IN_CONV = True
 PART_BT = 32  # tokens per program of the dB/dC partial sum
 COLSUM_BR, COLSUM_BW = 128, 32  # rows per step and columns per program of the weight-gradient sums
 PREP_BE = 64  # channels per program of the derived-weights kernel
+# training with out_proj in the core's Function (bimamba_core_out_triton): whether the backward
+# rebuilds the gated output y (the scan backward writes it again, from the kept branch sum and z)
+# instead of the forward keeping it for out_proj's weight gradient. None: when the forward saved
+# its carries (SEQ_SAVE_CARRY), so that the long sequences that keep them keep (B, L, E) less per
+# layer; True / False: always / never
+Y_REBUILD: bool | None = None
 # fill of the chunk carries' buffers before scan_state_kernel writes them: None leaves them
 # uninitialised; the interpreter check sets NaN, so that reading a carry no program wrote (the
 # last chunk's, which it skips) shows in the results
@@ -406,26 +412,17 @@ def _rs(be: int, d_state: int) -> bool:
 
 
 def scan_bwd(
-    xc,
-    dt,
-    bc,
-    z,
-    At2,
-    D,
-    dt_bias,
-    dy,
-    ysum,
-    dz,
-    sum_parts: bool = True,
-    chunk: int | None = None,
-    carries=None,
-):
+    xc, dt, bc, z, At2, D, dt_bias, dy, ysum, dz,
+    sum_parts: bool = True, chunk: int | None = None, carries=None, y_out=None,
+):  # fmt: skip
     """Inputs as :func:`scan_fwd`, dy (B, L, E) the gradient of y. Returns du, ddt (B, L, 2E) in
     xc's dtype, dBC (B, L, 2, 2N) in xc's dtype, dA_log (2E, N), dD and d_dt_bias (2E,) float32;
     writes dz (B, L, E). ``sum_parts=False`` returns dBC's per-program partials instead, for
     :func:`sum_dbc_parts` to write where the caller wants them. ``chunk``: tokens per chunk
     (default: :func:`chunk_lengths`'s); ``carries``: the states entering those chunks from
-    :func:`scan_fwd` (its ``carry_chunk`` = ``chunk``), which spare the backward its state pass."""
+    :func:`scan_fwd` (its ``carry_chunk`` = ``chunk``), which spare the backward its state pass.
+    ``y_out`` (B, L, E) contiguous: also write the gated output y there again (from ysum and z),
+    for a caller that did not keep it."""
     bsz, seqlen, e2 = xc.shape
     e, d_state = e2 // 2, bc.shape[-1] // 2
     bn = triton.next_power_of_2(d_state)
@@ -447,6 +444,8 @@ def scan_bwd(
     part = torch.empty(bsz, 2, n_eb, seqlen, 2 * d_state, device=xc.device, dtype=part_dtype)
     acc = torch.empty(bsz * n_ch, d_state + 2, e2, **f32)  # dA_log (N rows), dD, dt bias
     dy = dy.contiguous()
+    if y_out is not None and (y_out.shape != dy.shape or y_out.stride() != dy.stride()):
+        raise ValueError(f"y_out must be contiguous of shape {tuple(dy.shape)}, got {tuple(y_out.shape)}")
     in_strides = (
         xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
         bc.stride(0), bc.stride(1), bc.stride(2), z.stride(0), z.stride(1),
@@ -464,10 +463,11 @@ def scan_bwd(
         sc = gsc
     LAST["scan_bwd_kernel"] = K.scan_bwd_kernel[(n_eb, bsz, 2 * n_ch)](
         xc, dt, bc, z, At2, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, acc, hc, sc, wc,
+        dy if y_out is None else y_out,
         seqlen, e, d_state, 0, n_eb, chunk, n_ch, *in_strides,
         dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1),
         BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), CHUNKED=n_ch > 1,
-        FRESH=SEQ_FRESH_DECAY, HIN=hin,
+        FRESH=SEQ_FRESH_DECAY, HIN=hin, Y_OUT=y_out is not None,
         num_warps=SEQ_WARPS,
     )  # fmt: skip
     dA_log, rest = colsum(acc, d_state)
@@ -539,31 +539,50 @@ class BiMambaCoreFn(torch.autograd.Function):
     separately, :func:`_core_params` order) so that no stacking op enters the autograd graph.
     The derived weights (one :func:`derived_weights` launch), the x_proj output and the packed B
     and C are computed once in the forward and kept for the backward: fewer launches per layer,
-    which matters because a Vim training step is otherwise partly bound by the host."""
+    which matters because a Vim training step is otherwise partly bound by the host.
+
+    With ``out_w`` (out_proj's weight, (D, E)) it also applies out_proj and returns (B, L, D):
+    then the gated output y need not be kept for out_proj's weight gradient (Y_REBUILD), the
+    scan backward writes it again."""
 
     @staticmethod
-    def forward(ctx, xz, d_state: int, *params):
+    def forward(ctx, xz, d_state: int, out_w, *params):
         weights = derived_weights(params, xz.dtype)
         save = any(ctx.needs_input_grad)  # (grad mode is always off inside forward)
         y, dbc, bc, ysum, (ctx.chunk, hin) = core_forward(xz, weights, d_state, save_sum=save)
+        ctx.out = out_w is not None
+        w = out_w.to(y.dtype) if ctx.out else None
         if save:  # (with BC_IN_CONV the packed B/C is rebuilt in the backward's conv recompute)
-            ctx.bc_kept, ctx.hin_kept = not BC_IN_CONV, hin is not None
-            kept = ((bc,) if ctx.bc_kept else ()) + ((hin,) if ctx.hin_kept else ())
-            ctx.save_for_backward(xz, dbc, ysum, *weights, *kept)
+            rebuild = (hin is not None) if Y_REBUILD is None else Y_REBUILD
+            keep_y = ctx.out and ctx.needs_input_grad[2] and not rebuild
+            opt = {"bc": None if BC_IN_CONV else bc, "hin": hin, "w": w, "y": y if keep_y else None}
+            ctx.kept = [k for k, v in opt.items() if v is not None]
+            ctx.save_for_backward(xz, dbc, ysum, *weights, *(opt[k] for k in ctx.kept))
             ctx.dtypes = [t.dtype for t in params]
-        return y
+            ctx.out_dtype = out_w.dtype if ctx.out else None
+        return (y @ w.t()) if ctx.out else y
 
     @staticmethod
-    def backward(ctx, dy):
-        xz, dbc, ysum, cw, cb, x_w, dt_w, At2, D32, dtb32, *kept = ctx.saved_tensors
+    def backward(ctx, g_out):
+        xz, dbc, ysum, cw, cb, x_w, dt_w, At2, D32, dtb32, *rest = ctx.saved_tensors
+        kept = dict(zip(ctx.kept, rest))
         bsz, seqlen, e2 = xz.shape
         e, p, n = e2 // 2, dbc.shape[1] // 2, At2.shape[0]
         bl, r = bsz * seqlen, p - 2 * n
         x, z = xz[..., :e], xz[..., e:]
+        y, y_out = kept.get("y"), None
+        if ctx.out:  # out = y @ w.T
+            w = kept["w"]
+            g_out = g_out.reshape(bl, -1).to(w.dtype)
+            dy = (g_out @ w).view(bsz, seqlen, e)
+            if y is None and ctx.needs_input_grad[2]:
+                y_out = torch.empty(bsz, seqlen, e, device=xz.device, dtype=xz.dtype)
+        else:
+            dy = g_out
         xc = torch.empty(bsz, seqlen, e2, device=xz.device, dtype=xz.dtype)
-        hin = kept.pop() if ctx.hin_kept else None
-        if ctx.bc_kept:
-            (bc,) = kept
+        hin = kept.get("hin")
+        if "bc" in kept:
+            bc = kept["bc"]
             conv_fwd(x, cw, cb, xc)
         else:
             bc = torch.empty(bsz, seqlen, 2, 2 * n, device=xz.device, dtype=torch.float32)
@@ -584,7 +603,11 @@ class BiMambaCoreFn(torch.autograd.Function):
             sum_parts=False,
             chunk=ctx.chunk,
             carries=hin,
+            y_out=y_out,
         )
+        d_out_w = None
+        if ctx.out and ctx.needs_input_grad[2]:
+            d_out_w = (g_out.t() @ (y if y is not None else y_out).view(bl, e)).to(ctx.out_dtype)
         # dt_proj: dt = dbc @ dt_w.T (+ bias inside the kernel), dt_w zero in the B/C columns.
         # The gradient of the x_proj output [dt_in | B | C] per branch: d dt_in from the matmul
         # (zeros in the B/C columns), then dB, dC written into their columns
@@ -601,7 +624,7 @@ class BiMambaCoreFn(torch.autograd.Function):
         dcw = dcw.unsqueeze(1)  # (2E, 1, K)
         grads = (dcw[:e], dcw[e:], dcb[:e], dcb[e:], d_x_w[0], d_x_w[1], d_dt_w[0], d_dt_w[1],
                  d_dt_bias[:e], d_dt_bias[e:], dA_log[:e], dA_log[e:], dD[:e], dD[e:])  # fmt: skip
-        return (dxz, None) + tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes))
+        return (dxz, None, d_out_w) + tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes))
 
 
 def _blocks(m: torch.Tensor, n: int, rows: int, cols: int, col_step: int | None = None) -> torch.Tensor:
@@ -648,7 +671,39 @@ def bimamba_core_triton(xz: torch.Tensor, m) -> torch.Tensor:
     params = _core_params(m)
     if not torch.is_grad_enabled() or not (xz.requires_grad or any(p.requires_grad for p in params)):
         return core_forward(xz, _cached_weights(m, params, xz), m.d_state, save_sum=False)[0]
-    return BiMambaCoreFn.apply(xz, m.d_state, *params)
+    return BiMambaCoreFn.apply(xz, m.d_state, None, *params)
+
+
+def bimamba_core_out_triton(xz: torch.Tensor, m) -> torch.Tensor:
+    """xz (B, L, 2E) -> out_proj(core(xz)) (B, L, D) for a
+    :class:`~vimssl.models.mixer.BiMambaMixer` ``m``: in training, out_proj runs inside the
+    core's autograd Function, which can then rebuild the core's output for out_proj's weight
+    gradient instead of keeping it (Y_REBUILD). Only for a plain ``nn.Linear`` out_proj without
+    hooks: a wrapped or hooked one (adapters, feature hooks) is called as a module, after the core."""
+    lin = m.out_proj
+    if (
+        type(lin) is not torch.nn.Linear
+        or lin.bias is not None
+        or _hooked(lin)
+        or not torch.is_grad_enabled()
+    ):
+        return lin(bimamba_core_triton(xz, m))
+    _check(xz, m.d_inner)
+    if not xz.is_contiguous():
+        xz = xz.contiguous()
+    params = _core_params(m)
+    if not (xz.requires_grad or lin.weight.requires_grad or any(p.requires_grad for p in params)):
+        return lin(bimamba_core_triton(xz, m))
+    return BiMambaCoreFn.apply(xz, m.d_state, lin.weight, *params)
+
+
+def _hooked(lin: torch.nn.Module) -> bool:
+    """Whether calling ``lin`` as a module would run hooks (its own or global ones)."""
+    own = (lin._forward_hooks, lin._forward_pre_hooks, lin._backward_hooks, lin._backward_pre_hooks)
+    mod = torch.nn.modules.module
+    glob = [getattr(mod, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                  "_global_backward_hooks", "_global_backward_pre_hooks")]  # fmt: skip
+    return any(own) or any(bool(h) for h in glob)
 
 
 @functools.cache
