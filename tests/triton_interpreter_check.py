@@ -159,7 +159,11 @@ def core_out() -> list[dict]:
                 p.add_(0.1 * torch.randn_like(p))
         m.out_proj.weight.requires_grad_(not frozen)
         seen = []
-        handle = m.out_proj.register_forward_hook(lambda mod, i, o: seen.append(i[0].shape)) if hook else None
+        handle = (
+            m.out_proj.register_forward_hook(lambda mod, i, o, seen=seen: seen.append(i[0].shape))
+            if hook
+            else None
+        )
         xz = torch.randn(3, 13, 2 * m.d_inner)
         md = BiMambaMixer(8, d_state=4).double()
         md.load_state_dict(m.state_dict())
