@@ -188,6 +188,18 @@ def test_model_matches_torch_path(name, img, batch, amp, model_parity):
     model_parity(name, img, batch, "triton", amp)
 
 
+# the long-sequence training path at the model level: the forward's carries saved for the
+# backward (a forced chunk pair) and out_proj's input rebuilt by the scan backward (Y_REBUILD)
+@pytest.mark.parametrize("y_rebuild", [True, False])
+@pytest.mark.parametrize("amp", [False, True])
+def test_model_with_saved_carries_matches_torch_path(monkeypatch, y_rebuild, amp, model_parity):
+    from vimssl.ssm import triton_core as tc
+
+    monkeypatch.setattr(tc, "SEQ_CHUNK", (8, 24))
+    monkeypatch.setattr(tc, "Y_REBUILD", y_rebuild)
+    model_parity("vim_tiny_patch16_224", 160, 2, "triton", amp)
+
+
 def test_masked_subset_of_tokens():
     # MAE hands the encoder an arbitrary-length subset of the tokens
     model = create_model("vim_tiny_patch16_224", backend="triton").cuda()
