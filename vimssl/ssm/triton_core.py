@@ -86,11 +86,11 @@ BC_IN_CONV = True
 PART_BT = 32  # tokens per program of the dB/dC partial sum
 COLSUM_BR, COLSUM_BW = 128, 32  # rows per step and columns per program of the weight-gradient sums
 PREP_BE = 64  # channels per program of the derived-weights kernel
-# training with out_proj in the core's Function (bimamba_core_out_triton): whether the backward
-# rebuilds the gated output y (the scan backward writes it again, from the kept branch sum and z)
-# instead of the forward keeping it for out_proj's weight gradient. None: when the forward saved
-# its carries (SEQ_SAVE_CARRY), so that the long sequences that keep them keep (B, L, E) less per
-# layer; True / False: always / never
+# training: whether out_proj runs inside the core's Function, whose backward then rebuilds the
+# gated output y (the scan backward writes it again, from the kept branch sum and z) instead of
+# out_proj's autograd keeping it for the weight gradient (see bimamba_core_out_triton). None:
+# when the forward saves its carries (SEQ_SAVE_CARRY), so that the long sequences that keep them
+# keep (B, L, E) less per layer; True / False: always / never
 Y_REBUILD: bool | None = None
 # fill of the chunk carries' buffers before scan_state_kernel writes them: None leaves them
 # uninitialised; the interpreter check sets NaN, so that reading a carry no program wrote (the
@@ -230,6 +230,15 @@ def chunk_lengths(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> tuple[int, 
     if SEQ_SAVE_CARRY and SEQ_CHUNK is None and max(fwd, bwd) < seqlen and bwd % fwd:
         bwd = _aligned_chunk(seqlen, fwd, bwd, bwd_programs, sm_count(x.device))
     return fwd, bwd
+
+
+def saves_carries(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> bool:
+    """Whether a training forward of this shape stores the states its backward's chunks start
+    from (SEQ_SAVE_CARRY, both scans chunked, the backward's chunk a multiple of the forward's)."""
+    if not SEQ_SAVE_CARRY:
+        return False
+    fwd, bwd = chunk_lengths(x, bsz, seqlen, e)
+    return max(fwd, bwd) < seqlen and bwd % fwd == 0
 
 
 def _aligned_chunk(seqlen: int, fwd: int, bwd: int, programs: int, sms: int) -> int:
@@ -529,7 +538,7 @@ def core_forward(xz, weights, d_state: int, save_sum: bool):
     dt = (dbc @ dt_w.t()).view(bsz, seqlen, e2)  # dt_proj reads the dt columns (zero weights elsewhere)
     bc = _bc_pack(dbc.view(bsz, seqlen, 2, p), p - 2 * d_state)
     bwd_chunk = chunk_lengths(xc, bsz, seqlen, e)[1] if save_sum else None
-    carry_chunk = bwd_chunk if SEQ_SAVE_CARRY else None
+    carry_chunk = bwd_chunk if save_sum and saves_carries(xc, bsz, seqlen, e) else None
     y, ysum, hin = scan_fwd(xc, dt, bc, z, At2, D32, dtb32, save_sum=save_sum, carry_chunk=carry_chunk)
     return y, dbc, bc, ysum, (bwd_chunk, hin)
 
@@ -541,9 +550,9 @@ class BiMambaCoreFn(torch.autograd.Function):
     and C are computed once in the forward and kept for the backward: fewer launches per layer,
     which matters because a Vim training step is otherwise partly bound by the host.
 
-    With ``out_w`` (out_proj's weight, (D, E)) it also applies out_proj and returns (B, L, D):
-    then the gated output y need not be kept for out_proj's weight gradient (Y_REBUILD), the
-    scan backward writes it again."""
+    With ``out_w`` (out_proj's weight, (D, E)) it also applies out_proj and returns (B, L, D);
+    the gated output y is then not kept for out_proj's weight gradient: the scan backward
+    writes it again (Y_REBUILD)."""
 
     @staticmethod
     def forward(ctx, xz, d_state: int, out_w, *params):
@@ -553,9 +562,7 @@ class BiMambaCoreFn(torch.autograd.Function):
         ctx.out = out_w is not None
         w = out_w.to(y.dtype) if ctx.out else None
         if save:  # (with BC_IN_CONV the packed B/C is rebuilt in the backward's conv recompute)
-            rebuild = (hin is not None) if Y_REBUILD is None else Y_REBUILD
-            keep_y = ctx.out and ctx.needs_input_grad[2] and not rebuild
-            opt = {"bc": None if BC_IN_CONV else bc, "hin": hin, "w": w, "y": y if keep_y else None}
+            opt = {"bc": None if BC_IN_CONV else bc, "hin": hin, "w": w}
             ctx.kept = [k for k, v in opt.items() if v is not None]
             ctx.save_for_backward(xz, dbc, ysum, *weights, *(opt[k] for k in ctx.kept))
             ctx.dtypes = [t.dtype for t in params]
@@ -570,12 +577,12 @@ class BiMambaCoreFn(torch.autograd.Function):
         e, p, n = e2 // 2, dbc.shape[1] // 2, At2.shape[0]
         bl, r = bsz * seqlen, p - 2 * n
         x, z = xz[..., :e], xz[..., e:]
-        y, y_out = kept.get("y"), None
-        if ctx.out:  # out = y @ w.T
+        y_out = None
+        if ctx.out:  # out = y @ w.T, y written again by the scan backward for w's gradient
             w = kept["w"]
             g_out = g_out.reshape(bl, -1).to(w.dtype)
             dy = (g_out @ w).view(bsz, seqlen, e)
-            if y is None and ctx.needs_input_grad[2]:
+            if ctx.needs_input_grad[2]:
                 y_out = torch.empty(bsz, seqlen, e, device=xz.device, dtype=xz.dtype)
         else:
             dy = g_out
@@ -607,7 +614,7 @@ class BiMambaCoreFn(torch.autograd.Function):
         )
         d_out_w = None
         if ctx.out and ctx.needs_input_grad[2]:
-            d_out_w = (g_out.t() @ (y if y is not None else y_out).view(bl, e)).to(ctx.out_dtype)
+            d_out_w = (g_out.t() @ y_out.view(bl, e)).to(ctx.out_dtype)
         # dt_proj: dt = dbc @ dt_w.T (+ bias inside the kernel), dt_w zero in the B/C columns.
         # The gradient of the x_proj output [dt_in | B | C] per branch: d dt_in from the matmul
         # (zeros in the B/C columns), then dB, dC written into their columns
@@ -676,25 +683,23 @@ def bimamba_core_triton(xz: torch.Tensor, m) -> torch.Tensor:
 
 def bimamba_core_out_triton(xz: torch.Tensor, m) -> torch.Tensor:
     """xz (B, L, 2E) -> out_proj(core(xz)) (B, L, D) for a
-    :class:`~vimssl.models.mixer.BiMambaMixer` ``m``: in training, out_proj runs inside the
-    core's autograd Function, which can then rebuild the core's output for out_proj's weight
-    gradient instead of keeping it (Y_REBUILD). Only for a plain ``nn.Linear`` out_proj without
-    hooks: a wrapped or hooked one (adapters, feature hooks) is called as a module, after the core."""
+    :class:`~vimssl.models.mixer.BiMambaMixer` ``m``. In training with Y_REBUILD (by default:
+    the long sequences whose forward saves its carries), out_proj runs inside the core's autograd
+    Function, which rebuilds the core's output for out_proj's weight gradient instead of keeping
+    it: (B, L, E) less memory per layer. Otherwise, and always for an out_proj that is not a plain
+    ``nn.Linear`` without bias and hooks (adapters, feature hooks), out_proj is called as a module
+    after the core (at 224 px that measured 0.5% faster than the Function with y kept)."""
     lin = m.out_proj
-    if (
-        type(lin) is not torch.nn.Linear
-        or lin.bias is not None
-        or _hooked(lin)
-        or not torch.is_grad_enabled()
-    ):
+    plain = type(lin) is torch.nn.Linear and lin.bias is None and not _hooked(lin)
+    rebuild = Y_REBUILD
+    if rebuild is None:
+        rebuild = saves_carries(xz, xz.shape[0], xz.shape[1], m.d_inner)
+    params = _core_params(m)
+    wants_grad = xz.requires_grad or lin.weight.requires_grad or any(p.requires_grad for p in params)
+    if not (plain and rebuild and torch.is_grad_enabled() and wants_grad):
         return lin(bimamba_core_triton(xz, m))
     _check(xz, m.d_inner)
-    if not xz.is_contiguous():
-        xz = xz.contiguous()
-    params = _core_params(m)
-    if not (xz.requires_grad or lin.weight.requires_grad or any(p.requires_grad for p in params)):
-        return lin(bimamba_core_triton(xz, m))
-    return BiMambaCoreFn.apply(xz, m.d_state, lin.weight, *params)
+    return BiMambaCoreFn.apply(xz.contiguous(), m.d_state, lin.weight, *params)
 
 
 def _hooked(lin: torch.nn.Module) -> bool:
