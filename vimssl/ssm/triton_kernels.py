@@ -752,16 +752,18 @@ def _decay_again(At2, d, db, t, sd_l, m, bias, FRESH: tl.constexpr):
 @triton.jit
 def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, dtb, ch, At2, Dv,
              dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS: tl.constexpr,
-             hp, PREV: tl.constexpr):  # fmt: skip
+             yo_base, sy_l, Y_OUT: tl.constexpr, hp, PREV: tl.constexpr):  # fmt: skip
     """Gradients at token t (ok: in range; m: and channel in range) given its inputs (u, raw dt
     with bias, delta), the gradient dy of the
     gated output, z, the ungated branch sum ys (used by the forward branch), its state s (BN, BE),
     decay a, and w = a_next * dh_next. Stores du, ddt, this program's share of dB and dC (and dz
-    in the forward-branch programs); returns the new w (for the token before) and the updated
+    in the forward-branch programs, and with Y_OUT the gated output ys * SiLU(z) / 2 again, at
+    yo_base + t * sy_l); returns the new w (for the token before) and the updated
     dA, dD and dt-bias gradient accumulators. PREV: ``hp`` is the state before (h_{t-1}), so
     dh a_t h_{t-1} comes as w_new h_{t-1} with w_new = a_t dh, which is needed anyway; otherwise
     a_t h_{t-1} = h_t - delta_t u_t B_t."""
-    g = dy * _silu(z) * 0.5  # (1, BE)
+    sz = _silu(z) * 0.5
+    g = dy * sz  # (1, BE)
     du_ = delta * u
     dh = Cv * g + w  # (BN, BE)
     w_new = a * dh
@@ -779,6 +781,8 @@ def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, dtb, c
     tl.store(ddt_base + t * sd_l + ch, draw.to(ddt_base.dtype.element_ty), mask=m)
     if D == 0:
         tl.store(dz_base + t * sdz_l, (dy * ys * 0.5 * _dsilu(z)).to(dz_base.dtype.element_ty), mask=m)
+        if Y_OUT:
+            tl.store(yo_base + t * sy_l, (ys * sz).to(yo_base.dtype.element_ty), mask=m)
     if RS:
         _store_dbc_rs(part, t, ok, dh * du_, s * g)
     else:
@@ -786,18 +790,6 @@ def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, dtb, c
         tl.store(part + t * (2 * N) + n, dbp.to(part.dtype.element_ty), mask=mn & ok)
         tl.store(part + t * (2 * N) + N + n, dcp.to(part.dtype.element_ty), mask=mn & ok)
     return w_new, dA, dD, dtb
-
-
-@triton.jit
-def _gated_again(yo_ptr, ysum_ptr, z_ptr, b, e, i0, lo, cnt, me, sy_b, sy_l, sz_b, sz_l):
-    """The gated output y = ysum * SiLU(z) / 2 of steps i0..i0+3 of the forward branch's chunk,
-    written again to yo (dy's strides), for the out_proj weight gradient."""
-    for k in tl.static_range(4):
-        t = _tp(i0 + k, lo, cnt, 0)
-        m = me & (i0 + k < cnt)
-        ys = _ld(ysum_ptr + b * sy_b + e, t, sy_l, m)
-        z = _ld(z_ptr + b * sz_b + e, t, sz_l, m)
-        tl.store(yo_ptr + b * sy_b + e + t * sy_l, (ys * _silu(z) * 0.5).to(yo_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -821,9 +813,8 @@ def scan_bwd_kernel(
     (:func:`_lookback` over hc, sc and wc from :func:`scan_state_kernel`). HIN (chunked): hc
     holds the states entering the chunks themselves, stored by the forward (SAVE_CARRY), read
     as they are; the first chunk in each branch's scan order starts from zero. Y_OUT: the
-    forward-branch programs' first pass also writes the gated output (ysum * SiLU(z) / 2,
-    (B, L, E) with dy's strides) to yo, for the out_proj weight gradient when the forward did not
-    keep it (in the first pass, whose registers have room: in the second it spilled).
+    forward-branch programs also write the gated output (ysum * SiLU(z) / 2, (B, L, E) with
+    dy's strides) to yo, for the out_proj weight gradient when the forward did not keep it.
 
     The first pass stores the state entering every group of four tokens; the second walks the
     groups backwards, recomputes their four states in registers and runs the gradient recurrence
@@ -890,15 +881,13 @@ def scan_bwd_kernel(
         h = _decay(At2, d3) * h + _vec(bc_base, _tp(i0 + 3, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (
             d3 * u3
         )
-        if Y_OUT:
-            if D == 0:  # (the forward-branch programs cover every token once)
-                _gated_again(yo_ptr, ysum_ptr, z_ptr, b, e, i0, lo, cnt, me, sy_b, sy_l, sz_b, sz_l)
         u0, r0, u1, r1, u2, r2, u3, r3 = nu0, nr0, nu1, nr1, nu2, nr2, nu3, nr3
     tl.debug_barrier()
 
     # pass 2: the groups in reverse
     dyb, zb = dy_ptr + b * sy_b + e, z_ptr + b * sz_b + e
     sb, dz_base = ysum_ptr + b * sy_b + e, dz_ptr + b * sdz_b + e
+    yo_base = yo_ptr + b * sy_b + e
     du_base, ddt_base = du_ptr + b * su_b, ddt_ptr + b * sd_b
     part = dbc_part_ptr + (((b * 2 + D) * n_eblocks + pid_e) * L) * (2 * N)
     fwd = D == 0  # only the forward-branch programs need the branch sum (for dz)
@@ -947,22 +936,22 @@ def scan_bwd_kernel(
             a3 = _decay_again(At2, d3, db, t3, sd_l, m3, bias, FRESH)
         w, dA, dD, dtb = _bwd_tok(t3, i0 + 3 < cnt, m3, u3, r3, d3, y3, z3, s3, h3, a3,
                              *_bc_vecs(bc_base, t3, sbc_l, off, N, n, mn, EVEN_N),
-                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, h2, True)  # fmt: skip
+                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, yo_base, sy_l, Y_OUT, h2, True)  # fmt: skip
         if not KEEP:
             a2 = _decay_again(At2, d2, db, t2, sd_l, m2, bias, FRESH)
         w, dA, dD, dtb = _bwd_tok(t2, i0 + 2 < cnt, m2, u2, r2, d2, y2, z2, s2, h2, a2,
                              *_bc_vecs(bc_base, t2, sbc_l, off, N, n, mn, EVEN_N),
-                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, h1, True)  # fmt: skip
+                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, yo_base, sy_l, Y_OUT, h1, True)  # fmt: skip
         if not KEEP:
             a1 = _decay_again(At2, d1, db, t1, sd_l, m1, bias, FRESH)
         w, dA, dD, dtb = _bwd_tok(t1, i0 + 1 < cnt, m1, u1, r1, d1, y1, z1, s1, h1, a1,
                              *_bc_vecs(bc_base, t1, sbc_l, off, N, n, mn, EVEN_N),
-                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, h0, True)  # fmt: skip
+                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, yo_base, sy_l, Y_OUT, h0, True)  # fmt: skip
         if not KEEP:
             a0 = _decay_again(At2, d0, db, t0, sd_l, m0, bias, FRESH)
         w, dA, dD, dtb = _bwd_tok(t0, i0 < cnt, m0, u0, r0, d0, y0, z0, s0, h0, a0,
                              *_bc_vecs(bc_base, t0, sbc_l, off, N, n, mn, EVEN_N),
-                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, h0, False)  # fmt: skip
+                             w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, yo_base, sy_l, Y_OUT, h0, False)  # fmt: skip
         h = nh
         u0, r0, y0, z0, s0 = nu0, nr0, ny0, nz0, ns0
         u1, r1, y1, z1, s1 = nu1, nr1, ny1, nz1, ns1
