@@ -245,11 +245,18 @@ def _aligned_chunk(seqlen: int, fwd: int, bwd: int, programs: int, sms: int) -> 
     """The backward's chunk length as a multiple of the forward's ``fwd`` (shorter than
     ``seqlen``): with the wave model (SEQ_WAVES), the one with the least modelled time of the
     scan backward and its one carry pass (the gradient's: the states come from the forward);
-    otherwise the one nearest the unaligned pick ``bwd`` (the longer on a tie)."""
+    otherwise the one nearest the unaligned pick ``bwd`` (the longer on a tie). Cached under the
+    settings it reads (it runs on every training call of a layer)."""
+    settings = (SEQ_WAVES, SEQ_WAVE_BWD, SEQ_PROGRAM_STEPS)
+    return _aligned_chunk_cached(seqlen, fwd, bwd, programs, sms, settings)
+
+
+@functools.lru_cache(maxsize=256)
+def _aligned_chunk_cached(seqlen: int, fwd: int, bwd: int, programs: int, sms: int, settings: tuple) -> int:
+    waves, (slots, state_slots, weight), _ = settings
     cands = range(fwd, seqlen, fwd)
-    if not SEQ_WAVES:
+    if not waves:
         return min(cands, key=lambda c: (abs(c - bwd), -c))
-    slots, state_slots, weight = SEQ_WAVE_BWD
 
     def cost(chunk: int) -> float:
         scan = _makespan(seqlen, chunk, programs, slots * sms)
