@@ -49,9 +49,10 @@ SEQ_SPLIT: bool | None = None
 COMBINE_BR, COMBINE_BE = 16, 128  # tile (rows, channels) of the split forward's combine
 # Two-level (chunked) scans for long sequences, see _chunk_len. SEQ_CHUNK: None picks the chunk
 # length by occupancy on a GPU; an int forces that many tokens per chunk (tests and sweeps), 0
-# never chunks; a pair forces the forward's and the backward's separately. SEQ_FILL_{FWD,BWD} = (start, aim): chunking starts when the unchunked scan has
-# fewer one-warp programs than ``start`` per SM (about what fits by registers) and aims at ``aim``
-# per SM; chunks are at least SEQ_MIN_CHUNK tokens. From the H100 chunk sweep (docs/kernel-notes.md).
+# never chunks; a pair forces the forward's and the backward's separately.
+# SEQ_FILL_{FWD,BWD} = (start, aim): chunking starts when the unchunked scan has fewer one-warp
+# programs than ``start`` per SM (about what fits by registers) and aims at ``aim`` per SM;
+# chunks are at least SEQ_MIN_CHUNK tokens. From the H100 chunk sweep (docs/kernel-notes.md).
 SEQ_CHUNK: int | tuple[int, int] | None = None
 # the carry passes skip the chunk whose carry no look-back reads (see K.scan_state_kernel)
 SEQ_SKIP_UNREAD = True
@@ -393,10 +394,10 @@ def _split(x: torch.Tensor, programs: int) -> bool:
     return x.device.type == "cuda" and programs < SEQ_SPLIT_FILL * sm_count(x.device)
 
 
-def _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy_strides, sums=False):
+def _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy_strides, grad_sums=False):
     """The chunk-local carries of the two-level scan (:func:`K.scan_state_kernel`): the states
-    and sums of delta (``dy`` None) or the gradient carries (``dy`` given; with ``sums``, the
-    sums of delta too). Returns (carries (B, n_ch, BN, 2E), sums of delta (B, n_ch, 2E) or None)
+    and sums of delta (``dy`` None) or the gradient carries (``dy`` given; with ``grad_sums``,
+    the sums of delta too). Returns (carries (B, n_ch, BN, 2E), sums of delta (B, n_ch, 2E) or None)
     float32; (xc, xc) placeholders when there is one chunk (the kernels do not read them then)."""
     if n_ch == 1:
         return xc, xc
@@ -405,7 +406,7 @@ def _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, 
     bn = triton.next_power_of_2(d_state)
     f32 = dict(device=xc.device, dtype=torch.float32)
     grad = dy is not None
-    with_sums = not grad or sums
+    with_sums = not grad or grad_sums
     carry = torch.empty(bsz, n_ch, bn, e2, **f32)
     sums = torch.empty(bsz, n_ch, e2, **f32) if with_sums else xc
     if CARRY_FILL is not None:
@@ -473,7 +474,7 @@ def scan_bwd(
     else:
         hc, sc = _chunk_states(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride())
     wc, gsc = _chunk_states(
-        xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride(), sums=hin
+        xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride(), grad_sums=hin
     )
     if hin:
         sc = gsc
@@ -604,21 +605,9 @@ class BiMambaCoreFn(torch.autograd.Function):
         dt = (dbc @ dt_w.t()).view(bsz, seqlen, e2)
         dxz = torch.empty_like(xz)
         du, ddt, part, dA_log, dD, d_dt_bias = scan_bwd(
-            xc,
-            dt,
-            bc,
-            z,
-            At2,
-            D32,
-            dtb32,
-            dy.to(xz.dtype),
-            ysum,
-            dxz[..., e:],
-            sum_parts=False,
-            chunk=ctx.chunk,
-            carries=hin,
-            y_out=y_out,
-        )
+            xc, dt, bc, z, At2, D32, dtb32, dy.to(xz.dtype), ysum, dxz[..., e:],
+            sum_parts=False, chunk=ctx.chunk, carries=hin, y_out=y_out,
+        )  # fmt: skip
         d_out_w = None
         if ctx.out and ctx.needs_input_grad[2]:
             d_out_w = (g_out.t() @ y_out.view(bl, e)).to(ctx.out_dtype)
