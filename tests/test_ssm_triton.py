@@ -348,3 +348,62 @@ def test_benchmark_sweeps_restore_the_triton_core_constants(monkeypatch):
         with triton_settings(SEQ_NOPE=1, SEQ_BE_BWD=8):
             pass
     assert tc.SEQ_BE_BWD == before[0]  # nothing was set
+
+
+def test_out_proj_enters_the_core_function_only_when_plain_and_rebuilding(monkeypatch):
+    # launcher side, no kernels run: which route bimamba_core_out_triton takes. out_proj runs
+    # inside the core's Function (which rebuilds the core's output instead of keeping it) only in
+    # training, for a plain bias-free nn.Linear without hooks, where the rebuild applies
+    # (Y_REBUILD, by default where the forward saves its carries); otherwise as a module
+    from torch import nn
+
+    from vimssl.models.mixer import BiMambaMixer
+    from vimssl.ssm import triton_core as tc
+
+    routes = []
+    core_out = torch.zeros(2, 7, 16)
+
+    def fake_core(xz, m):
+        routes.append("module")
+        return core_out
+
+    def fake_apply(xz, d_state, out_w, *params):
+        routes.append("function")
+        assert out_w is m.out_proj.weight and len(params) == 14
+        return torch.zeros(2, 7, 8)
+
+    monkeypatch.setattr(tc, "bimamba_core_triton", fake_core)
+    monkeypatch.setattr(tc.BiMambaCoreFn, "apply", fake_apply)
+    m = BiMambaMixer(8, d_state=4)
+    xz = torch.randn(2, 7, 2 * m.d_inner, requires_grad=True)
+
+    def route(**settings):
+        for name, value in settings.items():
+            monkeypatch.setattr(tc, name, value)
+        routes.clear()
+        tc.bimamba_core_out_triton(xz, m)
+        return routes[-1]
+
+    assert route(Y_REBUILD=True) == "function"
+    assert route(Y_REBUILD=False) == "module"
+    # by default: where the forward saves its carries (both scans chunked, aligned)
+    assert route(Y_REBUILD=None, SEQ_CHUNK=(2, 4)) == "function"
+    assert route(SEQ_CHUNK=(2, 3)) == "module"  # not aligned: nothing saved
+    assert route(SEQ_CHUNK=0) == "module"  # one chunk: nothing saved
+    assert route(SEQ_CHUNK=(2, 4), SEQ_SAVE_CARRY=False) == "module"
+    monkeypatch.setattr(tc, "SEQ_SAVE_CARRY", True)
+    monkeypatch.setattr(tc, "Y_REBUILD", True)
+    with torch.no_grad():
+        assert route() == "module"  # inference
+    handle = m.out_proj.register_forward_hook(lambda *args: None)
+    assert route() == "module"  # a hook must see the core's output
+    handle.remove()
+    assert route() == "function"
+
+    class Adapter(nn.Linear):  # e.g. an adapter wrapping out_proj
+        pass
+
+    m.out_proj = Adapter(m.d_inner, 8, bias=False)
+    assert route() == "module"
+    m.out_proj = nn.Linear(m.d_inner, 8, bias=True)
+    assert route() == "module"
