@@ -186,6 +186,25 @@ def _seq_channels(x: torch.Tensor, bsz: int, e: int, widest: int) -> int:
     return be
 
 
+def _cached_under(*names: str):
+    """``functools.lru_cache`` for a pick that depends on the launch shape and on the module
+    settings ``names``, which join the cache key: sweeps and tests that change a setting get a
+    fresh pick, not a stale one."""
+
+    def wrap(fn):
+        @functools.lru_cache(maxsize=256)
+        def keyed(settings: tuple, *args):
+            return fn(*args)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return keyed(tuple(globals()[name] for name in names), *args)
+
+        return call
+
+    return wrap
+
+
 def _chunk_len(x: torch.Tensor, seqlen: int, programs: int, fill: tuple[int, int]) -> int:
     """Tokens per chunk of the two-level scan (``seqlen``: no chunking). A sequential scan runs
     one warp per (batch row, channel block, branch): batch 8 at 1024 px gives a few hundred
@@ -233,31 +252,24 @@ def chunk_lengths(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> tuple[int, 
     return fwd, bwd
 
 
-def saves_carries(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> bool:
-    """Whether a training forward of this shape stores the states its backward's chunks start
-    from (SEQ_SAVE_CARRY, both scans chunked, the backward's chunk a multiple of the forward's)."""
-    if not SEQ_SAVE_CARRY:
-        return False
-    fwd, bwd = chunk_lengths(x, bsz, seqlen, e)
-    return max(fwd, bwd) < seqlen and bwd % fwd == 0
+def saves_carries(seqlen: int, chunks: tuple[int, int]) -> bool:
+    """Whether a training forward with these (forward, backward) chunk lengths stores the states
+    its backward's chunks start from (SEQ_SAVE_CARRY, both scans chunked, the backward's chunk a
+    multiple of the forward's)."""
+    fwd, bwd = chunks
+    return SEQ_SAVE_CARRY and max(fwd, bwd) < seqlen and bwd % fwd == 0
 
 
+@_cached_under("SEQ_WAVES", "SEQ_WAVE_BWD", "SEQ_PROGRAM_STEPS")
 def _aligned_chunk(seqlen: int, fwd: int, bwd: int, programs: int, sms: int) -> int:
     """The backward's chunk length as a multiple of the forward's ``fwd`` (shorter than
     ``seqlen``): with the wave model (SEQ_WAVES), the one with the least modelled time of the
     scan backward and its one carry pass (the gradient's: the states come from the forward);
-    otherwise the one nearest the unaligned pick ``bwd`` (the longer on a tie). Cached under the
-    settings it reads (it runs on every training call of a layer)."""
-    settings = (SEQ_WAVES, SEQ_WAVE_BWD, SEQ_PROGRAM_STEPS)
-    return _aligned_chunk_cached(seqlen, fwd, bwd, programs, sms, settings)
-
-
-@functools.lru_cache(maxsize=256)
-def _aligned_chunk_cached(seqlen: int, fwd: int, bwd: int, programs: int, sms: int, settings: tuple) -> int:
-    waves, (slots, state_slots, weight), _ = settings
+    otherwise the one nearest the unaligned pick ``bwd`` (the longer on a tie)."""
     cands = range(fwd, seqlen, fwd)
-    if not waves:
+    if not SEQ_WAVES:
         return min(cands, key=lambda c: (abs(c - bwd), -c))
+    slots, state_slots, weight = SEQ_WAVE_BWD
 
     def cost(chunk: int) -> float:
         scan = _makespan(seqlen, chunk, programs, slots * sms)
@@ -287,6 +299,7 @@ def _makespan(seqlen: int, chunk: int, programs: int, slots: int) -> int:
     return waves * step + triton.cdiv(late, slots) * last
 
 
+@_cached_under("SEQ_MIN_CHUNK", "SEQ_PROGRAM_STEPS", "SEQ_WAVE_GAIN")
 def _wave_chunk(
     seqlen: int,
     base: int,
@@ -295,25 +308,6 @@ def _wave_chunk(
     state_programs: int,
     state_slots: int,
     state_weight: float,
-) -> int:
-    """:func:`_wave_chunk_cached` under the current SEQ_MIN_CHUNK, SEQ_PROGRAM_STEPS and
-    SEQ_WAVE_GAIN, which are part of its cache key (sweeps and tests change them)."""
-    settings = (SEQ_MIN_CHUNK, SEQ_PROGRAM_STEPS, SEQ_WAVE_GAIN)
-    return _wave_chunk_cached(
-        seqlen, base, programs, slots, state_programs, state_slots, state_weight, settings
-    )
-
-
-@functools.lru_cache(maxsize=256)
-def _wave_chunk_cached(
-    seqlen: int,
-    base: int,
-    programs: int,
-    slots: int,
-    state_programs: int,
-    state_slots: int,
-    state_weight: float,
-    settings: tuple,
 ) -> int:
     """A chunk length (a multiple of 4, at least SEQ_MIN_CHUNK) with the least modelled time: the
     scan's :func:`_makespan` (``programs`` per chunk on ``slots``) plus ``state_weight`` times
@@ -342,18 +336,26 @@ def _bc_pack(dbc: torch.Tensor, r: int) -> torch.Tensor:
     return dbc[..., r:].float().contiguous()
 
 
-def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum, carry_chunk: int | None = None):
+def scan_fwd(
+    xc, dt, bc, z, At2, D, dt_bias, save_sum, chunks: tuple[int, int] | None = None, save_carry: bool = False
+):
     """xc, dt (B, L, 2E), bc (B, L, 2, 2N) float32, z (B, L, E); At2 (N, 2E) A log2(e) from :func:`derived_weights`,
-    D, dt_bias (2E,) float32. Returns y (B, L, E), the ungated branch sum if ``save_sum`` (else
-    None), and the states entering the backward's chunks of ``carry_chunk`` tokens (B, n_b, BN,
-    2E) float32 for :func:`scan_bwd`'s ``carries`` when this scan is chunked and ``carry_chunk``
-    is a multiple of its chunk, shorter than L (else None)."""
+    D, dt_bias (2E,) float32. ``chunks``: the (forward, backward) chunk lengths (default:
+    :func:`chunk_lengths`'s). Returns y (B, L, E), the ungated branch sum if ``save_sum`` (else
+    None), and with ``save_carry`` (which needs :func:`saves_carries` of ``chunks``) the states
+    entering the backward's chunks, (B, n_b, BN, 2E) float32, for :func:`scan_bwd`'s
+    ``carries`` (else None)."""
     bsz, seqlen, e2 = xc.shape
     e, d_state = e2 // 2, bc.shape[-1] // 2
     y = torch.empty(bsz, seqlen, e, device=xc.device, dtype=xc.dtype)
     ysum = torch.empty_like(y) if save_sum else y
     bn = triton.next_power_of_2(d_state)
-    chunk = chunk_lengths(xc, bsz, seqlen, e)[0]
+    chunk, carry_chunk = chunks if chunks is not None else chunk_lengths(xc, bsz, seqlen, e)
+    if save_carry and not saves_carries(seqlen, (chunk, carry_chunk)):
+        raise ValueError(
+            f"save_carry needs both scans chunked (< {seqlen} tokens) and the backward's chunk a multiple of "
+            f"the forward's, got chunks ({chunk}, {carry_chunk}) with SEQ_SAVE_CARRY={SEQ_SAVE_CARRY}"
+        )
     n_ch = triton.cdiv(seqlen, chunk)
     be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_FWD)
     split = n_ch == 1 and _split(xc, bsz * triton.cdiv(e, be)) and z.stride(0) == seqlen * z.stride(1)
@@ -364,7 +366,6 @@ def scan_fwd(xc, dt, bc, z, At2, D, dt_bias, save_sum, carry_chunk: int | None =
         z.stride(0), z.stride(1), out.stride(-3), out.stride(-2), out.stride(0) if split else 0,
     )  # fmt: skip
     hc, sc = _chunk_states(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, strides[:-3], y.stride())
-    save_carry = n_ch > 1 and carry_chunk is not None and carry_chunk < seqlen and carry_chunk % chunk == 0
     n_b = triton.cdiv(seqlen, carry_chunk) if save_carry else 1
     hin = torch.empty(bsz, n_b, bn, e2, device=xc.device, dtype=torch.float32) if save_carry else None
     if save_carry and CARRY_FILL is not None:
@@ -437,7 +438,8 @@ def scan_bwd(
     writes dz (B, L, E). ``sum_parts=False`` returns dBC's per-program partials instead, for
     :func:`sum_dbc_parts` to write where the caller wants them. ``chunk``: tokens per chunk
     (default: :func:`chunk_lengths`'s); ``carries``: the states entering those chunks from
-    :func:`scan_fwd` (its ``carry_chunk`` = ``chunk``), which spare the backward its state pass.
+    :func:`scan_fwd` (its ``save_carry``, with this ``chunk`` as its backward chunk), which spare the
+    backward its state pass.
     ``y_out`` (B, L, E) contiguous: also write the gated output y there again (from ysum and z),
     for a caller that did not keep it."""
     bsz, seqlen, e2 = xc.shape
@@ -462,22 +464,25 @@ def scan_bwd(
     acc = torch.empty(bsz * n_ch, d_state + 2, e2, **f32)  # dA_log (N rows), dD, dt bias
     dy = dy.contiguous()
     if y_out is not None and (y_out.shape != dy.shape or y_out.stride() != dy.stride()):
-        raise ValueError(f"y_out must be contiguous of shape {tuple(dy.shape)}, got {tuple(y_out.shape)}")
+        raise ValueError(
+            f"y_out must be contiguous of shape {tuple(dy.shape)}, got shape {tuple(y_out.shape)} "
+            f"with strides {y_out.stride()}"
+        )
     in_strides = (
         xc.stride(0), xc.stride(1), dt.stride(0), dt.stride(1),
         bc.stride(0), bc.stride(1), bc.stride(2), z.stride(0), z.stride(1),
     )  # fmt: skip
     # the two-level scan's chunk-local carries (placeholders when there is one chunk)
     # (with the forward's states, the gradient pass also sums delta per chunk for its look-back)
+    args = (xc, dt, bc, z)
     if hin:
         hc = carries
+        wc, sc = _chunk_states(
+            *args, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride(), grad_sums=True
+        )
     else:
-        hc, sc = _chunk_states(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride())
-    wc, gsc = _chunk_states(
-        xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride(), grad_sums=hin
-    )
-    if hin:
-        sc = gsc
+        hc, sc = _chunk_states(*args, None, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride())
+        wc, _ = _chunk_states(*args, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride())
     LAST["scan_bwd_kernel"] = K.scan_bwd_kernel[(n_eb, bsz, 2 * n_ch)](
         xc, dt, bc, z, At2, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, acc, hc, sc, wc,
         dy if y_out is None else y_out,
@@ -532,11 +537,12 @@ def derived_weights(params: tuple, dtype: torch.dtype) -> tuple:
     return cw.view(e2, k), cb, xw.view(2 * p_rows, e2), dtw.view(e2, 2 * p_rows), at.view(n, e2), d, dtb
 
 
-def core_forward(xz, weights, d_state: int, save_sum: bool):
+def core_forward(xz, weights, d_state: int, save_sum: bool, chunks: tuple[int, int] | None = None):
     """xz (B, L, 2E) -> y (B, L, E) with ``weights`` from :func:`derived_weights`; also returns
     the x_proj output [dt_in | B | C] of both branches (B*L, 2P), packed B/C, the ungated
     branch sum (None unless ``save_sum``) and (chunk length, states entering those chunks or
-    None) for the backward's scan (with ``save_sum`` and SEQ_SAVE_CARRY: :func:`scan_fwd`)."""
+    None) for the backward's scan (with ``save_sum`` and :func:`saves_carries`: :func:`scan_fwd`).
+    ``chunks``: the (forward, backward) chunk lengths, default :func:`chunk_lengths`'s."""
     cw, cb, x_w, dt_w, At2, D32, dtb32 = weights
     bsz, seqlen, e2 = xz.shape
     e, p = e2 // 2, dt_w.shape[1] // 2
@@ -545,10 +551,10 @@ def core_forward(xz, weights, d_state: int, save_sum: bool):
     dbc = xc.view(-1, e2) @ x_w.t()  # (B*L, 2P)
     dt = (dbc @ dt_w.t()).view(bsz, seqlen, e2)  # dt_proj reads the dt columns (zero weights elsewhere)
     bc = _bc_pack(dbc.view(bsz, seqlen, 2, p), p - 2 * d_state)
-    bwd_chunk = chunk_lengths(xc, bsz, seqlen, e)[1] if save_sum else None
-    carry_chunk = bwd_chunk if save_sum and saves_carries(xc, bsz, seqlen, e) else None
-    y, ysum, hin = scan_fwd(xc, dt, bc, z, At2, D32, dtb32, save_sum=save_sum, carry_chunk=carry_chunk)
-    return y, dbc, bc, ysum, (bwd_chunk, hin)
+    chunks = chunks or chunk_lengths(xc, bsz, seqlen, e)
+    carry = save_sum and saves_carries(seqlen, chunks)
+    y, ysum, hin = scan_fwd(xc, dt, bc, z, At2, D32, dtb32, save_sum, chunks=chunks, save_carry=carry)
+    return y, dbc, bc, ysum, (chunks[1], hin)
 
 
 class BiMambaCoreFn(torch.autograd.Function):
@@ -563,10 +569,10 @@ class BiMambaCoreFn(torch.autograd.Function):
     writes it again (Y_REBUILD)."""
 
     @staticmethod
-    def forward(ctx, xz, d_state: int, out_w, *params):
+    def forward(ctx, xz, d_state: int, chunks, out_w, *params):
         weights = derived_weights(params, xz.dtype)
         save = any(ctx.needs_input_grad)  # (grad mode is always off inside forward)
-        y, dbc, bc, ysum, (ctx.chunk, hin) = core_forward(xz, weights, d_state, save_sum=save)
+        y, dbc, bc, ysum, (ctx.chunk, hin) = core_forward(xz, weights, d_state, save, chunks)
         ctx.out = out_w is not None
         w = out_w.to(y.dtype) if ctx.out else None
         if save:  # (with BC_IN_CONV the packed B/C is rebuilt in the backward's conv recompute)
@@ -590,7 +596,7 @@ class BiMambaCoreFn(torch.autograd.Function):
             w = kept["w"]
             g_out = g_out.reshape(bl, -1).to(w.dtype)
             dy = (g_out @ w).view(bsz, seqlen, e)
-            if ctx.needs_input_grad[2]:
+            if ctx.needs_input_grad[3]:  # (xz, d_state, chunks, out_w, ...)
                 y_out = torch.empty(bsz, seqlen, e, device=xz.device, dtype=xz.dtype)
         else:
             dy = g_out
@@ -609,7 +615,7 @@ class BiMambaCoreFn(torch.autograd.Function):
             sum_parts=False, chunk=ctx.chunk, carries=hin, y_out=y_out,
         )  # fmt: skip
         d_out_w = None
-        if ctx.out and ctx.needs_input_grad[2]:
+        if ctx.out and ctx.needs_input_grad[3]:
             d_out_w = (g_out.t() @ y_out.view(bl, e)).to(ctx.out_dtype)
         # dt_proj: dt = dbc @ dt_w.T (+ bias inside the kernel), dt_w zero in the B/C columns.
         # The gradient of the x_proj output [dt_in | B | C] per branch: d dt_in from the matmul
@@ -627,7 +633,7 @@ class BiMambaCoreFn(torch.autograd.Function):
         dcw = dcw.unsqueeze(1)  # (2E, 1, K)
         grads = (dcw[:e], dcw[e:], dcb[:e], dcb[e:], d_x_w[0], d_x_w[1], d_dt_w[0], d_dt_w[1],
                  d_dt_bias[:e], d_dt_bias[e:], dA_log[:e], dA_log[e:], dD[:e], dD[e:])  # fmt: skip
-        return (dxz, None, d_out_w) + tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes))
+        return (dxz, None, None, d_out_w) + tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes))
 
 
 def _blocks(m: torch.Tensor, n: int, rows: int, cols: int, col_step: int | None = None) -> torch.Tensor:
@@ -674,7 +680,7 @@ def bimamba_core_triton(xz: torch.Tensor, m) -> torch.Tensor:
     params = _core_params(m)
     if not torch.is_grad_enabled() or not (xz.requires_grad or any(p.requires_grad for p in params)):
         return core_forward(xz, _cached_weights(m, params, xz), m.d_state, save_sum=False)[0]
-    return BiMambaCoreFn.apply(xz, m.d_state, None, *params)
+    return BiMambaCoreFn.apply(xz, m.d_state, None, None, *params)
 
 
 def bimamba_core_out_triton(xz: torch.Tensor, m) -> torch.Tensor:
@@ -686,16 +692,16 @@ def bimamba_core_out_triton(xz: torch.Tensor, m) -> torch.Tensor:
     ``nn.Linear`` without bias and hooks (adapters, feature hooks), out_proj is called as a module
     after the core (at 224 px that measured 0.5% faster than the Function with y kept)."""
     lin = m.out_proj
-    plain = type(lin) is torch.nn.Linear and lin.bias is None and not _hooked(lin)
-    rebuild = Y_REBUILD
-    if rebuild is None:
-        rebuild = saves_carries(xz, xz.shape[0], xz.shape[1], m.d_inner)
     params = _core_params(m)
     wants_grad = xz.requires_grad or lin.weight.requires_grad or any(p.requires_grad for p in params)
-    if not (plain and rebuild and torch.is_grad_enabled() and wants_grad):
+    plain = type(lin) is torch.nn.Linear and lin.bias is None and not _hooked(lin)
+    if not (plain and torch.is_grad_enabled() and wants_grad):
         return lin(bimamba_core_triton(xz, m))
     _check(xz, m.d_inner)
-    return BiMambaCoreFn.apply(xz.contiguous(), m.d_state, lin.weight, *params)
+    chunks = chunk_lengths(xz, xz.shape[0], xz.shape[1], m.d_inner)  # (once: the Function takes them)
+    if not (Y_REBUILD if Y_REBUILD is not None else saves_carries(xz.shape[1], chunks)):
+        return lin(bimamba_core_triton(xz, m))
+    return BiMambaCoreFn.apply(xz.contiguous(), m.d_state, chunks, lin.weight, *params)
 
 
 def _hooked(lin: torch.nn.Module) -> bool:
