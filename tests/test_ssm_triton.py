@@ -367,7 +367,7 @@ def test_out_proj_enters_the_core_function_only_when_plain_and_rebuilding(monkey
         routes.append("module")
         return core_out
 
-    def fake_apply(xz, d_state, out_w, *params):
+    def fake_apply(xz, d_state, chunks, out_w, *params):
         routes.append("function")
         assert out_w is m.out_proj.weight and len(params) == 14
         return torch.zeros(2, 7, 8)
@@ -407,3 +407,27 @@ def test_out_proj_enters_the_core_function_only_when_plain_and_rebuilding(monkey
     assert route() == "module"
     m.out_proj = nn.Linear(m.d_inner, 8, bias=True)
     assert route() == "module"
+
+
+def test_scan_launchers_name_bad_carry_arguments():
+    # launcher side, raised before any kernel runs: states saved for chunks that cannot take
+    # them, carries of the wrong shape, and a y_out that is not (B, L, E) contiguous
+    from vimssl.ssm import triton_core as tc
+
+    bsz, seqlen, e, n = 2, 12, 4, 4
+    xc, dt = torch.randn(bsz, seqlen, 2 * e), torch.randn(bsz, seqlen, 2 * e)
+    bc, z = torch.randn(bsz, seqlen, 2, 2 * n), torch.randn(bsz, seqlen, e)
+    At2, D, dtb = -torch.rand(n, 2 * e), torch.ones(2 * e), torch.zeros(2 * e)
+    fwd_args = (xc, dt, bc, z, At2, D, dtb, True)
+    with pytest.raises(ValueError, match=r"multiple of the forward's, got chunks \(4, 6\)"):
+        tc.scan_fwd(*fwd_args, chunks=(4, 6), save_carry=True)
+    with pytest.raises(ValueError, match=r"both scans chunked \(< 12 tokens\)"):
+        tc.scan_fwd(*fwd_args, chunks=(4, 12), save_carry=True)
+    dy, ysum, dz = torch.randn(bsz, seqlen, e), torch.randn(bsz, seqlen, e), torch.empty(bsz, seqlen, e)
+    bwd_args = (xc, dt, bc, z, At2, D, dtb, dy, ysum, dz)
+    with pytest.raises(ValueError, match=r"carries of shape \(2, 2, 4, 8\) for 3 chunks of 4 tokens"):
+        tc.scan_bwd(*bwd_args, chunk=4, carries=torch.zeros(bsz, 2, n, 2 * e))
+    with pytest.raises(
+        ValueError, match=r"shape \(2, 12, 4\), got shape \(2, 12, 4\) with strides \(48, 1, 12\)"
+    ):
+        tc.scan_bwd(*bwd_args, chunk=4, y_out=torch.empty(bsz, e, seqlen).transpose(1, 2))
