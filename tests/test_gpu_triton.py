@@ -212,16 +212,11 @@ def test_masked_subset_of_tokens():
     assert rel_err(out, ref) < 1e-3
 
 
-def test_auto_picks_by_shape_on_this_gpu():
+def test_auto_picks_triton_on_this_gpu():
     from vimssl.ssm import resolve_backend
-    from vimssl.ssm.dispatch import cuda_kernels_available
 
-    dev = torch.device("cuda")
-    assert resolve_backend("auto", dev, rows=128 * 768, tokens=197) == "triton"
-    assert resolve_backend("auto", dev, rows=768, tokens=4097) == "triton"  # chunked
-    few = "cuda" if cuda_kernels_available() else "triton"
-    assert resolve_backend("auto", dev, rows=2 * 768, tokens=197) == few
-    # and a model on auto runs end to end at both shapes
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    # and a model on auto runs end to end at a small and a large batch
     model = create_model("vim_test", backend="auto").cuda()
     for batch in (1, 64):
         assert torch.isfinite(model(torch.randn(batch, 3, 32, 32, device="cuda"))).all()

@@ -73,8 +73,7 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: (B, L, D) -> (B, L, D)
-        rows, tokens = hidden.shape[0] * self.d_inner, hidden.shape[1]
-        ops = get_ops(resolve_backend(self.backend, hidden.device, rows=rows, tokens=tokens))
+        ops = get_ops(resolve_backend(self.backend, hidden.device))
         xz = self.in_proj(hidden)  # (B, L, 2E)
         if ops.core_out is not None:
             return ops.core_out(xz, self)  # out_proj inside (see bimamba_core_out_triton)

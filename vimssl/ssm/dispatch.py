@@ -1,7 +1,6 @@
 """Choose a kernel path: ``"torch"`` (reference), ``"cuda"`` (mamba-ssm + causal-conv1d),
 ``"triton"`` (vimssl's fused Triton kernels for the whole mixer core) or ``"auto"``: on a GPU the
-path measured fastest for the call's shape among those installed (see :func:`auto_gpu_path`),
-otherwise the reference. Each choice ``auto`` makes is logged once per device type."""
+fastest path installed (see :func:`auto_gpu_path`), otherwise the reference. Each choice ``auto`` makes is logged once per device type."""
 
 from __future__ import annotations
 
@@ -55,27 +54,20 @@ def triton_kernels_available() -> bool:
     return triton_core.available()
 
 
-# ``auto`` takes the triton path on a GPU except for short sequences with few (batch row x channel)
-# sequences to run in parallel, where mamba-ssm's kernels (which also parallelise over the tokens)
-# are as fast. Sequences of 256+ tokens are split into chunks by the triton launchers (the
-# two-level scan, vimssl/ssm/triton_core.py), so their parallelism no longer depends on the batch.
-# Measured on an H100 (docs/benchmarks.md, docs/kernel-notes.md, v8): triton won every whole-model
-# row at 224, 512 and 1024 px, and one layer's core at small batches won or tied everywhere from
-# 768 rows (5.8 per SM) at 1,025 and 4,097 tokens, except Vim-S at 1024 px, batch 1, training
-# (10% slower). At 197 tokens, Vim-S batch 8 (6,144 rows, 46 per SM) was triton's (2.1x inference,
-# 1.2x training); fewer rows of short sequences were not measured with the v8 kernels and stay
-# with mamba-ssm.
-AUTO_TRITON_ROWS_PER_SM = 32
-AUTO_CHUNKED_TOKENS = 256
+# ``auto`` takes the triton path on a GPU wherever Triton runs, at every shape. Until the
+# thirteenth session it kept mamba-ssm for short sequences with fewer than 32 (batch row x inner
+# channel) sequences per SM, from a v8 measurement; the v19 kernels measured on an H200
+# (docs/benchmarks.md, 2026-11-28, whole models, bf16) beat mamba-ssm at every such shape tried:
+# from CUDA graphs, Vim-S at 224 px with batch 1, 2, 4 and 8 trains 1.10-1.36x and infers
+# 1.26-1.71x faster, Vim-T with batch 1 and 8 1.05-1.18x and 1.18-1.58x; eager, where both paths
+# wait on the host, triton inferred 1.5-2.3x faster and trained 1.45-1.56x faster (Vim-S, batch 1
+# and 4) or 0.85x (Vim-T, batch 8). Long sequences (256+ tokens) were triton's already.
 
 
-def auto_gpu_path(
-    rows: int | None, sm_count: int, triton_ok: bool, cuda_ok: bool, tokens: int | None = None
-) -> str:
-    """The path ``auto`` takes on a GPU, for a scan over ``rows`` = batch x inner channels
-    sequences of ``tokens`` tokens (None: unknown, e.g. the norm between blocks)."""
-    enough = rows is None or rows >= AUTO_TRITON_ROWS_PER_SM * sm_count
-    if triton_ok and (not cuda_ok or enough or (tokens or 0) >= AUTO_CHUNKED_TOKENS):
+def auto_gpu_path(triton_ok: bool, cuda_ok: bool) -> str:
+    """The path ``auto`` takes on a GPU: triton where it runs, else mamba-ssm where it is installed,
+    else the reference."""
+    if triton_ok:
         return "triton"
     if cuda_ok:
         return "cuda"
@@ -92,12 +84,8 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def resolve_backend(
-    backend: str, device: torch.device, rows: int | None = None, tokens: int | None = None
-) -> str:
-    """Map ``auto`` to a concrete path for tensors on ``device``; validate forced choices.
-    ``rows`` (batch x inner channels of the scan) and ``tokens`` (its length) let ``auto`` pick by
-    shape on a GPU."""
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``auto`` to a concrete path for tensors on ``device``; validate forced choices."""
     check_backend(backend)
     if backend == "torch":
         return "torch"
@@ -125,9 +113,7 @@ def resolve_backend(
         return "triton"
     chosen = "torch"
     if device.type == "cuda":
-        chosen = auto_gpu_path(
-            rows, sm_count(device), triton_kernels_available(), cuda_kernels_available(), tokens
-        )
+        chosen = auto_gpu_path(triton_kernels_available(), cuda_kernels_available())
     if (device.type, chosen) not in _logged:
         _logged.add((device.type, chosen))
         log.info("vimssl backend 'auto' chose %r for %s tensors", chosen, device.type)
