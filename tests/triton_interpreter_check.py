@@ -3,11 +3,19 @@ interpreter), because the interpreter must be switched on before the kernels are
 
 Prints one JSON object: the relative error of the fused core's output and of every gradient
 against the float64 pure-PyTorch core, whether two runs gave identical bits, and whether every
-output element was written."""
+output element was written.
+
+``--part I/N`` runs only the I-th of N interleaved shares of the checks (the test runs the shares
+in parallel processes, one per core, and merges their reports; each check seeds its own random
+numbers, so a check's inputs do not depend on the split). Each check's time goes to stderr."""
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
+import sys
+import time
 
 import torch
 
@@ -57,64 +65,103 @@ def core_reference(m: BiMambaMixer, xz: torch.Tensor):
     return names, params, ref, g, gref
 
 
+# launcher settings of the checks: small tiles and blocks give several programs, token tiles and
+# channel blocks at the small sizes above; the whole-model checks take wide ones (the
+# interpreter's time grows with the program count)
+SMALL_TILES = dict(
+    SEQ_BE_FWD=4, SEQ_BE_BWD=4, CONV_BT=4, CONV_BE=8, CONV_GP_BT=4, CONV_GP_BE=8, PREP_BE=8,
+    PART_BT=4, COLSUM_BR=4, COLSUM_BW=8,
+)  # fmt: skip
+WIDE_TILES = dict(
+    SMALL_TILES,
+    SEQ_BE_FWD=32,
+    SEQ_BE_BWD=32,
+    CONV_BE=32,
+    CONV_GP_BE=32,
+    PREP_BE=32,
+    CONV_BT=16,
+    CONV_GP_BT=16,
+)
+
+
 def main() -> None:
-    tc.SEQ_BE_FWD = tc.SEQ_BE_BWD = 4
-    tc.CONV_BT, tc.CONV_BE = 4, 8
-    tc.CONV_GP_BT, tc.CONV_GP_BE = 4, 8  # several token tiles and channel blocks per conv backward
-    tc.PREP_BE = 8  # several programs for the derived weights
-    # several programs and row steps for the partial sums of the backward
-    tc.PART_BT, tc.COLSUM_BR, tc.COLSUM_BW = 4, 4, 8
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", default="0/1", help="I/N: run the I-th of N interleaved shares of the checks")
+    part, parts = (int(v) for v in ap.parse_args().part.split("/"))
+    if not 0 <= part < parts:
+        raise SystemExit(f"--part {part}/{parts}: I must be in 0..N-1")
     tc.CARRY_FILL = float("nan")  # a look-back reading a carry no program wrote gives NaN
-    torch.manual_seed(0)
-    results = []
     runs_cfg = [(s, False, 0, False, True, True) for s in SHAPES]
     runs_cfg += [(s, True, 0, False, True, True) for s in KEEP_SHAPES]
     runs_cfg += [(s, False, chunk, False, True, True) for s, chunk in CHUNK_SHAPES + PAIR_SHAPES]
     runs_cfg += [(s, False, chunk, False, True, False) for s, chunk in OWN_STATE_SHAPES]
     runs_cfg += [(s, False, 0, True, True, True) for s in SPLIT_SHAPES]
     runs_cfg += [(s, False, 0, False, False, True) for s in BC_KEPT_SHAPES]
-    for (bsz, seqlen, d, n), keep, chunk, split, bc_in_conv, save_carry in runs_cfg:
-        tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT, tc.BC_IN_CONV = keep, chunk, split, bc_in_conv
-        tc.SEQ_SAVE_CARRY = save_carry
-        tc.CONV_GP_SPLIT = 3 if chunk else 1  # the conv backward's token walk in spans, too
-        m = BiMambaMixer(d, d_state=n)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-        xz = torch.randn(bsz, seqlen, 2 * m.d_inner)
-        names, params, ref, g, gref = core_reference(m, xz)
+    checks = [
+        (f"shape {k}", functools.partial(shape_check, k, *cfg), SMALL_TILES) for k, cfg in enumerate(runs_cfg)
+    ]
+    checks += [
+        ("half", half_precision, SMALL_TILES), ("norm", norm_errors, SMALL_TILES),
+        ("cache", inference_cache, SMALL_TILES), ("conv_widths", conv_widths, SMALL_TILES),
+        ("drop", drop_path_model, WIDE_TILES), ("core_out", core_out, WIDE_TILES),
+    ]  # fmt: skip
+    report = {"shapes": []}
+    for k, (name, check, tiles) in enumerate(checks):
+        if k % parts != part:
+            continue
+        for setting, value in tiles.items():
+            setattr(tc, setting, value)
+        torch.manual_seed(k)
+        start = time.perf_counter()
+        result = check()
+        print(f"[check] {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        if name.startswith("shape"):
+            report["shapes"].append(result)
+        else:
+            report[name] = result
+    print(json.dumps(report))
 
-        runs = []
-        for k in range(2):
-            # chunked: the second run walks every chunk's carries (SEQ_SKIP_UNREAD off), which must
-            # give the same bits as skipping the unread ones
-            tc.SEQ_SKIP_UNREAD = not (chunk and k == 1)
-            xzt = xz.clone().requires_grad_()
-            out = tc.bimamba_core_triton(xzt, m)
-            grads = torch.autograd.grad(out, [xzt] + params, g.float())
-            runs.append((out, grads))
-        (out, grads), (out2, grads2) = runs
-        same = torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
-        errs = {"out": rel(out, ref)}
-        errs.update({name: rel(a, b) for name, a, b in zip(["xz"] + names, grads, gref)})
-        finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(t).all()) for t in grads)
-        results.append(
-            dict(
-                shape=[bsz, seqlen, d, n],
-                keep=keep,
-                chunk=chunk,
-                split=split,
-                bc_in_conv=bc_in_conv,
-                save_carry=save_carry,
-                errors=errs,
-                deterministic=same,
-                finite=finite,
-            )
-        )
+
+def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry) -> dict:
+    """The fused core against the float64 reference at one shape and launcher setting: relative
+    errors of the output and every gradient, whether two runs gave the same bits (chunked: the
+    second walking every chunk's carries), and whether every output was finite (written)."""
+    bsz, seqlen, d, n = shape
+    tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT, tc.BC_IN_CONV = keep, chunk, split, bc_in_conv
+    tc.SEQ_SAVE_CARRY = save_carry
+    tc.CONV_GP_SPLIT = 3 if chunk else 1  # the conv backward's token walk in spans, too
+    m = BiMambaMixer(d, d_state=n)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    xz = torch.randn(bsz, seqlen, 2 * m.d_inner)
+    names, params, ref, g, gref = core_reference(m, xz)
+
+    runs = []
+    for k in range(2):
+        # chunked: the second run walks every chunk's carries (SEQ_SKIP_UNREAD off), which must
+        # give the same bits as skipping the unread ones
+        tc.SEQ_SKIP_UNREAD = not (chunk and k == 1)
+        xzt = xz.clone().requires_grad_()
+        out = tc.bimamba_core_triton(xzt, m)
+        grads = torch.autograd.grad(out, [xzt] + params, g.float())
+        runs.append((out, grads))
+    (out, grads), (out2, grads2) = runs
+    same = torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+    errs = {"out": rel(out, ref)}
+    errs.update({name: rel(a, b) for name, a, b in zip(["xz"] + names, grads, gref)})
+    finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(t).all()) for t in grads)
     tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT, tc.SEQ_SKIP_UNREAD, tc.BC_IN_CONV = False, None, None, True, True
-    tc.SEQ_SAVE_CARRY = True
+    tc.SEQ_SAVE_CARRY, tc.CONV_GP_SPLIT = True, None
+    return dict(
+        index=index, shape=[bsz, seqlen, d, n], keep=keep, chunk=chunk, split=split,
+        bc_in_conv=bc_in_conv, save_carry=save_carry, errors=errs, deterministic=same, finite=finite,
+    )  # fmt: skip
 
-    # half-precision inputs (fp16, bf16): outputs and input gradients in the input dtype
+
+def half_precision() -> dict:
+    """Half-precision inputs (fp16, bf16, and bf16 with the forward split by branch): the output
+    and the input gradient come out in the input dtype, within rounding of the float64 core."""
     half = {}
     m = BiMambaMixer(8, d_state=4)
     xz = torch.randn(2, 9, 2 * m.d_inner)
@@ -132,12 +179,7 @@ def main() -> None:
         key = str(dtype) + (" split" if split else "")
         half[key] = dict(dtypes=[str(out.dtype), str(gx.dtype)], out=rel(out, ref), xz=rel(gx, gref))
     tc.SEQ_SPLIT = None
-    report = dict(
-        shapes=results, half=half, norm=norm_errors(), cache=inference_cache(), conv_widths=conv_widths()
-    )
-    report["drop"] = drop_path_model()
-    report["core_out"] = core_out()
-    print(json.dumps(report))
+    return half
 
 
 def core_out() -> list[dict]:
@@ -215,10 +257,7 @@ def drop_path_model() -> dict:
     from vimssl.models import create_model
 
     # the interpreter runs the kernels on CPU tensors, which the dispatcher refuses for 'triton'
-    blocks.resolve_backend = mixer.resolve_backend = lambda backend, device, **kw: backend
-    # wide programs: the interpreter's time grows with the program count
-    tc.SEQ_BE_FWD = tc.SEQ_BE_BWD = tc.CONV_BE = tc.CONV_GP_BE = tc.PREP_BE = 32
-    tc.CONV_BT = tc.CONV_GP_BT = 16
+    blocks.resolve_backend = mixer.resolve_backend = lambda backend, device: backend
     torch.manual_seed(0)
     model = create_model("vim_test", img_size=16, embed_dim=16, depth=2, drop_path_rate=0.8, backend="torch")
     model.train()
