@@ -11,15 +11,8 @@ part=${2:-1}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
 SECONDS=0
-run() {  # tag, seconds allowed, throughput.py arguments...
-  local tag=$1 limit=$2; shift 2
-  local left=$((560 - SECONDS))
-  [ "$left" -lt 30 ] && { echo "[$tag] skipped: ${left}s left"; return; }
-  [ "$limit" -gt "$left" ] && limit=$left
-  timeout "$limit" python3 benchmarks/throughput.py --graphs --iters 3 "$@" --out "$out/tp_$tag.json" 2>&1 |
-    grep '^| vim' | sed "s/^/[$tag] /" | tee -a "$out/throughput.md"
-  echo "[$tag] done at ${SECONDS}s"
-}
+TP_DEADLINE=560
+source benchmarks/gpu_lib.sh
 T=vim_tiny_patch16_224; S=vim_small_patch16_224; B=vim_base_patch16_224
 if [ "$part" = 1 ]; then
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
@@ -28,12 +21,12 @@ if [ "$part" = 1 ]; then
   echo "ncu exit $? at ${SECONDS}s"; tail -3 "$out/ncu.log"
   "$ncu" --import /tmp/ncu_s224.ncu-rep --page details --csv > "$out/ncu_s224_details.csv" 2>&1
   gzip -f "$out/ncu_s224_details.csv"; ls -la "$out"
-  run s224 140 --models $S --img-sizes 224 --paths cuda triton deit
-  run tb224 240 --models $T $B --img-sizes 224 --paths cuda triton deit
-  run s1024 150 --models $S --img-sizes 1024 --paths cuda triton deit
+  tp_run s224 140 --graphs --models $S --img-sizes 224 --paths cuda triton deit
+  tp_run tb224 240 --graphs --models $T $B --img-sizes 224 --paths cuda triton deit
+  tp_run s1024 150 --graphs --models $S --img-sizes 1024 --paths cuda triton deit
 else
-  run tb1024 270 --models $T $B --img-sizes 1024 --paths cuda triton deit
-  run x512 270 --models $S $T $B --img-sizes 512 --paths cuda triton deit
-  for b in 8 4 2; do run s224b$b 60 --models $S --img-sizes 224 --batch $b --paths cuda triton; done
+  tp_run tb1024 270 --graphs --models $T $B --img-sizes 1024 --paths cuda triton deit
+  tp_run x512 270 --graphs --models $S $T $B --img-sizes 512 --paths cuda triton deit
+  for b in 8 4 2; do tp_run s224b$b 60 --graphs --models $S --img-sizes 224 --batch $b --paths cuda triton; done
 fi
 echo "finished at ${SECONDS}s"

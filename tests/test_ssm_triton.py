@@ -173,6 +173,20 @@ def test_auto_on_gpu_prefers_triton_then_mamba_ssm_then_the_reference():
     assert auto_gpu_path(triton_ok=False, cuda_ok=False) == "torch"
 
 
+def test_auto_does_not_probe_mamba_ssm_where_triton_runs(monkeypatch):
+    from vimssl.ssm import dispatch
+
+    def probe():
+        raise AssertionError("mamba-ssm probed although triton runs")
+
+    monkeypatch.setattr(dispatch, "triton_kernels_available", lambda: True)
+    monkeypatch.setattr(dispatch, "cuda_kernels_available", probe)
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    monkeypatch.setattr(dispatch, "triton_kernels_available", lambda: False)
+    monkeypatch.setattr(dispatch, "cuda_kernels_available", lambda: True)
+    assert resolve_backend("auto", torch.device("cuda")) == "cuda"
+
+
 def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
     # the two-level scan's chunk length (launcher side, no GPU needed): chunk when the unchunked
     # scan has too few one-warp programs per SM, aim at SEQ_FILL's second number, chunks of at

@@ -73,15 +73,8 @@ SMALL_TILES = dict(
     PART_BT=4, COLSUM_BR=4, COLSUM_BW=8,
 )  # fmt: skip
 WIDE_TILES = dict(
-    SMALL_TILES,
-    SEQ_BE_FWD=32,
-    SEQ_BE_BWD=32,
-    CONV_BE=32,
-    CONV_GP_BE=32,
-    PREP_BE=32,
-    CONV_BT=16,
-    CONV_GP_BT=16,
-)
+    SMALL_TILES, SEQ_BE_FWD=32, SEQ_BE_BWD=32, CONV_BE=32, CONV_GP_BE=32, PREP_BE=32, CONV_BT=16, CONV_GP_BT=16
+)  # fmt: skip
 
 
 def main() -> None:
@@ -91,6 +84,9 @@ def main() -> None:
     if not 0 <= part < parts:
         raise SystemExit(f"--part {part}/{parts}: I must be in 0..N-1")
     tc.CARRY_FILL = float("nan")  # a look-back reading a carry no program wrote gives NaN
+    # every check starts from the library's settings (what an earlier check switched is undone)
+    # with its tiles on top
+    defaults = {name: value for name, value in vars(tc).items() if name.isupper()}
     runs_cfg = [(s, False, 0, False, True, True) for s in SHAPES]
     runs_cfg += [(s, True, 0, False, True, True) for s in KEEP_SHAPES]
     runs_cfg += [(s, False, chunk, False, True, True) for s, chunk in CHUNK_SHAPES + PAIR_SHAPES]
@@ -109,7 +105,7 @@ def main() -> None:
     for k, (name, check, tiles) in enumerate(checks):
         if k % parts != part:
             continue
-        for setting, value in tiles.items():
+        for setting, value in {**defaults, **tiles}.items():
             setattr(tc, setting, value)
         torch.manual_seed(k)
         start = time.perf_counter()
@@ -151,8 +147,6 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry) -> dic
     errs = {"out": rel(out, ref)}
     errs.update({name: rel(a, b) for name, a, b in zip(["xz"] + names, grads, gref)})
     finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(t).all()) for t in grads)
-    tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT, tc.SEQ_SKIP_UNREAD, tc.BC_IN_CONV = False, None, None, True, True
-    tc.SEQ_SAVE_CARRY, tc.CONV_GP_SPLIT = True, None
     return dict(
         index=index, shape=[bsz, seqlen, d, n], keep=keep, chunk=chunk, split=split,
         bc_in_conv=bc_in_conv, save_carry=save_carry, errors=errs, deterministic=same, finite=finite,
@@ -178,7 +172,6 @@ def half_precision() -> dict:
         (gx,) = torch.autograd.grad(out, [xzt], g.to(dtype))
         key = str(dtype) + (" split" if split else "")
         half[key] = dict(dtypes=[str(out.dtype), str(gx.dtype)], out=rel(out, ref), xz=rel(gx, gref))
-    tc.SEQ_SPLIT = None
     return half
 
 
@@ -224,7 +217,6 @@ def core_out() -> list[dict]:
         out.append(
             dict(y_rebuild=y_rebuild, chunk=chunk, frozen=frozen, hook=hook, errors=errs, hook_seen=len(seen))
         )
-    tc.Y_REBUILD, tc.SEQ_CHUNK = None, None
     return out
 
 

@@ -1,6 +1,7 @@
 """Choose a kernel path: ``"torch"`` (reference), ``"cuda"`` (mamba-ssm + causal-conv1d),
 ``"triton"`` (vimssl's fused Triton kernels for the whole mixer core) or ``"auto"``: on a GPU the
-fastest path installed (see :func:`auto_gpu_path`), otherwise the reference. Each choice ``auto`` makes is logged once per device type."""
+fastest path installed (see :func:`auto_gpu_path`), otherwise the reference. Each choice ``auto``
+makes is logged once per device type."""
 
 from __future__ import annotations
 
@@ -113,7 +114,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "triton"
     chosen = "torch"
     if device.type == "cuda":
-        chosen = auto_gpu_path(triton_kernels_available(), cuda_kernels_available())
+        # mamba-ssm (a heavy import) is probed only where triton cannot run: triton comes first
+        triton_ok = triton_kernels_available()
+        chosen = auto_gpu_path(triton_ok, not triton_ok and cuda_kernels_available())
     if (device.type, chosen) not in _logged:
         _logged.add((device.type, chosen))
         log.info("vimssl backend 'auto' chose %r for %s tensors", chosen, device.type)
