@@ -81,6 +81,17 @@ CONV_GP_BT, CONV_GP_BE, CONV_GP_WARPS = 8, 128, 1
 # would be 48 programs for 132 SMs
 CONV_GP_SPLIT: int | None = None
 CONV_GP_FILL = 16
+# conv forward and backward as token walks (K.conv_fwd_walk_kernel, K.conv_bwd_walk_kernel) for
+# widths up to 4: each input row is loaded once and the backward is one kernel (dx from the
+# recomputed pre-activation gradients, never stored); False, and wider convs: the tile kernels
+# above. A walk program takes CONV_WALK_BE channels (CONV_WALK_WARPS warps) of one batch row and
+# a span of tokens; the spans aim at CONV_WALK_FILL = (forward, backward) programs per SM, with at
+# least CONV_WALK_MIN_SPAN tokens each (CONV_WALK_SPAN forces the span: tests, sweeps)
+CONV_WALK = True
+CONV_WALK_BE, CONV_WALK_WARPS = 128, 1
+CONV_WALK_FILL, CONV_WALK_MIN_SPAN = (16, 16), 16
+CONV_WALK_SPAN: int | None = None
+CONV_PACK_BT = 8  # tokens per tile of the forward walk's B/C packing
 # training keeps the x_proj output but not the packed float32 B/C built from it: the backward's
 # conv recompute rebuilds it in the same launch (2N float32 per token and layer less memory)
 BC_IN_CONV = True
@@ -107,6 +118,23 @@ def _check(xz: torch.Tensor, e: int) -> None:
         raise ValueError("xz must be contiguous in its last (channel) dimension")
 
 
+def _walks(w: torch.Tensor) -> bool:
+    """Whether the conv runs as token walks (CONV_WALK, up to four taps)."""
+    return CONV_WALK and w.shape[1] <= 4
+
+
+def _walk_span(x: torch.Tensor, bsz: int, seqlen: int, e: int, fill: int) -> int:
+    """Tokens per span of a conv token walk: enough spans for ``fill`` programs per SM, of at least
+    CONV_WALK_MIN_SPAN tokens (one span per row off the GPU, unless CONV_WALK_SPAN forces it)."""
+    if CONV_WALK_SPAN is not None:
+        return CONV_WALK_SPAN
+    if x.device.type != "cuda":
+        return seqlen
+    n = triton.cdiv(fill * sm_count(x.device), bsz * triton.cdiv(e, CONV_WALK_BE))
+    n = max(1, min(n, seqlen // CONV_WALK_MIN_SPAN))
+    return triton.cdiv(seqlen, n)
+
+
 def conv_fwd(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, pack: tuple | None = None
 ) -> torch.Tensor:
@@ -114,34 +142,55 @@ def conv_fwd(
     ``pack`` = (dbc (B*L, 2P) contiguous, R, bc (B, L, 2, 2N) float32 contiguous): also writes
     :func:`_bc_pack` of dbc into bc, in the same launch."""
     bsz, seqlen, e = x.shape
-    grid = (triton.cdiv(seqlen, CONV_BT), triton.cdiv(e, CONV_BE), bsz)
     dbc, r, bc = pack if pack is not None else (x, 0, out)
     n2, p = (bc.shape[-1], dbc.shape[1] // 2) if pack is not None else (0, 0)
+    bj = triton.next_power_of_2(max(n2, 1))
+    if _walks(w):
+        span = _walk_span(x, bsz, seqlen, e, CONV_WALK_FILL[0])
+        grid = (triton.cdiv(e, CONV_WALK_BE), bsz, triton.cdiv(seqlen, span))
+        LAST["conv_fwd_walk_kernel"] = K.conv_fwd_walk_kernel[grid](
+            x, w, bias, out, dbc, bc, seqlen, e, p, r, n2, span,
+            x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            K=w.shape[1], BE=CONV_WALK_BE, PACK=pack is not None, BJ=bj, BTP=CONV_PACK_BT,
+            num_warps=CONV_WALK_WARPS,
+        )  # fmt: skip
+        return out
+    grid = (triton.cdiv(seqlen, CONV_BT), triton.cdiv(e, CONV_BE), bsz)
     LAST["conv_fwd_kernel"] = K.conv_fwd_kernel[grid](
         x, w, bias, out, dbc, bc, seqlen, e, p, r, n2, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        K=w.shape[1], BT=CONV_BT, BE=CONV_BE, PACK=pack is not None, BJ=triton.next_power_of_2(max(n2, 1)),
-        num_warps=CONV_WARPS,
+        K=w.shape[1], BT=CONV_BT, BE=CONV_BE, PACK=pack is not None, BJ=bj, num_warps=CONV_WARPS,
     )  # fmt: skip
     return out
 
 
 def conv_bwd(x, w, bias, g, dx):
     """Gradients of :func:`conv_fwd`: writes dx (B, L, E); returns dw (2E, K), dbias (2E,) float32.
-    ``g`` (the SiLU outputs' gradient) is overwritten with the pre-activation gradient."""
+    ``g`` (the SiLU outputs' gradient) may be overwritten (the tile kernels write the
+    pre-activation gradient over it)."""
     bsz, seqlen, e = x.shape
     k = w.shape[1]
-    span = _conv_span(x, bsz, seqlen, e)
-    n_split = triton.cdiv(seqlen, span)
-    dwb = torch.empty(bsz, n_split, k + 1, 2 * e, device=x.device, dtype=torch.float32)
-    LAST["conv_bwd_gp_kernel"] = K.conv_bwd_gp_kernel[(triton.cdiv(e, CONV_GP_BE), bsz, n_split)](
-        x, w, bias, g, g, dwb, seqlen, e, span, n_split, x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-        K=k, BK=triton.next_power_of_2(k + 1), BT=CONV_GP_BT, BE=CONV_GP_BE, num_warps=CONV_GP_WARPS,
-    )  # fmt: skip
-    grid = (triton.cdiv(seqlen, CONV_BT), triton.cdiv(e, CONV_BE), bsz)
-    LAST["conv_bwd_dx_kernel"] = K.conv_bwd_dx_kernel[grid](
-        g, w, dx, seqlen, e, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
-        K=k, BT=CONV_BT, BE=CONV_BE, num_warps=CONV_WARPS,
-    )  # fmt: skip
+    if _walks(w):
+        span = _walk_span(x, bsz, seqlen, e, CONV_WALK_FILL[1])
+        n_split = triton.cdiv(seqlen, span)
+        dwb = torch.empty(bsz, n_split, k + 1, 2 * e, device=x.device, dtype=torch.float32)
+        LAST["conv_bwd_walk_kernel"] = K.conv_bwd_walk_kernel[(triton.cdiv(e, CONV_WALK_BE), bsz, n_split)](
+            x, w, bias, g, dx, dwb, seqlen, e, span, n_split,
+            x.stride(0), x.stride(1), g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
+            K=k, BE=CONV_WALK_BE, num_warps=CONV_WALK_WARPS,
+        )  # fmt: skip
+    else:
+        span = _conv_span(x, bsz, seqlen, e)
+        n_split = triton.cdiv(seqlen, span)
+        dwb = torch.empty(bsz, n_split, k + 1, 2 * e, device=x.device, dtype=torch.float32)
+        LAST["conv_bwd_gp_kernel"] = K.conv_bwd_gp_kernel[(triton.cdiv(e, CONV_GP_BE), bsz, n_split)](
+            x, w, bias, g, g, dwb, seqlen, e, span, n_split, x.stride(0), x.stride(1), g.stride(0), g.stride(1),
+            K=k, BK=triton.next_power_of_2(k + 1), BT=CONV_GP_BT, BE=CONV_GP_BE, num_warps=CONV_GP_WARPS,
+        )  # fmt: skip
+        grid = (triton.cdiv(seqlen, CONV_BT), triton.cdiv(e, CONV_BE), bsz)
+        LAST["conv_bwd_dx_kernel"] = K.conv_bwd_dx_kernel[grid](
+            g, w, dx, seqlen, e, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
+            K=k, BT=CONV_BT, BE=CONV_BE, num_warps=CONV_WARPS,
+        )  # fmt: skip
     dw, db = colsum(dwb.view(bsz * n_split, k + 1, 2 * e), k)  # contiguous, as the parameters are
     return dw, db[0]
 

@@ -350,6 +350,219 @@ def conv_bwd_dx_kernel(
     tl.store(dx_ptr + b * sdx_b + t[:, None] * sdx_l + e[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
+# Token walks (CONV_WALK, up to four taps: Vim's d_conv). A program walks a span of tokens of one
+# batch row and BE channels, one token per step, loading each input row once and keeping the
+# last three in registers: the window x[t-3..t] gives both branches' outputs, the forward
+# branch's at t and the backward branch's at t-3. The tile kernels above load a tile's rows
+# once per tap and branch (eight shifted loads covering 14 distinct rows as 64 for 8-token
+# tiles), which keeps the L1/TEX pipe 85-90% busy (docs/kernel-notes.md). Weights are laid out
+# over the window, taps past the conv's width zero: forward tap j (of x[t-3+j]) is w_f[j-4+K],
+# backward tap j (of x[t-3+j] for the output at t-3) is w_b[K-1-j].
+
+
+@triton.jit
+def _wf4(w_ptr, e, me, j: tl.constexpr, K: tl.constexpr):
+    """Forward branch, window tap j: w_f[j - 4 + K] (BE,) float32, zero for j < 4 - K."""
+    if j < 4 - K:
+        return tl.zeros(e.shape, tl.float32)
+    else:
+        return tl.load(w_ptr + e * K + (j - 4 + K), mask=me, other=0.0)
+
+
+@triton.jit
+def _wb4(w_ptr, e, me, E, j: tl.constexpr, K: tl.constexpr):
+    """Backward branch, window tap j: w_b[K - 1 - j] (BE,) float32, zero for j >= K."""
+    if j >= K:
+        return tl.zeros(e.shape, tl.float32)
+    else:
+        return tl.load(w_ptr + (E + e) * K + (K - 1 - j), mask=me, other=0.0)
+
+
+@triton.jit
+def _row(base, t, s_l, me, L):
+    """Row t (BE,) of a (tokens, channels) slice at ``base``, float32; 0 outside [0, L)."""
+    return tl.load(base + t * s_l, mask=me & (t >= 0) & (t < L), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _fwd_step(x0, x1, x2, x3, t, lo, hi, ob, so_l, E, me, wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb):
+    """One step of the forward walk: window x[t-3..t] -> out[t] (forward branch, stored when t
+    is in [lo, hi)) and out[t-3] (backward branch, stored when t-3 is)."""
+    yf = bf + wf0 * x0 + wf1 * x1 + wf2 * x2 + wf3 * x3
+    yb = bb + wb0 * x0 + wb1 * x1 + wb2 * x2 + wb3 * x3
+    tl.store(ob + t * so_l, _silu(yf).to(ob.dtype.element_ty), mask=me & (t >= lo) & (t < hi))
+    s = t - 3
+    tl.store(ob + s * so_l + E, _silu(yb).to(ob.dtype.element_ty), mask=me & (s >= lo) & (s < hi))
+
+
+@triton.jit
+def conv_fwd_walk_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, dbc_ptr, bc_ptr,
+    L, E, P, R, N2, T,
+    sx_b, sx_l, so_b, so_l,
+    K: tl.constexpr, BE: tl.constexpr, PACK: tl.constexpr, BJ: tl.constexpr, BTP: tl.constexpr,
+):  # fmt: skip
+    """What :func:`conv_fwd_kernel` computes, by token walks: program (channel block, batch row,
+    span) writes out rows [span T, span T + T) of both branches, reading x rows from 3 before to
+    3 after. K <= 4. PACK as in :func:`conv_fwd_kernel`, over the span's rows in tiles of BTP."""
+    pid_e, b, sp = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    lo = sp * T
+    hi = tl.minimum(lo + T, L)
+    if PACK:
+        if pid_e == 0:
+            j = tl.arange(0, BJ)[None, :]
+            for t0 in range(lo, hi, BTP):
+                row = b * L + t0 + tl.arange(0, BTP)[:, None]  # (BTP, 1) rows of dbc
+                mj = (t0 + tl.arange(0, BTP)[:, None] < hi) & (j < N2)
+                for D in tl.static_range(2):
+                    v = tl.load(dbc_ptr + row * (2 * P) + D * P + R + j, mask=mj, other=0.0)
+                    tl.store(bc_ptr + (row * 2 + D) * N2 + j, v.to(tl.float32), mask=mj)
+    e = pid_e * BE + tl.arange(0, BE)
+    me = e < E
+    xb = x_ptr + b * sx_b + e
+    ob = out_ptr + b * so_b + e
+    wf0, wf1 = _wf4(w_ptr, e, me, 0, K), _wf4(w_ptr, e, me, 1, K)
+    wf2, wf3 = _wf4(w_ptr, e, me, 2, K), _wf4(w_ptr, e, me, 3, K)
+    wb0, wb1 = _wb4(w_ptr, e, me, E, 0, K), _wb4(w_ptr, e, me, E, 1, K)
+    wb2, wb3 = _wb4(w_ptr, e, me, E, 2, K), _wb4(w_ptr, e, me, E, 3, K)
+    bf = tl.load(bias_ptr + e, mask=me, other=0.0)
+    bb = tl.load(bias_ptr + E + e, mask=me, other=0.0)
+    x0, x1, x2 = _row(xb, lo - 3, sx_l, me, L), _row(xb, lo - 2, sx_l, me, L), _row(xb, lo - 1, sx_l, me, L)
+    p0, p1 = _row(xb, lo, sx_l, me, L), _row(xb, lo + 1, sx_l, me, L)
+    p2, p3 = _row(xb, lo + 2, sx_l, me, L), _row(xb, lo + 3, sx_l, me, L)
+    for t0 in range(lo, hi + 3, 4):  # steps t in [lo, hi + 3): the last backward output is hi - 1
+        # the next four rows, loaded while these four are computed
+        n0, n1 = _row(xb, t0 + 4, sx_l, me, L), _row(xb, t0 + 5, sx_l, me, L)
+        n2, n3 = _row(xb, t0 + 6, sx_l, me, L), _row(xb, t0 + 7, sx_l, me, L)
+        _fwd_step(x0, x1, x2, p0, t0, lo, hi, ob, so_l, E, me, wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb)
+        _fwd_step(
+            x1, x2, p0, p1, t0 + 1, lo, hi, ob, so_l, E, me, wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb
+        )
+        _fwd_step(
+            x2, p0, p1, p2, t0 + 2, lo, hi, ob, so_l, E, me, wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb
+        )
+        _fwd_step(
+            p0, p1, p2, p3, t0 + 3, lo, hi, ob, so_l, E, me, wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb
+        )
+        x0, x1, x2 = p1, p2, p3
+        p0, p1, p2, p3 = n0, n1, n2, n3
+
+
+@triton.jit
+def _bwd_step(x0, x1, x2, x3, gf, gb, f1, f2, f3, g1, g2, g3, t, lo, hi, dxb, sdx_l, me, wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb,
+              af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb):  # fmt: skip
+    """One step of the backward walk at window x[t-3..t], with gf = g_fwd[t] and gb = g_bwd[t-3]
+    (the SiLU outputs' gradients) and the pre-activation gradients already computed: f1..f3 of
+    the forward branch at t-3..t-1, g1..g3 of the backward branch at t-6..t-4. Computes the
+    forward branch's at t and the backward branch's at t-3, adds their products with the window
+    to the weight and bias gradients when their rows are in [lo, hi), stores dx[t-3] when it is,
+    and returns the two new pre-activation gradients and the accumulators."""
+    pf = gf * _dsilu(bf + wf0 * x0 + wf1 * x1 + wf2 * x2 + wf3 * x3)
+    pb = gb * _dsilu(bb + wb0 * x0 + wb1 * x1 + wb2 * x2 + wb3 * x3)
+    s = t - 3
+    kf = tl.where((t >= lo) & (t < hi), pf, 0.0)  # this span's rows only (halo rows belong to others)
+    kb = tl.where((s >= lo) & (s < hi), pb, 0.0)
+    af0, af1, af2, af3, afb = af0 + kf * x0, af1 + kf * x1, af2 + kf * x2, af3 + kf * x3, afb + kf
+    ab0, ab1, ab2, ab3, abb = ab0 + kb * x0, ab1 + kb * x1, ab2 + kb * x2, ab3 + kb * x3, abb + kb
+    # dx[s] = sum_j wf[j] gp_f[s + 3 - j] + wb[j] gp_b[s - j]
+    dx = wf0 * pf + wf1 * f3 + wf2 * f2 + wf3 * f1 + wb0 * pb + wb1 * g3 + wb2 * g2 + wb3 * g1
+    tl.store(dxb + s * sdx_l, dx.to(dxb.dtype.element_ty), mask=me & (s >= lo) & (s < hi))
+    return pf, pb, af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb
+
+
+@triton.jit
+def _store_dw(out, ab, a0, a1, a2, a3, E, me, FWD: tl.constexpr, K: tl.constexpr):
+    """The window taps' gradients of one branch as the conv's taps, rows 0..K-1 of ``out``
+    ((K + 1) rows of 2E at this span and branch), and the bias gradient as row K."""
+    tl.store(out + K * (2 * E), ab, mask=me)
+    if FWD:  # window tap j is conv tap j - 4 + K
+        if K >= 4:
+            tl.store(out + (K - 4) * (2 * E), a0, mask=me)
+        if K >= 3:
+            tl.store(out + (K - 3) * (2 * E), a1, mask=me)
+        if K >= 2:
+            tl.store(out + (K - 2) * (2 * E), a2, mask=me)
+        tl.store(out + (K - 1) * (2 * E), a3, mask=me)
+    else:  # window tap j is conv tap K - 1 - j
+        tl.store(out + (K - 1) * (2 * E), a0, mask=me)
+        if K >= 2:
+            tl.store(out + (K - 2) * (2 * E), a1, mask=me)
+        if K >= 3:
+            tl.store(out + (K - 3) * (2 * E), a2, mask=me)
+        if K >= 4:
+            tl.store(out + (K - 4) * (2 * E), a3, mask=me)
+
+
+@triton.jit
+def conv_bwd_walk_kernel(
+    x_ptr, w_ptr, bias_ptr, g_ptr, dx_ptr, dwb_ptr,
+    L, E, T, n_split,
+    sx_b, sx_l, sg_b, sg_l, sdx_b, sdx_l,
+    K: tl.constexpr, BE: tl.constexpr,
+):  # fmt: skip
+    """The conv backward in one token walk (K <= 4): program (channel block, batch row, span)
+    writes dx rows [span T, span T + T) and the span's weight and bias gradients dwb
+    (B, n_split, K + 1, 2E) float32 (as :func:`conv_bwd_gp_kernel`), from x and g (B, L, 2E),
+    the gradient of the SiLU outputs (not written). The pre-activation gradients are
+    recomputed for the three halo rows on each side instead of being stored and read again."""
+    pid_e, b, sp = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    lo = sp * T
+    hi = tl.minimum(lo + T, L)
+    e = pid_e * BE + tl.arange(0, BE)
+    me = e < E
+    xb = x_ptr + b * sx_b + e
+    gfb = g_ptr + b * sg_b + e  # forward branch's g
+    gbb = gfb + E
+    dxb = dx_ptr + b * sdx_b + e
+    wf0, wf1 = _wf4(w_ptr, e, me, 0, K), _wf4(w_ptr, e, me, 1, K)
+    wf2, wf3 = _wf4(w_ptr, e, me, 2, K), _wf4(w_ptr, e, me, 3, K)
+    wb0, wb1 = _wb4(w_ptr, e, me, E, 0, K), _wb4(w_ptr, e, me, E, 1, K)
+    wb2, wb3 = _wb4(w_ptr, e, me, E, 2, K), _wb4(w_ptr, e, me, E, 3, K)
+    bf = tl.load(bias_ptr + e, mask=me, other=0.0)
+    bb = tl.load(bias_ptr + E + e, mask=me, other=0.0)
+    z = tl.zeros((BE,), tl.float32)
+    af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb = z, z, z, z, z, z, z, z, z, z
+    f1, f2, f3, g1, g2, g3 = z, z, z, z, z, z  # pre-activation gradients before the walk: unused
+    x0, x1, x2 = _row(xb, lo - 3, sx_l, me, L), _row(xb, lo - 2, sx_l, me, L), _row(xb, lo - 1, sx_l, me, L)
+    p0, p1 = _row(xb, lo, sx_l, me, L), _row(xb, lo + 1, sx_l, me, L)
+    p2, p3 = _row(xb, lo + 2, sx_l, me, L), _row(xb, lo + 3, sx_l, me, L)
+    q0, q1 = _row(gfb, lo, sg_l, me, L), _row(gfb, lo + 1, sg_l, me, L)
+    q2, q3 = _row(gfb, lo + 2, sg_l, me, L), _row(gfb, lo + 3, sg_l, me, L)
+    r0, r1 = _row(gbb, lo - 3, sg_l, me, L), _row(gbb, lo - 2, sg_l, me, L)
+    r2, r3 = _row(gbb, lo - 1, sg_l, me, L), _row(gbb, lo, sg_l, me, L)
+    for t0 in range(lo, hi + 3, 4):  # steps t in [lo, hi + 3): the last dx row is hi - 1
+        # the next four steps' rows, loaded while these four are computed
+        n0, n1 = _row(xb, t0 + 4, sx_l, me, L), _row(xb, t0 + 5, sx_l, me, L)
+        n2, n3 = _row(xb, t0 + 6, sx_l, me, L), _row(xb, t0 + 7, sx_l, me, L)
+        nq0, nq1 = _row(gfb, t0 + 4, sg_l, me, L), _row(gfb, t0 + 5, sg_l, me, L)
+        nq2, nq3 = _row(gfb, t0 + 6, sg_l, me, L), _row(gfb, t0 + 7, sg_l, me, L)
+        nr0, nr1 = _row(gbb, t0 + 1, sg_l, me, L), _row(gbb, t0 + 2, sg_l, me, L)
+        nr2, nr3 = _row(gbb, t0 + 3, sg_l, me, L), _row(gbb, t0 + 4, sg_l, me, L)
+        pf, pb, af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb = _bwd_step(
+            x0, x1, x2, p0, q0, r0, f1, f2, f3, g1, g2, g3, t0, lo, hi, dxb, sdx_l, me, wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb,
+            af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb)  # fmt: skip
+        f1, f2, f3, g1, g2, g3 = f2, f3, pf, g2, g3, pb
+        pf, pb, af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb = _bwd_step(
+            x1, x2, p0, p1, q1, r1, f1, f2, f3, g1, g2, g3, t0 + 1, lo, hi, dxb, sdx_l, me, wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb,
+            af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb)  # fmt: skip
+        f1, f2, f3, g1, g2, g3 = f2, f3, pf, g2, g3, pb
+        pf, pb, af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb = _bwd_step(
+            x2, p0, p1, p2, q2, r2, f1, f2, f3, g1, g2, g3, t0 + 2, lo, hi, dxb, sdx_l, me, wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb,
+            af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb)  # fmt: skip
+        f1, f2, f3, g1, g2, g3 = f2, f3, pf, g2, g3, pb
+        pf, pb, af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb = _bwd_step(
+            p0, p1, p2, p3, q3, r3, f1, f2, f3, g1, g2, g3, t0 + 3, lo, hi, dxb, sdx_l, me, wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb,
+            af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb)  # fmt: skip
+        f1, f2, f3, g1, g2, g3 = f2, f3, pf, g2, g3, pb
+        x0, x1, x2 = p1, p2, p3
+        p0, p1, p2, p3 = n0, n1, n2, n3
+        q0, q1, q2, q3 = nq0, nq1, nq2, nq3
+        r0, r1, r2, r3 = nr0, nr1, nr2, nr3
+    out = dwb_ptr + (b * n_split + sp) * (K + 1) * (2 * E) + e  # tap 0 of the forward branch
+    _store_dw(out, afb, af0, af1, af2, af3, E, me, True, K)
+    _store_dw(out + E, abb, ab0, ab1, ab2, ab3, E, me, False, K)
+
+
 # ----------------------------------------------------------------------------------------------
 # selective scan, both directions, D skip, SiLU(z) gate and combine. A program owns one batch row
 # and BE channels; each thread holds its channels' N states in registers (tensors (BN, BE)), the
