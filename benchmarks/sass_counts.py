@@ -72,6 +72,14 @@ KERNELS = {
         mod=K, odd={"L"}, warps=tc.CONV_WARPS, f32={"w_ptr"},
         variants=[dict(K=4, BT=tc.CONV_BT, BE=tc.CONV_BE)],
     ),
+    "conv_fwd_walk_kernel": dict(
+        mod=K, odd={"L", "P", "R", "T"}, warps=tc.CONV_WALK_WARPS, f32={"w_ptr", "bias_ptr", "bc_ptr"},
+        variants=[dict(K=4, BE=tc.CONV_WALK_BE, PACK=p, BJ=32, BTP=tc.CONV_PACK_BT) for p in (False, True)],
+    ),
+    "conv_bwd_walk_kernel": dict(
+        mod=K, odd={"L", "T", "n_split"}, warps=tc.CONV_WALK_WARPS, f32={"w_ptr", "bias_ptr", "dwb_ptr"},
+        variants=[dict(K=4, BE=tc.CONV_WALK_BE)],
+    ),
     "scan_fwd_kernel": dict(
         mod=K, odd={"L", "T", "n_ch", "n_b"}, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
         variants=[

@@ -11,6 +11,8 @@
 * ``--sweep``: channels per scan program and warps; the conv tile. ``--conv``: the conv
   backward's first kernel (tile, warps, token spans per batch row).
 * ``--conv-fwd`` (alone, or with ``--narrow``): the conv forward's tile at several shapes.
+* ``--conv-walk`` (likewise): the conv as token walks (channels, warps, spans) against the tile
+  kernels, forward and backward, at the same shapes.
 * ``--narrow`` (alone): the scan kernels' time by how their programs are laid out (channels per
   program, the forward's branches split or not), at several shapes.
 * ``--chunks sweep`` (alone): the two-level scan's chunk length at long and short sequences,
@@ -379,6 +381,62 @@ def conv_fwd_sweep(shapes=CONV_FWD_SHAPES, tiles=CONV_FWD_TILES) -> list[dict]:
     return rows
 
 
+# (channels, warps, programs per SM)
+CONV_WALKS = [
+    (64, 1, 8),
+    (64, 1, 16),
+    (64, 1, 32),
+    (128, 1, 8),
+    (128, 1, 16),
+    (128, 1, 32),
+    (128, 2, 16),
+    (256, 2, 16),
+]
+
+
+def conv_walk_sweep(shapes=CONV_FWD_SHAPES, walks=CONV_WALKS) -> list[dict]:
+    """The conv as token walks (CONV_WALK_BE channels, CONV_WALK_WARPS, CONV_WALK_FILL programs
+    per SM for both) against the tile kernels, forward and backward (with the weight-gradient
+    sums), bf16, at several shapes, in us, with the fewest bytes over the time (TB/s): the forward
+    reads x and writes both branches' outputs, the backward reads x and g and writes dx."""
+    rows = [_conv_walk_row(*shape, walks) for shape in shapes]
+    regs = {k: (h.n_regs, h.n_spills) for k, h in tc.LAST.items() if k.startswith("conv_")}
+    print("conv registers, spills (last launch of each):", regs, flush=True)
+    return rows
+
+
+def _conv_walk_row(label, bsz, seqlen, d, walks) -> dict:
+    e = 2 * d
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(bsz, seqlen, e, **bf)
+    out = torch.empty(bsz, seqlen, 2 * e, **bf)
+    g = torch.randn(bsz, seqlen, 2 * e, **bf)
+    dx = torch.empty_like(x)
+    cw, cb = torch.randn(2 * e, 4, device="cuda"), torch.randn(2 * e, device="cuda")
+    unit = bsz * seqlen * e * 2  # bytes of one (B, L, E) bf16 tensor
+    row = dict(shape=label, fwd_bytes=3 * unit, bwd_bytes=4 * unit)
+    clone = do_bench(lambda: g.clone(), return_mode="median")
+    configs = [("tile", dict(CONV_WALK=False))] + [
+        (f"walk{be}x{w}f{f}", dict(CONV_WALK=True, CONV_WALK_BE=be, CONV_WALK_WARPS=w, CONV_WALK_FILL=(f, f)))
+        for be, w, f in walks
+    ]
+    for name, settings in configs:
+        with triton_settings(**settings):
+            row[f"fwd_{name}_us"] = 1e3 * do_bench(lambda: tc.conv_fwd(x, cw, cb, out), return_mode="median")
+            row[f"bwd_{name}_us"] = 1e3 * (
+                do_bench(lambda: tc.conv_bwd(x, cw, cb, g.clone(), dx), return_mode="median") - clone
+            )
+    for kind in ("fwd", "bwd"):
+        cells = {
+            k[len(kind) + 1 : -3]: v for k, v in row.items() if k.startswith(kind + "_") and k.endswith("_us")
+        }
+        best = min(cells, key=cells.get)
+        text = "  ".join(f"{k} {v:.1f}" for k, v in cells.items())
+        tbs = row[f"{kind}_bytes"] / cells[best] / 1e6
+        print(f"conv walk {label} {kind} (us): {text}; best {best} {tbs:.2f} TB/s", flush=True)
+    return row
+
+
 def conv_sweep(bsz=128, seqlen=197, d=384) -> list[dict]:
     """The conv backward at the Vim-S layer shape: the first kernel's tile, warps and token spans
     per batch row (CONV_GP_*), both kernels and the weight-gradient sums, less a clone of g."""
@@ -412,6 +470,7 @@ def main():
     ap.add_argument("--conv", action="store_true", help="the conv backward's sweep (first kernel)")
     ap.add_argument("--conv-fwd", action="store_true", help="only the conv forward's tile, at several shapes")
     ap.add_argument("--narrow", action="store_true", help="only the scan programs' layout, at several shapes")
+    ap.add_argument("--conv-walk", action="store_true", help="only the conv token walks against the tiles")
     ap.add_argument("--out", default=None)
     ap.add_argument(
         "--models", nargs="*", default=[], help="whole-model throughput (cuda, triton, deit) after the sweep"
@@ -422,7 +481,9 @@ def main():
     )  # fmt: skip
     args = ap.parse_args()
     out = {"gpu": torch.cuda.get_device_name(0), "settings": apply_settings(args.set)}
-    if args.narrow or args.conv_fwd:
+    if args.narrow or args.conv_fwd or args.conv_walk:
+        if args.conv_walk:
+            out["conv_walk"] = conv_walk_sweep()
         if args.narrow:
             out["narrow"] = narrow_sweep()
         if args.conv_fwd:

@@ -113,6 +113,27 @@ def test_scan_variants_match_float64_reference(monkeypatch, be, keep, rs):
     assert not bad, bad
 
 
+# the conv as token walks (the default) at several widths and spans, and the tile kernels; 160
+# inner channels leave a partial channel block, spans of 5 tokens a short last span
+@pytest.mark.parametrize(
+    "walk,be,span", [(True, 64, None), (True, 128, 5), (True, 256, 16), (True, 128, 37), (False, 128, None)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_variants_match_float64_reference(monkeypatch, walk, be, span, dtype):
+    from vimssl.ssm import triton_core as tc
+
+    for k, v in dict(CONV_WALK=walk, CONV_WALK_BE=be, CONV_WALK_SPAN=span, LAST={}).items():
+        monkeypatch.setattr(tc, k, v)
+    err_out, errs = core_errors((3, 37, 80, 16), dtype)
+    tol_out, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 3e-2)
+    assert err_out < tol_out
+    bad = {name: e for name, e in errs.items() if not e < tol_grad}
+    assert not bad, bad
+    walks = {"conv_fwd_walk_kernel", "conv_bwd_walk_kernel"}
+    tiles = {"conv_fwd_kernel", "conv_bwd_gp_kernel", "conv_bwd_dx_kernel"}
+    assert {k for k in tc.LAST if k.startswith("conv_")} == (walks if walk else tiles)
+
+
 # the forward scan with its two branches in separate programs, then a combine kernel (what the
 # launchers pick for few programs per SM), and not split: outputs, gradients and the saved branch sum
 @pytest.mark.parametrize("split", [True, False])
