@@ -416,10 +416,13 @@ def _conv_walk_row(label, bsz, seqlen, d, walks) -> dict:
     unit = bsz * seqlen * e * 2  # bytes of one (B, L, E) bf16 tensor
     row = dict(shape=label, fwd_bytes=3 * unit, bwd_bytes=4 * unit)
     clone = do_bench(lambda: g.clone(), return_mode="median")
-    configs = [("tile", dict(CONV_WALK=False))] + [
-        (f"walk{be}x{w}f{f}", dict(CONV_WALK=True, CONV_WALK_BE=be, CONV_WALK_WARPS=w, CONV_WALK_FILL=(f, f)))
-        for be, w, f in walks
-    ]
+    configs = [("tile", dict(CONV_WALK=False))]
+    for be, w, f in walks:  # f > 0: programs per SM; f < 0: -f spans per row
+        walk = dict(CONV_WALK=True, CONV_WALK_BE=be, CONV_WALK_WARPS=w)
+        if f > 0:
+            configs.append((f"walk{be}x{w}f{f}", dict(walk, CONV_WALK_FILL=(f, f))))
+        else:
+            configs.append((f"walk{be}x{w}n{-f}", dict(walk, CONV_WALK_SPAN=-(-seqlen // -f))))
     for name, settings in configs:
         with triton_settings(**settings):
             row[f"fwd_{name}_us"] = 1e3 * do_bench(lambda: tc.conv_fwd(x, cw, cb, out), return_mode="median")
@@ -471,6 +474,10 @@ def main():
     ap.add_argument("--conv-fwd", action="store_true", help="only the conv forward's tile, at several shapes")
     ap.add_argument("--narrow", action="store_true", help="only the scan programs' layout, at several shapes")
     ap.add_argument("--conv-walk", action="store_true", help="only the conv token walks against the tiles")
+    ap.add_argument(
+        "--walks", nargs="*", default=None, metavar="BE,WARPS,F",
+        help="--conv-walk's configurations: channels, warps, programs per SM (F > 0) or spans per row (-F)",
+    )  # fmt: skip
     ap.add_argument("--out", default=None)
     ap.add_argument(
         "--models", nargs="*", default=[], help="whole-model throughput (cuda, triton, deit) after the sweep"
@@ -483,7 +490,8 @@ def main():
     out = {"gpu": torch.cuda.get_device_name(0), "settings": apply_settings(args.set)}
     if args.narrow or args.conv_fwd or args.conv_walk:
         if args.conv_walk:
-            out["conv_walk"] = conv_walk_sweep()
+            walks = [tuple(int(v) for v in w.split(",")) for w in args.walks] if args.walks else CONV_WALKS
+            out["conv_walk"] = conv_walk_sweep(walks=walks)
         if args.narrow:
             out["narrow"] = narrow_sweep()
         if args.conv_fwd:

@@ -88,8 +88,8 @@ CONV_GP_FILL = 16
 # a span of tokens; the spans aim at CONV_WALK_FILL = (forward, backward) programs per SM, with at
 # least CONV_WALK_MIN_SPAN tokens each (CONV_WALK_SPAN forces the span: tests, sweeps)
 CONV_WALK = True
-CONV_WALK_BE, CONV_WALK_WARPS = 64, 1
-CONV_WALK_FILL, CONV_WALK_MIN_SPAN = (16, 16), 16
+CONV_WALK_BE, CONV_WALK_WARPS = 128, 1
+CONV_WALK_FILL, CONV_WALK_MIN_SPAN = (8, 8), 16
 CONV_WALK_SPAN: int | None = None
 CONV_PACK_BT = 8  # tokens per tile of the forward walk's B/C packing
 # training keeps the x_proj output but not the packed float32 B/C built from it: the backward's
