@@ -47,10 +47,11 @@ def interpreter_report(parts: int = 2) -> dict:
 def test_kernels_match_reference_under_interpreter():
     report = interpreter_report()
     results = report["shapes"]
-    assert [r["index"] for r in results] == list(range(17))
+    assert [r["index"] for r in results] == list(range(19))
     assert sum(r["keep"] for r in results) == 2
     assert sum(not r["bc_in_conv"] for r in results) == 1  # the packed B/C kept from the forward
     assert sum(r["split"] for r in results) == 2  # the forward's branches in separate programs
+    assert sum(not r["conv_walk"] for r in results) == 2  # the conv's tile kernels
     # the two-level scan: one length for both scans, or (forward, backward); with the forward's
     # states saved for the backward (SEQ_SAVE_CARRY) or computed by the backward itself
     chunked = [(r["chunk"], r["save_carry"]) for r in results if r["chunk"]]
@@ -79,8 +80,15 @@ def test_kernels_match_reference_under_interpreter():
         assert r["dtypes"][:4] == ["torch.float32"] * 4, r
         if r["x_dtype"] != "None":
             assert r["dtypes"][4] == r["x_dtype"], r
-    assert set(report["conv_widths"]) == {"3", "5"}  # conv widths other than 4 (another code path)
-    assert all(err < 1e-4 for err in report["conv_widths"].values()), report["conv_widths"]
+    # conv widths other than 4: token walks up to 4 taps, tile kernels above
+    widths = report["conv_widths"]
+    assert set(widths) == {"2", "3", "5"}
+    assert all(r["error"] < 1e-4 for r in widths.values()), widths
+    walks, tiles = (
+        ["conv_bwd_walk_kernel", "conv_fwd_walk_kernel"],
+        ["conv_bwd_dx_kernel", "conv_bwd_gp_kernel", "conv_fwd_kernel"],
+    )
+    assert [widths[k]["kernels"] for k in ("2", "3", "5")] == [walks, walks, tiles], widths
     # out_proj inside the core's Function: the core's output kept, rebuilt by the scan backward
     # (forced, and by default with the forward's carries saved), out_proj frozen, and hooked (then
     # called as a module, so that its hook sees the core's output)

@@ -35,6 +35,8 @@ CHUNK_SHAPES = [((2, 7, 8, 4), 3), ((3, 13, 6, 3), 4), ((1, 37, 8, 16), 8)]
 SPLIT_SHAPES = [(2, 7, 8, 4), (1, 37, 8, 16)]
 # the packed B/C kept from the forward instead of rebuilt in the backward's conv (BC_IN_CONV off)
 BC_KEPT_SHAPES = [(3, 13, 6, 3)]
+# the conv's tile kernels instead of its token walks (CONV_WALK off)
+TILE_CONV_SHAPES = [(2, 7, 8, 4), (3, 13, 6, 3)]
 # the two-level scan with (forward, backward) chunk lengths, the backward's a multiple of the
 # forward's, so that the forward stores the states the backward's chunks start from
 # (SEQ_SAVE_CARRY): a backward chunk of two and of three forward chunks, and a last backward chunk
@@ -70,10 +72,11 @@ def core_reference(m: BiMambaMixer, xz: torch.Tensor):
 # interpreter's time grows with the program count)
 SMALL_TILES = dict(
     SEQ_BE_FWD=4, SEQ_BE_BWD=4, CONV_BT=4, CONV_BE=8, CONV_GP_BT=4, CONV_GP_BE=8, PREP_BE=8,
-    PART_BT=4, COLSUM_BR=4, COLSUM_BW=8,
+    PART_BT=4, COLSUM_BR=4, COLSUM_BW=8, CONV_WALK_BE=8, CONV_PACK_BT=4,
 )  # fmt: skip
 WIDE_TILES = dict(
-    SMALL_TILES, SEQ_BE_FWD=32, SEQ_BE_BWD=32, CONV_BE=32, CONV_GP_BE=32, PREP_BE=32, CONV_BT=16, CONV_GP_BT=16
+    SMALL_TILES, SEQ_BE_FWD=32, SEQ_BE_BWD=32, CONV_BE=32, CONV_GP_BE=32, PREP_BE=32, CONV_BT=16, CONV_GP_BT=16,
+    CONV_WALK_BE=32,
 )  # fmt: skip
 
 
@@ -87,12 +90,13 @@ def main() -> None:
     # every check starts from the library's settings (what an earlier check switched is undone)
     # with its tiles on top
     defaults = {name: value for name, value in vars(tc).items() if name.isupper()}
-    runs_cfg = [(s, False, 0, False, True, True) for s in SHAPES]
-    runs_cfg += [(s, True, 0, False, True, True) for s in KEEP_SHAPES]
-    runs_cfg += [(s, False, chunk, False, True, True) for s, chunk in CHUNK_SHAPES + PAIR_SHAPES]
-    runs_cfg += [(s, False, chunk, False, True, False) for s, chunk in OWN_STATE_SHAPES]
-    runs_cfg += [(s, False, 0, True, True, True) for s in SPLIT_SHAPES]
-    runs_cfg += [(s, False, 0, False, False, True) for s in BC_KEPT_SHAPES]
+    runs_cfg = [(s, False, 0, False, True, True, True) for s in SHAPES]
+    runs_cfg += [(s, True, 0, False, True, True, True) for s in KEEP_SHAPES]
+    runs_cfg += [(s, False, chunk, False, True, True, True) for s, chunk in CHUNK_SHAPES + PAIR_SHAPES]
+    runs_cfg += [(s, False, chunk, False, True, False, True) for s, chunk in OWN_STATE_SHAPES]
+    runs_cfg += [(s, False, 0, True, True, True, True) for s in SPLIT_SHAPES]
+    runs_cfg += [(s, False, 0, False, False, True, True) for s in BC_KEPT_SHAPES]
+    runs_cfg += [(s, False, 0, False, True, True, False) for s in TILE_CONV_SHAPES]
     checks = [
         (f"shape {k}", functools.partial(shape_check, k, *cfg), SMALL_TILES) for k, cfg in enumerate(runs_cfg)
     ]
@@ -118,7 +122,7 @@ def main() -> None:
     print(json.dumps(report))
 
 
-def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry) -> dict:
+def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_walk) -> dict:
     """The fused core against the float64 reference at one shape and launcher setting: relative
     errors of the output and every gradient, whether two runs gave the same bits (chunked: the
     second walking every chunk's carries), and whether every output was finite (written)."""
@@ -126,6 +130,8 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry) -> dic
     tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT, tc.BC_IN_CONV = keep, chunk, split, bc_in_conv
     tc.SEQ_SAVE_CARRY = save_carry
     tc.CONV_GP_SPLIT = 3 if chunk else 1  # the conv backward's token walk in spans, too
+    # the conv's token walks (or its tiles) in spans of a few tokens: halos across spans
+    tc.CONV_WALK, tc.CONV_WALK_SPAN = conv_walk, 3 if chunk else 5
     m = BiMambaMixer(d, d_state=n)
     with torch.no_grad():
         for p in m.parameters():
@@ -149,7 +155,8 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry) -> dic
     finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(t).all()) for t in grads)
     return dict(
         index=index, shape=[bsz, seqlen, d, n], keep=keep, chunk=chunk, split=split,
-        bc_in_conv=bc_in_conv, save_carry=save_carry, errors=errs, deterministic=same, finite=finite,
+        bc_in_conv=bc_in_conv, save_carry=save_carry, conv_walk=conv_walk, errors=errs, deterministic=same,
+        finite=finite,
     )  # fmt: skip
 
 
@@ -221,10 +228,13 @@ def core_out() -> list[dict]:
 
 
 def conv_widths() -> dict:
-    """Conv widths other than Vim's 4 (the conv backward has a separate code path above 4 taps):
-    the largest relative error of the output and every gradient against float64, per width."""
+    """Conv widths other than Vim's 4 (up to 4 taps the token walks, with zero taps in front;
+    above, the tile kernels): per width the largest relative error of the output and every
+    gradient against float64, and the conv kernels that ran."""
     out = {}
-    for k in (3, 5):
+    tc.CONV_WALK_SPAN = 4
+    for k in (2, 3, 5):
+        tc.LAST = {}
         torch.manual_seed(k)
         m = BiMambaMixer(8, d_state=4, d_conv=k)
         with torch.no_grad():
@@ -235,7 +245,8 @@ def conv_widths() -> dict:
         xzt = xz.clone().requires_grad_()
         o = tc.bimamba_core_triton(xzt, m)
         grads = torch.autograd.grad(o, [xzt] + params, g.float())
-        out[str(k)] = max([rel(o, ref)] + [rel(a, b) for a, b in zip(grads, gref)])
+        err = max([rel(o, ref)] + [rel(a, b) for a, b in zip(grads, gref)])
+        out[str(k)] = dict(error=err, kernels=sorted(n for n in tc.LAST if n.startswith("conv_")))
     return out
 
 
