@@ -36,7 +36,7 @@ SPLIT_SHAPES = [(2, 7, 8, 4), (1, 37, 8, 16)]
 # the packed B/C kept from the forward instead of rebuilt in the backward's conv (BC_IN_CONV off)
 BC_KEPT_SHAPES = [(3, 13, 6, 3)]
 # the conv's tile kernels instead of its token walks (CONV_WALK off)
-TILE_CONV_SHAPES = [(2, 7, 8, 4), (3, 13, 6, 3)]
+TILE_CONV_SHAPES = [(3, 13, 6, 3)]
 # the two-level scan with (forward, backward) chunk lengths, the backward's a multiple of the
 # forward's, so that the forward stores the states the backward's chunks start from
 # (SEQ_SAVE_CARRY): a backward chunk of two and of three forward chunks, and a last backward chunk
@@ -72,7 +72,7 @@ def core_reference(m: BiMambaMixer, xz: torch.Tensor):
 # interpreter's time grows with the program count)
 SMALL_TILES = dict(
     SEQ_BE_FWD=4, SEQ_BE_BWD=4, CONV_BT=4, CONV_BE=8, CONV_GP_BT=4, CONV_GP_BE=8, PREP_BE=8,
-    PART_BT=4, COLSUM_BR=4, COLSUM_BW=8, CONV_WALK_BE=8, CONV_PACK_BT=4,
+    PART_BT=4, COLSUM_BR=4, COLSUM_BW=8, CONV_WALK_BE=16, CONV_PACK_BT=4,
 )  # fmt: skip
 WIDE_TILES = dict(
     SMALL_TILES, SEQ_BE_FWD=32, SEQ_BE_BWD=32, CONV_BE=32, CONV_GP_BE=32, PREP_BE=32, CONV_BT=16, CONV_GP_BT=16,
@@ -130,8 +130,9 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_w
     tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT, tc.BC_IN_CONV = keep, chunk, split, bc_in_conv
     tc.SEQ_SAVE_CARRY = save_carry
     tc.CONV_GP_SPLIT = 3 if chunk else 1  # the conv backward's token walk in spans, too
-    # the conv's token walks (or its tiles) in spans of a few tokens: halos across spans
-    tc.CONV_WALK, tc.CONV_WALK_SPAN = conv_walk, 3 if chunk else 5
+    # the conv's token walks (or its tiles), in spans of 5 tokens (halos across spans) where the
+    # scan is not chunked (the interpreter's time grows with the walks' programs)
+    tc.CONV_WALK, tc.CONV_WALK_SPAN = conv_walk, None if chunk else 5
     m = BiMambaMixer(d, d_state=n)
     with torch.no_grad():
         for p in m.parameters():
@@ -240,7 +241,7 @@ def conv_widths() -> dict:
         with torch.no_grad():
             for p in m.parameters():
                 p.add_(0.1 * torch.randn_like(p))
-        xz = torch.randn(2, 11, 2 * m.d_inner)
+        xz = torch.randn(1, 11, 2 * m.d_inner)
         names, params, ref, g, gref = core_reference(m, xz)
         xzt = xz.clone().requires_grad_()
         o = tc.bimamba_core_triton(xzt, m)
