@@ -245,6 +245,36 @@ def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
     assert tc._chunk_len(torch.empty(1), 4097, 1, tc.SEQ_FILL_FWD) == 4097
 
 
+def test_conv_walk_spans_and_widths(monkeypatch):
+    # the conv's token walks (launcher side, no GPU needed): spans for CONV_WALK_FILL programs per
+    # SM of at least CONV_WALK_MIN_SPAN tokens (the spans of docs/kernel-notes.md, v20), one span
+    # per row off the GPU, CONV_WALK_SPAN forcing it; tile kernels above four taps or when off
+    from types import SimpleNamespace
+
+    from vimssl.ssm import triton_core as tc
+
+    monkeypatch.setattr(tc, "sm_count", lambda device: 132)
+    gpu = SimpleNamespace(device=torch.device("cuda", 0))
+
+    def spans(batch, tokens, d_model, fill=8):
+        span = tc._walk_span(gpu, batch, tokens, 2 * d_model, fill)
+        return span, -(-tokens // span)
+
+    assert spans(128, 197, 384) == (99, 2)  # Vim-S 224 px, batch 128
+    assert spans(128, 197, 192) == (66, 3)  # Vim-T
+    assert spans(128, 197, 768) == (197, 1)  # Vim-B: one span per row fills the GPU
+    assert spans(8, 4097, 384) == (187, 22)  # Vim-S 1024 px, batch 8
+    assert spans(1, 40, 384) == (20, 2)  # short rows: spans of at least 16 tokens
+    assert spans(1, 20, 384) == (20, 1)
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    assert tc._walk_span(cpu, 8, 4097, 768, 8) == 4097
+    monkeypatch.setattr(tc, "CONV_WALK_SPAN", 5)
+    assert tc._walk_span(gpu, 128, 197, 768, 8) == 5
+    assert [tc._walks(torch.empty(6, k)) for k in (1, 2, 3, 4, 5)] == [True] * 4 + [False]
+    monkeypatch.setattr(tc, "CONV_WALK", False)
+    assert not tc._walks(torch.empty(6, 4))
+
+
 def test_wave_model_of_the_chunked_backward(monkeypatch):
     from vimssl.ssm import triton_core as tc
 
