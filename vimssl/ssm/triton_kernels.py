@@ -385,6 +385,26 @@ def _row(base, t, s_l, me, L):
 
 
 @triton.jit
+def _walk_weights(w_ptr, bias_ptr, e, me, E, K: tl.constexpr):
+    """Both branches' window taps (:func:`_wf4`, :func:`_wb4`) and biases for channels e."""
+    wf0, wf1 = _wf4(w_ptr, e, me, 0, K), _wf4(w_ptr, e, me, 1, K)
+    wf2, wf3 = _wf4(w_ptr, e, me, 2, K), _wf4(w_ptr, e, me, 3, K)
+    wb0, wb1 = _wb4(w_ptr, e, me, E, 0, K), _wb4(w_ptr, e, me, E, 1, K)
+    wb2, wb3 = _wb4(w_ptr, e, me, E, 2, K), _wb4(w_ptr, e, me, E, 3, K)
+    bf = tl.load(bias_ptr + e, mask=me, other=0.0)
+    bb = tl.load(bias_ptr + E + e, mask=me, other=0.0)
+    return wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb
+
+
+@triton.jit
+def _rows7(base, t, s_l, me, L):
+    """Rows t .. t+6 (:func:`_row`)."""
+    r0, r1, r2 = _row(base, t, s_l, me, L), _row(base, t + 1, s_l, me, L), _row(base, t + 2, s_l, me, L)
+    r3, r4 = _row(base, t + 3, s_l, me, L), _row(base, t + 4, s_l, me, L)
+    return r0, r1, r2, r3, r4, _row(base, t + 5, s_l, me, L), _row(base, t + 6, s_l, me, L)
+
+
+@triton.jit
 def _fwd_step(x0, x1, x2, x3, t, lo, hi, ob, so_l, E, me, wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb):
     """One step of the forward walk: window x[t-3..t] -> out[t] (forward branch, stored when t
     is in [lo, hi)) and out[t-3] (backward branch, stored when t-3 is)."""
@@ -421,15 +441,8 @@ def conv_fwd_walk_kernel(
     me = e < E
     xb = x_ptr + b * sx_b + e
     ob = out_ptr + b * so_b + e
-    wf0, wf1 = _wf4(w_ptr, e, me, 0, K), _wf4(w_ptr, e, me, 1, K)
-    wf2, wf3 = _wf4(w_ptr, e, me, 2, K), _wf4(w_ptr, e, me, 3, K)
-    wb0, wb1 = _wb4(w_ptr, e, me, E, 0, K), _wb4(w_ptr, e, me, E, 1, K)
-    wb2, wb3 = _wb4(w_ptr, e, me, E, 2, K), _wb4(w_ptr, e, me, E, 3, K)
-    bf = tl.load(bias_ptr + e, mask=me, other=0.0)
-    bb = tl.load(bias_ptr + E + e, mask=me, other=0.0)
-    x0, x1, x2 = _row(xb, lo - 3, sx_l, me, L), _row(xb, lo - 2, sx_l, me, L), _row(xb, lo - 1, sx_l, me, L)
-    p0, p1 = _row(xb, lo, sx_l, me, L), _row(xb, lo + 1, sx_l, me, L)
-    p2, p3 = _row(xb, lo + 2, sx_l, me, L), _row(xb, lo + 3, sx_l, me, L)
+    wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb = _walk_weights(w_ptr, bias_ptr, e, me, E, K)
+    x0, x1, x2, p0, p1, p2, p3 = _rows7(xb, lo - 3, sx_l, me, L)  # the window, and the first group
     for t0 in range(lo, hi + 3, 4):  # steps t in [lo, hi + 3): the last backward output is hi - 1
         # the next four rows, loaded while these four are computed
         n0, n1 = _row(xb, t0 + 4, sx_l, me, L), _row(xb, t0 + 5, sx_l, me, L)
@@ -449,8 +462,8 @@ def conv_fwd_walk_kernel(
 
 
 @triton.jit
-def _bwd_step(x0, x1, x2, x3, gf, gb, f1, f2, f3, g1, g2, g3, t, lo, hi, dxb, sdx_l, me, wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb,
-              af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb):  # fmt: skip
+def _bwd_step(x0, x1, x2, x3, gf, gb, f1, f2, f3, g1, g2, g3, t, lo, hi, dxb, sdx_l, me,
+              wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb, af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb):  # fmt: skip
     """One step of the backward walk at window x[t-3..t], with gf = g_fwd[t] and gb = g_bwd[t-3]
     (the SiLU outputs' gradients) and the pre-activation gradients already computed: f1..f3 of
     the forward branch at t-3..t-1, g1..g3 of the backward branch at t-6..t-4. Computes the
@@ -475,22 +488,22 @@ def _store_dw(out, ab, a0, a1, a2, a3, E, me, FWD: tl.constexpr, K: tl.constexpr
     """The window taps' gradients of one branch as the conv's taps, rows 0..K-1 of ``out``
     ((K + 1) rows of 2E at this span and branch), and the bias gradient as row K."""
     tl.store(out + K * (2 * E), ab, mask=me)
-    if FWD:  # window tap j is conv tap j - 4 + K
-        if K >= 4:
-            tl.store(out + (K - 4) * (2 * E), a0, mask=me)
-        if K >= 3:
-            tl.store(out + (K - 3) * (2 * E), a1, mask=me)
-        if K >= 2:
-            tl.store(out + (K - 2) * (2 * E), a2, mask=me)
-        tl.store(out + (K - 1) * (2 * E), a3, mask=me)
-    else:  # window tap j is conv tap K - 1 - j
-        tl.store(out + (K - 1) * (2 * E), a0, mask=me)
-        if K >= 2:
-            tl.store(out + (K - 2) * (2 * E), a1, mask=me)
-        if K >= 3:
-            tl.store(out + (K - 3) * (2 * E), a2, mask=me)
-        if K >= 4:
-            tl.store(out + (K - 4) * (2 * E), a3, mask=me)
+    _store_tap(out, a0, E, me, 0, FWD, K)
+    _store_tap(out, a1, E, me, 1, FWD, K)
+    _store_tap(out, a2, E, me, 2, FWD, K)
+    _store_tap(out, a3, E, me, 3, FWD, K)
+
+
+@triton.jit
+def _store_tap(out, a, E, me, j: tl.constexpr, FWD: tl.constexpr, K: tl.constexpr):
+    """Window tap j's gradient to its conv tap's row: j - 4 + K (forward branch), K - 1 - j
+    (backward branch); nothing for the zero taps of convs narrower than the window."""
+    if FWD:
+        if j >= 4 - K:
+            tl.store(out + (j - 4 + K) * (2 * E), a, mask=me)
+    else:
+        if j < K:
+            tl.store(out + (K - 1 - j) * (2 * E), a, mask=me)
 
 
 @triton.jit
@@ -514,18 +527,11 @@ def conv_bwd_walk_kernel(
     gfb = g_ptr + b * sg_b + e  # forward branch's g
     gbb = gfb + E
     dxb = dx_ptr + b * sdx_b + e
-    wf0, wf1 = _wf4(w_ptr, e, me, 0, K), _wf4(w_ptr, e, me, 1, K)
-    wf2, wf3 = _wf4(w_ptr, e, me, 2, K), _wf4(w_ptr, e, me, 3, K)
-    wb0, wb1 = _wb4(w_ptr, e, me, E, 0, K), _wb4(w_ptr, e, me, E, 1, K)
-    wb2, wb3 = _wb4(w_ptr, e, me, E, 2, K), _wb4(w_ptr, e, me, E, 3, K)
-    bf = tl.load(bias_ptr + e, mask=me, other=0.0)
-    bb = tl.load(bias_ptr + E + e, mask=me, other=0.0)
+    wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb = _walk_weights(w_ptr, bias_ptr, e, me, E, K)
     z = tl.zeros((BE,), tl.float32)
     af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb = z, z, z, z, z, z, z, z, z, z
     f1, f2, f3, g1, g2, g3 = z, z, z, z, z, z  # pre-activation gradients before the walk: unused
-    x0, x1, x2 = _row(xb, lo - 3, sx_l, me, L), _row(xb, lo - 2, sx_l, me, L), _row(xb, lo - 1, sx_l, me, L)
-    p0, p1 = _row(xb, lo, sx_l, me, L), _row(xb, lo + 1, sx_l, me, L)
-    p2, p3 = _row(xb, lo + 2, sx_l, me, L), _row(xb, lo + 3, sx_l, me, L)
+    x0, x1, x2, p0, p1, p2, p3 = _rows7(xb, lo - 3, sx_l, me, L)  # the window, and the first group
     q0, q1 = _row(gfb, lo, sg_l, me, L), _row(gfb, lo + 1, sg_l, me, L)
     q2, q3 = _row(gfb, lo + 2, sg_l, me, L), _row(gfb, lo + 3, sg_l, me, L)
     r0, r1 = _row(gbb, lo - 3, sg_l, me, L), _row(gbb, lo - 2, sg_l, me, L)
@@ -539,20 +545,20 @@ def conv_bwd_walk_kernel(
         nr0, nr1 = _row(gbb, t0 + 1, sg_l, me, L), _row(gbb, t0 + 2, sg_l, me, L)
         nr2, nr3 = _row(gbb, t0 + 3, sg_l, me, L), _row(gbb, t0 + 4, sg_l, me, L)
         pf, pb, af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb = _bwd_step(
-            x0, x1, x2, p0, q0, r0, f1, f2, f3, g1, g2, g3, t0, lo, hi, dxb, sdx_l, me, wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb,
-            af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb)  # fmt: skip
+            x0, x1, x2, p0, q0, r0, f1, f2, f3, g1, g2, g3, t0, lo, hi, dxb, sdx_l, me,
+            wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb, af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb)  # fmt: skip
         f1, f2, f3, g1, g2, g3 = f2, f3, pf, g2, g3, pb
         pf, pb, af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb = _bwd_step(
-            x1, x2, p0, p1, q1, r1, f1, f2, f3, g1, g2, g3, t0 + 1, lo, hi, dxb, sdx_l, me, wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb,
-            af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb)  # fmt: skip
+            x1, x2, p0, p1, q1, r1, f1, f2, f3, g1, g2, g3, t0 + 1, lo, hi, dxb, sdx_l, me,
+            wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb, af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb)  # fmt: skip
         f1, f2, f3, g1, g2, g3 = f2, f3, pf, g2, g3, pb
         pf, pb, af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb = _bwd_step(
-            x2, p0, p1, p2, q2, r2, f1, f2, f3, g1, g2, g3, t0 + 2, lo, hi, dxb, sdx_l, me, wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb,
-            af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb)  # fmt: skip
+            x2, p0, p1, p2, q2, r2, f1, f2, f3, g1, g2, g3, t0 + 2, lo, hi, dxb, sdx_l, me,
+            wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb, af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb)  # fmt: skip
         f1, f2, f3, g1, g2, g3 = f2, f3, pf, g2, g3, pb
         pf, pb, af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb = _bwd_step(
-            p0, p1, p2, p3, q3, r3, f1, f2, f3, g1, g2, g3, t0 + 3, lo, hi, dxb, sdx_l, me, wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb,
-            af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb)  # fmt: skip
+            p0, p1, p2, p3, q3, r3, f1, f2, f3, g1, g2, g3, t0 + 3, lo, hi, dxb, sdx_l, me,
+            wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb, af0, af1, af2, af3, afb, ab0, ab1, ab2, ab3, abb)  # fmt: skip
         f1, f2, f3, g1, g2, g3 = f2, f3, pf, g2, g3, pb
         x0, x1, x2 = p1, p2, p3
         p0, p1, p2, p3 = n0, n1, n2, n3
