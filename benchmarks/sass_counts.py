@@ -74,7 +74,10 @@ KERNELS = {
     ),
     "conv_fwd_walk_kernel": dict(
         mod=K, odd={"L", "P", "R", "T"}, warps=tc.CONV_WALK_WARPS, f32={"w_ptr", "bias_ptr", "bc_ptr"},
-        variants=[dict(K=4, BE=tc.CONV_WALK_BE, PACK=p, BJ=32, BTP=tc.CONV_PACK_BT) for p in (False, True)],
+        variants=[
+            dict(K=4, BE=tc.CONV_WALK_BE, PACK=p, BJ=32, BTP=tc.CONV_PACK_BT, SPREAD=s)
+            for p, s in ((False, tc.CONV_PACK_SPREAD), (True, tc.CONV_PACK_SPREAD), (True, not tc.CONV_PACK_SPREAD))
+        ],
     ),
     "conv_bwd_walk_kernel": dict(
         mod=K, odd={"L", "T", "n_split"}, warps=tc.CONV_WALK_WARPS, f32={"w_ptr", "bias_ptr", "dwb_ptr"},

@@ -115,14 +115,18 @@ def test_scan_variants_match_float64_reference(monkeypatch, be, keep, rs):
 
 # the conv as token walks (the default) at several widths and spans, and the tile kernels; 160
 # inner channels leave a partial channel block, spans of 5 tokens a short last span
+# (and the walks' B/C packing spread over every channel block's programs)
 @pytest.mark.parametrize(
-    "walk,be,span", [(True, 64, None), (True, 128, 5), (True, 256, 16), (True, 128, 37), (False, 128, None)]
-)
+    "walk,be,span,spread",
+    [(True, 64, None, False), (True, 128, 5, False), (True, 256, 16, False), (True, 128, 37, False),
+     (True, 128, 5, True), (False, 128, None, False)],
+)  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_conv_variants_match_float64_reference(monkeypatch, walk, be, span, dtype):
+def test_conv_variants_match_float64_reference(monkeypatch, walk, be, span, spread, dtype):
     from vimssl.ssm import triton_core as tc
 
-    for k, v in dict(CONV_WALK=walk, CONV_WALK_BE=be, CONV_WALK_SPAN=span, LAST={}).items():
+    settings = dict(CONV_WALK=walk, CONV_WALK_BE=be, CONV_WALK_SPAN=span, CONV_PACK_SPREAD=spread, LAST={})
+    for k, v in settings.items():
         monkeypatch.setattr(tc, k, v)
     err_out, errs = core_errors((3, 37, 80, 16), dtype)
     tol_out, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 3e-2)

@@ -52,6 +52,8 @@ def test_kernels_match_reference_under_interpreter():
     assert sum(not r["bc_in_conv"] for r in results) == 1  # the packed B/C kept from the forward
     assert sum(r["split"] for r in results) == 2  # the forward's branches in separate programs
     assert sum(not r["conv_walk"] for r in results) == 1  # the conv's tile kernels
+    # the walks' B/C packing in the backward's recompute, by one channel block's programs or all
+    assert {r["pack_spread"] for r in results if r["conv_walk"] and r["bc_in_conv"]} == {False, True}
     # the two-level scan: one length for both scans, or (forward, backward); with the forward's
     # states saved for the backward (SEQ_SAVE_CARRY) or computed by the backward itself
     chunked = [(r["chunk"], r["save_carry"]) for r in results if r["chunk"]]

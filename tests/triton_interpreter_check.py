@@ -72,7 +72,7 @@ def core_reference(m: BiMambaMixer, xz: torch.Tensor):
 # interpreter's time grows with the program count)
 SMALL_TILES = dict(
     SEQ_BE_FWD=4, SEQ_BE_BWD=4, CONV_BT=4, CONV_BE=8, CONV_GP_BT=4, CONV_GP_BE=8, PREP_BE=8,
-    PART_BT=4, COLSUM_BR=4, COLSUM_BW=8, CONV_WALK_BE=16, CONV_PACK_BT=4,
+    PART_BT=4, COLSUM_BR=4, COLSUM_BW=8, CONV_WALK_BE=8, CONV_PACK_BT=4,
 )  # fmt: skip
 WIDE_TILES = dict(
     SMALL_TILES, SEQ_BE_FWD=32, SEQ_BE_BWD=32, CONV_BE=32, CONV_GP_BE=32, PREP_BE=32, CONV_BT=16, CONV_GP_BT=16,
@@ -133,6 +133,9 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_w
     # the conv's token walks (or its tiles), in spans of 5 tokens (halos across spans) where the
     # scan is not chunked (the interpreter's time grows with the walks' programs)
     tc.CONV_WALK, tc.CONV_WALK_SPAN = conv_walk, None if chunk else 5
+    # the backward's B/C packing by the first channel block's walks, or spread over every block's
+    # (CONV_PACK_SPREAD), in alternate checks
+    tc.CONV_PACK_SPREAD = index % 2 == 1
     m = BiMambaMixer(d, d_state=n)
     with torch.no_grad():
         for p in m.parameters():
@@ -156,8 +159,8 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_w
     finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(t).all()) for t in grads)
     return dict(
         index=index, shape=[bsz, seqlen, d, n], keep=keep, chunk=chunk, split=split,
-        bc_in_conv=bc_in_conv, save_carry=save_carry, conv_walk=conv_walk, errors=errs, deterministic=same,
-        finite=finite,
+        bc_in_conv=bc_in_conv, save_carry=save_carry, conv_walk=conv_walk, pack_spread=tc.CONV_PACK_SPREAD,
+        errors=errs, deterministic=same, finite=finite,
     )  # fmt: skip
 
 

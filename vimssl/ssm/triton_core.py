@@ -92,6 +92,10 @@ CONV_WALK_BE, CONV_WALK_WARPS = 128, 1
 CONV_WALK_FILL, CONV_WALK_MIN_SPAN = (8, 8), 16
 CONV_WALK_SPAN: int | None = None
 CONV_PACK_BT = 8  # tokens per tile of the forward walk's B/C packing
+# ... done by every channel block's programs, a share of the span's rows each, instead of by the
+# first block's alone (which makes the backward's recompute 13 us slower than the forward per
+# Vim-S layer on an H200, v20). Prepared in the fourteenth session, not yet measured: off.
+CONV_PACK_SPREAD = False
 # training keeps the x_proj output but not the packed float32 B/C built from it: the backward's
 # conv recompute rebuilds it in the same launch (2N float32 per token and layer less memory)
 BC_IN_CONV = True
@@ -152,7 +156,7 @@ def conv_fwd(
             x, w, bias, out, dbc, bc, seqlen, e, p, r, n2, span,
             x.stride(0), x.stride(1), out.stride(0), out.stride(1),
             K=w.shape[1], BE=CONV_WALK_BE, PACK=pack is not None, BJ=bj, BTP=CONV_PACK_BT,
-            num_warps=CONV_WALK_WARPS,
+            SPREAD=CONV_PACK_SPREAD, num_warps=CONV_WALK_WARPS,
         )  # fmt: skip
         return out
     grid = (triton.cdiv(seqlen, CONV_BT), triton.cdiv(e, CONV_BE), bsz)

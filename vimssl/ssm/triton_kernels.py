@@ -416,27 +416,39 @@ def _fwd_step(x0, x1, x2, x3, t, lo, hi, ob, so_l, E, me, wf0, wf1, wf2, wf3, wb
 
 
 @triton.jit
+def _pack_rows(dbc_ptr, bc_ptr, b, L, t0, hi, P, R, N2, BJ: tl.constexpr, BTP: tl.constexpr):
+    """Rows [t0, min(t0 + BTP, hi)) of batch row b: both branches' B and C (columns R..R+N2 of
+    each branch's P columns of the x_proj output dbc) as float32 to bc (B, L, 2, N2)."""
+    j = tl.arange(0, BJ)[None, :]
+    row = b * L + t0 + tl.arange(0, BTP)[:, None]  # (BTP, 1) rows of dbc
+    mj = (t0 + tl.arange(0, BTP)[:, None] < hi) & (j < N2)
+    for D in tl.static_range(2):
+        v = tl.load(dbc_ptr + row * (2 * P) + D * P + R + j, mask=mj, other=0.0)
+        tl.store(bc_ptr + (row * 2 + D) * N2 + j, v.to(tl.float32), mask=mj)
+
+
+@triton.jit
 def conv_fwd_walk_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, dbc_ptr, bc_ptr,
     L, E, P, R, N2, T,
     sx_b, sx_l, so_b, so_l,
     K: tl.constexpr, BE: tl.constexpr, PACK: tl.constexpr, BJ: tl.constexpr, BTP: tl.constexpr,
+    SPREAD: tl.constexpr,
 ):  # fmt: skip
     """What :func:`conv_fwd_kernel` computes, by token walks: program (channel block, batch row,
     span) writes out rows [span T, span T + T) of both branches, reading x rows from 3 before to
-    3 after. K <= 4. PACK as in :func:`conv_fwd_kernel`, over the span's rows in tiles of BTP."""
+    3 after. K <= 4. PACK as in :func:`conv_fwd_kernel`, over the span's rows in tiles of BTP: by
+    the first channel block's programs, or (SPREAD) shared among every channel block's."""
     pid_e, b, sp = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     lo = sp * T
     hi = tl.minimum(lo + T, L)
     if PACK:
-        if pid_e == 0:
-            j = tl.arange(0, BJ)[None, :]
+        if SPREAD:
+            for t0 in range(lo + pid_e * BTP, hi, BTP * tl.num_programs(0)):
+                _pack_rows(dbc_ptr, bc_ptr, b, L, t0, hi, P, R, N2, BJ, BTP)
+        elif pid_e == 0:
             for t0 in range(lo, hi, BTP):
-                row = b * L + t0 + tl.arange(0, BTP)[:, None]  # (BTP, 1) rows of dbc
-                mj = (t0 + tl.arange(0, BTP)[:, None] < hi) & (j < N2)
-                for D in tl.static_range(2):
-                    v = tl.load(dbc_ptr + row * (2 * P) + D * P + R + j, mask=mj, other=0.0)
-                    tl.store(bc_ptr + (row * 2 + D) * N2 + j, v.to(tl.float32), mask=mj)
+                _pack_rows(dbc_ptr, bc_ptr, b, L, t0, hi, P, R, N2, BJ, BTP)
     e = pid_e * BE + tl.arange(0, BE)
     me = e < E
     xb = x_ptr + b * sx_b + e
