@@ -1165,23 +1165,27 @@ def scan_bwd_kernel(
         h3 = a3 * h2 + _vec(bc_base, t3, sbc_l, off, n, mn, EVEN_N) * (d3 * u3)
         if not KEEP:  # decays again from a fresh delta, so that the first ones are not kept live
             a3 = _decay_again(At2, d3, db, t3, sd_l, m3, bias, FRESH)
+        bv3, cv3 = _bc_vecs(bc_base, t3, sbc_l, off, N, n, mn, EVEN_N)  # (no starred call: Triton 3.0)
         w, dA, dD, dtb = _bwd_tok(t3, i0 + 3 < cnt, m3, u3, r3, d3, y3, z3, s3, h3, a3,
-                             *_bc_vecs(bc_base, t3, sbc_l, off, N, n, mn, EVEN_N),
+                             bv3, cv3,
                              w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, yo_base, sy_l, Y_OUT, h2, True)  # fmt: skip
         if not KEEP:
             a2 = _decay_again(At2, d2, db, t2, sd_l, m2, bias, FRESH)
+        bv2, cv2 = _bc_vecs(bc_base, t2, sbc_l, off, N, n, mn, EVEN_N)  # (no starred call: Triton 3.0)
         w, dA, dD, dtb = _bwd_tok(t2, i0 + 2 < cnt, m2, u2, r2, d2, y2, z2, s2, h2, a2,
-                             *_bc_vecs(bc_base, t2, sbc_l, off, N, n, mn, EVEN_N),
+                             bv2, cv2,
                              w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, yo_base, sy_l, Y_OUT, h1, True)  # fmt: skip
         if not KEEP:
             a1 = _decay_again(At2, d1, db, t1, sd_l, m1, bias, FRESH)
+        bv1, cv1 = _bc_vecs(bc_base, t1, sbc_l, off, N, n, mn, EVEN_N)  # (no starred call: Triton 3.0)
         w, dA, dD, dtb = _bwd_tok(t1, i0 + 1 < cnt, m1, u1, r1, d1, y1, z1, s1, h1, a1,
-                             *_bc_vecs(bc_base, t1, sbc_l, off, N, n, mn, EVEN_N),
+                             bv1, cv1,
                              w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, yo_base, sy_l, Y_OUT, h0, True)  # fmt: skip
         if not KEEP:
             a0 = _decay_again(At2, d0, db, t0, sd_l, m0, bias, FRESH)
+        bv0, cv0 = _bc_vecs(bc_base, t0, sbc_l, off, N, n, mn, EVEN_N)  # (no starred call: Triton 3.0)
         w, dA, dD, dtb = _bwd_tok(t0, i0 < cnt, m0, u0, r0, d0, y0, z0, s0, h0, a0,
-                             *_bc_vecs(bc_base, t0, sbc_l, off, N, n, mn, EVEN_N),
+                             bv0, cv0,
                              w, dA, dD, dtb, ch, At2, Dv, dz_base, du_base, ddt_base, part, sdz_l, su_l, sd_l, N, n, mn, D, RS, yo_base, sy_l, Y_OUT, h0, False)  # fmt: skip
         h = nh
         u0, r0, y0, z0, s0 = nu0, nr0, ny0, nz0, ns0
