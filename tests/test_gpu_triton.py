@@ -182,6 +182,24 @@ def test_two_level_scan_matches_float64_reference(monkeypatch, chunk, shape, sav
     assert not bad, bad
 
 
+# the gradient carry pass (the forward's states saved, so the pass also sums delta) with and
+# without its register cap
+@pytest.mark.parametrize("cap", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_carry_pass_cap_matches_float64_reference(monkeypatch, cap, dtype):
+    from vimssl.ssm import triton_core as tc
+
+    monkeypatch.setattr(tc, "SEQ_CHUNK", (64, 192))
+    monkeypatch.setattr(tc, "SEQ_GRAD_CAP", cap)
+    shape = (3, 257, 80, 16)
+    assert tc.saves_carries(shape[1], tc.chunk_lengths(torch.empty(1, device="cuda"), 3, 257, 160))
+    err_out, errs = core_errors(shape, dtype)
+    tol_out, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 3e-2)
+    assert err_out < tol_out
+    bad = {name: e for name, e in errs.items() if not e < tol_grad}
+    assert not bad, bad
+
+
 @pytest.mark.parametrize("chunk", [0, 64])
 def test_core_is_deterministic_and_writes_every_element(monkeypatch, chunk):
     from vimssl.ssm import triton_core

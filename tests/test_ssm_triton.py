@@ -277,6 +277,35 @@ def test_conv_walk_spans_and_widths(monkeypatch):
     assert not tc._walks(torch.empty(6, 4))
 
 
+def test_gradient_carry_pass_register_cap(monkeypatch):
+    # the gradient carry pass runs under a register cap only when that saves a wave (the counts
+    # of docs/kernel-notes.md, v21, on 132 SMs: 20 programs per SM uncapped, 32 capped)
+    from types import SimpleNamespace
+
+    from vimssl.ssm import triton_core as tc
+
+    monkeypatch.setattr(tc, "sm_count", lambda device: 132)
+    gpu = SimpleNamespace(device=torch.device("cuda", 0))
+
+    def capped(batch, d_model, seqlen=4097):
+        e = 2 * d_model
+        chunk = tc.chunk_lengths(gpu, batch, seqlen, e)[1]
+        return tc._grad_cap(gpu, batch * -(-e // tc.SEQ_BE_BWD), -(-seqlen // chunk))
+
+    assert capped(8, 384)  # Vim-S 1024 px: 3,840 programs, one wave instead of two
+    assert capped(8, 768)  # Vim-B: three waves instead of five
+    assert not capped(8, 192)  # Vim-T: one wave either way
+    assert tc._grad_cap(gpu, 192, 11) and not tc._grad_cap(gpu, 192, 2)  # 384 programs: one wave
+    assert not tc._grad_cap(SimpleNamespace(device=torch.device("cpu")), 192, 11)
+    monkeypatch.setattr(tc, "SEQ_GRAD_CAP", False)
+    assert not capped(8, 384)
+    monkeypatch.setattr(tc, "SEQ_GRAD_CAP", True)
+    assert capped(8, 192)
+    monkeypatch.setattr(tc, "SEQ_GRAD_CAP", None)
+    monkeypatch.setattr(tc, "SEQ_GRAD_MAXNREG", None)
+    assert not capped(8, 384)
+
+
 def test_wave_model_of_the_chunked_backward(monkeypatch):
     from vimssl.ssm import triton_core as tc
 

@@ -66,6 +66,12 @@ SEQ_FILL_FWD, SEQ_FILL_BWD, SEQ_MIN_CHUNK = (12, 24), (8, 48), 128
 # fitted to the v8 chunk sweep.
 SEQ_WAVES = True
 SEQ_WAVE_FWD, SEQ_WAVE_BWD, SEQ_PROGRAM_STEPS = (12, 16, 0.58), (8, 23, 0.3), 16
+# The gradient carry pass (scan_state_kernel with GRAD) under a register cap when that saves a
+# wave of its programs (see _grad_cap; SEQ_GRAD_CAP True or False forces it): 86-88 registers let
+# 20 one-warp programs share an SM (Hopper shares registers per quarter SM: 5 warps of 88 each), 64
+# let 32 (the most one-warp programs an SM holds) at 84 bytes of spills.
+SEQ_GRAD_CAP: bool | None = None
+SEQ_GRAD_MAXNREG, SEQ_GRAD_SLOTS = 64, (20, 32)
 SEQ_WAVE_GAIN = 0.05  # the model's pick replaces SEQ_FILL's only when it models this much less time
 # training with both scans chunked: the forward scan also stores the state entering each of the
 # backward's chunks (the backward's chunk length then a multiple of the forward's), so that the
@@ -472,8 +478,24 @@ def _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, 
         xc, dt, bc, z, dy if grad else xc, At2, dt_bias, carry, sums, seqlen, e, d_state, 0, chunk, n_ch,
         *in_strides, *dy_strides[:2], GRAD=grad, BE=be, BN=bn, EVEN_N=bn == d_state, SKIP=SEQ_SKIP_UNREAD,
         SUMS=grad and with_sums, num_warps=SEQ_WARPS,
+        **({"maxnreg": SEQ_GRAD_MAXNREG} if grad and _grad_cap(xc, bsz * triton.cdiv(e, be), n_ch) else {}),
     )  # fmt: skip
     return carry, (sums if with_sums else None)
+
+
+def _grad_cap(x: torch.Tensor, programs: int, n_ch: int) -> bool:
+    """Whether the gradient carry pass runs under SEQ_GRAD_MAXNREG registers: when its programs
+    (``programs`` per chunk and branch, less the chunk per branch it skips) take fewer waves with
+    the cap's SEQ_GRAD_SLOTS[1] programs per SM than with SEQ_GRAD_SLOTS[0]. At 1024 px, batch 8,
+    on the H200's 132 SMs: Vim-S's 3,840 programs take one wave instead of two, Vim-B's 11,520
+    three instead of five; Vim-T's 1,920 fit one wave either way, and the cap's spills cost it 2%."""
+    if SEQ_GRAD_CAP is not None:
+        return SEQ_GRAD_CAP
+    if x.device.type != "cuda" or not SEQ_GRAD_MAXNREG:
+        return False
+    working = 2 * programs * (n_ch - 1 if SEQ_SKIP_UNREAD else n_ch)
+    free, capped = (slots * sm_count(x.device) for slots in SEQ_GRAD_SLOTS)
+    return triton.cdiv(working, capped) < triton.cdiv(working, free)
 
 
 def _rs(be: int, d_state: int) -> bool:

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Fifteenth session (v21, the gradient carry pass's register cap): the 1024 px rows with the cuda
+# path, the triton path (and DeiT-S) side by side, then the GPU tests of the chunked scans.
+# Usage (device, repo root): source .gpu/activate.sh && bash benchmarks/gpu_v21.sh "$OUT"
+out=${1:-/tmp/out}; S=$(date +%s); mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+timeout ${BENCH_SECONDS:-330} python3 benchmarks/throughput.py --graphs --iters 3 \
+  --models ${MODELS:-vim_small_patch16_224 vim_base_patch16_224 vim_tiny_patch16_224} --img-sizes 1024 \
+  --paths cuda triton deit --out "$out/v21_1024.json" 2>&1 | grep '^|' | tee "$out/v21_1024.md"
+echo "[bench] done at $(( $(date +%s) - S ))s"
+timeout $((S + ${DEADLINE:-540} - $(date +%s))) python3 -m pytest -q -p no:cacheprovider tests/test_gpu_triton.py \
+  -k "${TEST_K:-gradient_carry or two_level or saved_carries or deterministic}" 2>&1 | tail -4 | tee "$out/tests.txt"
+echo "[tests] done at $(( $(date +%s) - S ))s"
