@@ -4,6 +4,11 @@
 # Usage (device, repo root): source .gpu/activate.sh && bash benchmarks/gpu_v21.sh "$OUT"
 out=${1:-/tmp/out}; S=$(date +%s); mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+# the other row the cap applies to (Vim-T at 512 px, batch 32: three waves uncapped, two capped)
+for v in False None; do
+  timeout 100 python3 benchmarks/throughput.py --graphs --iters 3 --models vim_tiny_patch16_224 --img-sizes 512 \
+    --paths triton --set SEQ_GRAD_CAP=$v --out "$out/t512_$v.json" 2>&1 | grep '^| vim' | sed "s/^/[SEQ_GRAD_CAP=$v] /" | tee -a "$out/v21_1024.md"
+done
 timeout ${BENCH_SECONDS:-330} python3 benchmarks/throughput.py --graphs --iters 3 \
   --models ${MODELS:-vim_small_patch16_224 vim_base_patch16_224 vim_tiny_patch16_224} --img-sizes 1024 \
   --paths cuda triton deit --out "$out/v21_1024.json" 2>&1 | grep '^|' | tee "$out/v21_1024.md"
