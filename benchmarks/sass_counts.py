@@ -110,13 +110,14 @@ KERNELS = {
         ],
     ),
     "scan_bwd_kernel": dict(
-        mod=K, odd={"L", "T", "n_ch", "n_eblocks"}, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
+        mod=K, odd={"L", "T", "n_ch", "n_eblocks"}, warps=tc.SEQ_WARPS, f32=_SCAN_F32, i32p={"flag_ptr"},
         variants=[
-            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False, FRESH=tc.SEQ_FRESH_DECAY, HIN=False, Y_OUT=False),
-            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=True, FRESH=tc.SEQ_FRESH_DECAY, HIN=False, Y_OUT=False),
-            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=True, FRESH=tc.SEQ_FRESH_DECAY, HIN=True, Y_OUT=True),
-            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=False, KEEP=tc.SEQ_KEEP, RS=False, CHUNKED=False, FRESH=tc.SEQ_FRESH_DECAY, HIN=False, Y_OUT=False),
-            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False, FRESH=not tc.SEQ_FRESH_DECAY, HIN=False, Y_OUT=False),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False, FRESH=tc.SEQ_FRESH_DECAY, HIN=False, Y_OUT=False, WSELF=False),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=True, FRESH=tc.SEQ_FRESH_DECAY, HIN=False, Y_OUT=False, WSELF=False),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=True, FRESH=tc.SEQ_FRESH_DECAY, HIN=True, Y_OUT=True, WSELF=False),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=True, FRESH=tc.SEQ_FRESH_DECAY, HIN=True, Y_OUT=True, WSELF=True),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=False, KEEP=tc.SEQ_KEEP, RS=False, CHUNKED=False, FRESH=tc.SEQ_FRESH_DECAY, HIN=False, Y_OUT=False, WSELF=False),
+            dict(BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, KEEP=tc.SEQ_KEEP, RS=tc.SEQ_RS, CHUNKED=False, FRESH=not tc.SEQ_FRESH_DECAY, HIN=False, Y_OUT=False, WSELF=False),
         ],
     ),
     "part_sum_kernel": dict(mod=K, odd={"L", "n_parts"}, warps=4, f32=set(), variants=[dict(BT=tc.PART_BT, BJ=32)]),
@@ -174,6 +175,8 @@ def _source(fn, sig: dict, consts: dict, div16: set) -> ASTSource:
 
 
 def _arg_type(spec: dict, name: str) -> str:
+    if name in spec.get("i32p", ()):
+        return "*i32"
     if name.endswith("_ptr") or name.endswith("_o") or name in spec["f32"]:
         return "*fp32" if name in spec["f32"] else "*bf16"
     return "fp32" if name in spec.get("floats", ()) else "i32"

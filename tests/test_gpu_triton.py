@@ -182,14 +182,16 @@ def test_two_level_scan_matches_float64_reference(monkeypatch, chunk, shape, sav
     assert not bad, bad
 
 
-# the gradient carry pass (the forward's states saved, so the pass also sums delta) with and
-# without its register cap
-@pytest.mark.parametrize("cap", [True, False])
+# the gradient carries with the forward's states saved (so the carry pass also sums delta): the
+# pass with and without its register cap, and no pass (SEQ_WSELF: the scan backward's first pass
+# publishes each chunk's carry, the chunks before it in gradient order wait for it)
+@pytest.mark.parametrize("cap,wself", [(True, False), (False, False), (None, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gradient_carry_pass_cap_matches_float64_reference(monkeypatch, cap, dtype):
+def test_gradient_carries_match_float64_reference(monkeypatch, cap, wself, dtype):
     from vimssl.ssm import triton_core as tc
 
     monkeypatch.setattr(tc, "SEQ_CHUNK", (64, 192))
+    monkeypatch.setattr(tc, "SEQ_WSELF", wself)
     monkeypatch.setattr(tc, "SEQ_GRAD_CAP", cap)
     shape = (3, 257, 80, 16)
     assert tc.saves_carries(shape[1], tc.chunk_lengths(torch.empty(1, device="cuda"), 3, 257, 160))
@@ -198,6 +200,31 @@ def test_gradient_carry_pass_cap_matches_float64_reference(monkeypatch, cap, dty
     assert err_out < tol_out
     bad = {name: e for name, e in errs.items() if not e < tol_grad}
     assert not bad, bad
+
+
+# SEQ_WSELF at Vim-S's 1024 px training shape (11 backward chunks of 384 tokens, 4,224 programs:
+# four waves, so programs wait on programs of earlier waves): the same gradients as with the
+# gradient carry pass, run to run the same bits
+def test_wself_matches_the_gradient_pass_at_full_scale(monkeypatch):
+    from vimssl.ssm import triton_core as tc
+
+    m = perturbed_mixer(384, 16, seed=3)
+    xz = torch.randn(8, 4097, 2 * m.d_inner, device="cuda")
+    g = torch.randn(8, 4097, m.d_inner, device="cuda")
+    assert tc.saves_carries(4097, tc.chunk_lengths(xz, 8, 4097, m.d_inner))
+    runs = []
+    for wself in (False, True, True):
+        monkeypatch.setattr(tc, "SEQ_WSELF", wself)
+        xzt = xz.clone().requires_grad_()
+        out = tc.bimamba_core_triton(xzt, m)
+        runs.append(
+            torch.autograd.grad(
+                out, [xzt] + list(m.parameters()), g, allow_unused=True, materialize_grads=True
+            )
+        )
+    for name, a, b, c in zip(["xz"] + [n for n, _ in m.named_parameters()], *runs):
+        assert rel_err(b, a) < 1e-5, name
+        assert torch.equal(b, c), name
 
 
 @pytest.mark.parametrize("chunk", [0, 64])
@@ -232,13 +259,16 @@ def test_model_matches_torch_path(name, img, batch, amp, model_parity):
 
 
 # the long-sequence training path at the model level: the forward's carries saved for the
-# backward (a forced chunk pair) and out_proj's input rebuilt by the scan backward (Y_REBUILD)
+# backward (a forced chunk pair), the gradient carries from their pass or from the scan backward
+# (SEQ_WSELF), and out_proj's input rebuilt by the scan backward (Y_REBUILD)
+@pytest.mark.parametrize("wself", [False, True])
 @pytest.mark.parametrize("y_rebuild", [True, False])
 @pytest.mark.parametrize("amp", [False, True])
-def test_model_with_saved_carries_matches_torch_path(monkeypatch, y_rebuild, amp, model_parity):
+def test_model_with_saved_carries_matches_torch_path(monkeypatch, wself, y_rebuild, amp, model_parity):
     from vimssl.ssm import triton_core as tc
 
     monkeypatch.setattr(tc, "SEQ_CHUNK", (8, 24))
+    monkeypatch.setattr(tc, "SEQ_WSELF", wself)
     monkeypatch.setattr(tc, "Y_REBUILD", y_rebuild)
     model_parity("vim_tiny_patch16_224", 160, 2, "triton", amp)
 

@@ -59,6 +59,12 @@ def test_kernels_match_reference_under_interpreter():
     chunked = [(r["chunk"], r["save_carry"]) for r in results if r["chunk"]]
     assert chunked == [(3, True), (4, True), (8, True), ([2, 4], True), ([3, 6], True), ([4, 12], True),
                        (4, False), ([4, 12], False)]  # fmt: skip
+    # with the states saved, the gradient carries from their own pass or from the scan backward's
+    # first pass (SEQ_WSELF: no gradient pass ran)
+    saved = [r for r in results if r["chunk"] and r["save_carry"]]
+    assert {r["wself"] for r in saved} == {False, True}
+    for r in saved:
+        assert ("scan_state_kernel_grad" in r["kernels"]) != r["wself"], r["shape"]
     for r in results:
         assert r["finite"], r["shape"]
         assert r["deterministic"], r["shape"]  # (chunked: and the same with every carry walked)

@@ -136,6 +136,9 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_w
     # the backward's B/C packing by the first channel block's walks, or spread over every block's
     # (CONV_PACK_SPREAD), in alternate checks
     tc.CONV_PACK_SPREAD = index % 2 == 1
+    # with the forward's states saved: the gradient carries from a carry pass, or from the scan
+    # backward's first pass with waits on flags (SEQ_WSELF), in alternate checks
+    tc.SEQ_WSELF = index % 2 == 0
     m = BiMambaMixer(d, d_state=n)
     with torch.no_grad():
         for p in m.parameters():
@@ -143,6 +146,7 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_w
     xz = torch.randn(bsz, seqlen, 2 * m.d_inner)
     names, params, ref, g, gref = core_reference(m, xz)
 
+    tc.LAST.clear()  # which kernels ran
     runs = []
     for k in range(2):
         # chunked: the second run walks every chunk's carries (SEQ_SKIP_UNREAD off), which must
@@ -160,7 +164,7 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_w
     return dict(
         index=index, shape=[bsz, seqlen, d, n], keep=keep, chunk=chunk, split=split,
         bc_in_conv=bc_in_conv, save_carry=save_carry, conv_walk=conv_walk, pack_spread=tc.CONV_PACK_SPREAD,
-        errors=errs, deterministic=same, finite=finite,
+        wself=tc.SEQ_WSELF, kernels=sorted(tc.LAST), errors=errs, deterministic=same, finite=finite,
     )  # fmt: skip
 
 

@@ -72,6 +72,11 @@ SEQ_WAVE_FWD, SEQ_WAVE_BWD, SEQ_PROGRAM_STEPS = (12, 16, 0.58), (8, 23, 0.3), 16
 # let 32 (the most one-warp programs an SM holds) at 84 bytes of spills.
 SEQ_GRAD_CAP: bool | None = None
 SEQ_GRAD_MAXNREG, SEQ_GRAD_SLOTS = 64, (20, 32)
+# With the forward's states (SEQ_SAVE_CARRY): no gradient carry pass; the scan backward's first
+# pass sums each chunk's local gradient carry and publishes it to the chunks before it in
+# gradient order, which wait for it (K.scan_bwd_kernel's WSELF). Prepared in the fifteenth
+# session, not yet measured: off.
+SEQ_WSELF = False
 SEQ_WAVE_GAIN = 0.05  # the model's pick replaces SEQ_FILL's only when it models this much less time
 # training with both scans chunked: the forward scan also stores the state entering each of the
 # backward's chunks (the backward's chunk length then a multiple of the forward's), so that the
@@ -550,7 +555,16 @@ def scan_bwd(
     # the two-level scan's chunk-local carries (placeholders when there is one chunk)
     # (with the forward's states, the gradient pass also sums delta per chunk for its look-back)
     args = (xc, dt, bc, z)
-    if hin:
+    wself = hin and SEQ_WSELF
+    flags = dy  # (a placeholder unless wself: the kernel does not read it)
+    if wself:  # the scan backward writes the gradient carries and sums of delta itself
+        hc = carries
+        wc, sc = torch.empty(bsz, n_ch, bn, e2, **f32), torch.empty(bsz, n_ch, e2, **f32)
+        if CARRY_FILL is not None:
+            wc.fill_(CARRY_FILL)
+            sc.fill_(CARRY_FILL)
+        flags = torch.zeros(bsz * n_eb * 2 * n_ch, device=xc.device, dtype=torch.int32)
+    elif hin:
         hc = carries
         wc, sc = _chunk_states(
             *args, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride(), grad_sums=True
@@ -560,11 +574,11 @@ def scan_bwd(
         wc, _ = _chunk_states(*args, dy, At2, dt_bias, chunk, n_ch, be, in_strides, dy.stride())
     LAST["scan_bwd_kernel"] = K.scan_bwd_kernel[(n_eb, bsz, 2 * n_ch)](
         xc, dt, bc, z, At2, D, dt_bias, dy, ysum, hst, du, ddt, dz, part, acc, hc, sc, wc,
-        dy if y_out is None else y_out,
+        dy if y_out is None else y_out, flags,
         seqlen, e, d_state, 0, n_eb, chunk, n_ch, *in_strides,
         dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1),
         BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), CHUNKED=n_ch > 1,
-        FRESH=SEQ_FRESH_DECAY, HIN=hin, Y_OUT=y_out is not None,
+        FRESH=SEQ_FRESH_DECAY, HIN=hin, Y_OUT=y_out is not None, WSELF=wself,
         num_warps=SEQ_WARPS,
     )  # fmt: skip
     dA_log, rest = colsum(acc, d_state)

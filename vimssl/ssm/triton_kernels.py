@@ -612,18 +612,42 @@ def _chunk(c, T, L, CHUNKED: tl.constexpr):
 
 
 @triton.jit
-def _lookback(loc, sdel, c, n_ch, At2, mA, me, ASC, cs_loc, cs_s):
+def _lookback(loc, sdel, c, n_ch, At2, mA, me, ASC, cs_loc, cs_s, flags=None, WAIT: tl.constexpr = False):
     """The carry entering chunk ``c`` from the chunks before it in scan order, from their
     chunk-local carries ``loc`` (pointers at chunk 0, (BN, BE)) and sums of delta ``sdel``
     (pointers at chunk 0, channel-shaped): x <- exp2(A log2(e) * sum delta) * x + loc over chunks
     0..c-1 (``ASC``) or n_ch-1 down to c+1. The same recurrence carries the states forwards and the
-    gradient w = a dh backwards; a chunk's decay product is exp(A * its sum of delta)."""
+    gradient w = a dh backwards; a chunk's decay product is exp(A * its sum of delta).
+    WAIT: the carries are written by other programs of the same launch: wait for chunk cc's flag
+    (``flags`` + cc, nonzero once written) before reading its carry, past the SM's L1 (.cg)."""
     x = tl.zeros(At2.shape, tl.float32)
     for k in range(tl.where(ASC, c, n_ch - 1 - c)):
         cc = tl.where(ASC, k, n_ch - 1 - k)
-        s = tl.load(sdel + cc * cs_s, mask=me, other=0.0)
-        x = _exp2(At2 * s) * x + tl.load(loc + cc * cs_loc, mask=mA, other=0.0)
+        if WAIT:
+            while tl.atomic_add(flags + cc, 0, sem="acquire") == 0:
+                pass
+            s = tl.load(sdel + cc * cs_s, mask=me, other=0.0, cache_modifier=".cg")
+            x = _exp2(At2 * s) * x + tl.load(loc + cc * cs_loc, mask=mA, other=0.0, cache_modifier=".cg")
+        else:
+            s = tl.load(sdel + cc * cs_s, mask=me, other=0.0)
+            x = _exp2(At2 * s) * x + tl.load(loc + cc * cs_loc, mask=mA, other=0.0)
     return x
+
+
+@triton.jit
+def _gate_grad(dyb, zb, t, m, sy_l, sz_l):
+    """The gradient of one branch's output at token t, dy SiLU(z) / 2 (the branches are averaged),
+    (1, BE) float32; 0 where m is false."""
+    return _ld(dyb, t, sy_l, m) * _silu(_ld(zb, t, sz_l, m)) * 0.5
+
+
+@triton.jit
+def _wself_step(P, wl, ss, a, d, g, cv):
+    """One token of the scan backward's first pass under WSELF: P, the product of the chunk's
+    decays up to and with this one (scan order), wl += P C_t g_t (the chunk's local gradient
+    carry w = a_first dh_first, summed forwards; no exps), ss += delta."""
+    P = P * a
+    return P, wl + P * (cv * g), ss + d
 
 
 @triton.jit
@@ -883,7 +907,7 @@ def scan_state_kernel(
                 t = _tp(i, lo, cnt, D)
                 m = me & (i >= 0)
                 d = _delta(_ld(db, t, sd_l, m) + bias, m)
-                g = _ld(dyb, t, sy_l, m) * _silu(_ld(zb, t, sz_l, m)) * 0.5
+                g = _gate_grad(dyb, zb, t, m, sy_l, sz_l)
                 x = _decay(At2, d) * (_vec(bc_base, t, sbc_l, off + N, n, mn, EVEN_N) * g + x)
                 if SUMS:
                     ssum += d
@@ -1026,11 +1050,12 @@ def _bwd_tok(t, ok, m, u, raw, delta, dy, z, ys, s, a, Bv, Cv, w, dA, dD, dtb, c
 @triton.jit
 def scan_bwd_kernel(
     u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, dy_ptr, ysum_ptr, hst_ptr,
-    du_ptr, ddt_ptr, dz_ptr, dbc_part_ptr, acc_ptr, hc_ptr, sc_ptr, wc_ptr, yo_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dbc_part_ptr, acc_ptr, hc_ptr, sc_ptr, wc_ptr, yo_ptr, flag_ptr,
     L, E, N, R, n_eblocks, T, n_ch,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, sdz_b, sdz_l,
     BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, KEEP: tl.constexpr, RS: tl.constexpr,
     CHUNKED: tl.constexpr, FRESH: tl.constexpr, HIN: tl.constexpr, Y_OUT: tl.constexpr,
+    WSELF: tl.constexpr = False,
 ):  # fmt: skip
     """Backward of :func:`scan_fwd_kernel` for one branch and one chunk of T tokens (program axis
     2: 2 chunk + branch; unchunked T = L), one batch row and BE channels. dy (B, L, E): gradient of the gated output. Writes du (B, L, 2E): gradient of u;
@@ -1046,6 +1071,12 @@ def scan_bwd_kernel(
     as they are; the first chunk in each branch's scan order starts from zero. Y_OUT: the
     forward-branch programs also write the gated output (ysum * SiLU(z) / 2, (B, L, E) with
     dy's strides) to yo, for the out_proj weight gradient when the forward did not keep it.
+    WSELF (chunked, HIN): no gradient carry pass ran; each program's first pass also sums its
+    chunk's local gradient carry (:func:`_wself_step`) and sum of delta into wc and sc and then
+    raises its flag in flag (B, eblocks, 2, n_ch) int32, zeroed by the caller; the programs are
+    launched in gradient order (program axis 2: 2 k + branch, chunk n_ch-1-k of the forward
+    branch, chunk k of the backward one), and the second pass's look-back waits for the flags of
+    the chunks it reads (:func:`_lookback_flags`), which belong to programs launched before it.
 
     The first pass stores the state entering every group of four tokens; the second walks the
     groups backwards, recomputes their four states in registers and runs the gradient recurrence
@@ -1056,7 +1087,10 @@ def scan_bwd_kernel(
     registers; FRESH: how they are computed again, see :func:`_decay_again`). RS sums dB and dC
     over the channels with the lane reduce-scatter (needs N == 16, BE == 32, one warp, PTX)."""
     pid_e, b, pid2 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    if CHUNKED:
+    if WSELF:  # gradient order: the chunks a program's look-back waits for were launched before it
+        D, nc = pid2 % 2, n_ch
+        c = tl.where(D == 0, n_ch - 1 - pid2 // 2, pid2 // 2)
+    elif CHUNKED:
         D, c, nc = pid2 % 2, pid2 // 2, n_ch
     else:  # (constants: the kernel is at 255 registers)
         D, c, nc = pid2, 0, 1
@@ -1089,6 +1123,17 @@ def scan_bwd_kernel(
     u1, r1 = _ud(ub, db, _tp(1, lo, cnt, D), me & (1 < cnt), su_l, sd_l)
     u2, r2 = _ud(ub, db, _tp(2, lo, cnt, D), me & (2 < cnt), su_l, sd_l)
     u3, r3 = _ud(ub, db, _tp(3, lo, cnt, D), me & (3 < cnt), su_l, sd_l)
+    if WSELF:  # the chunk's local gradient carry, its decay product so far, its sum of delta
+        dyb, zb = dy_ptr + b * sy_b + e, z_ptr + b * sz_b + e
+        wl, P, ss = (
+            tl.zeros((BN, BE), tl.float32),
+            tl.full((BN, BE), 1.0, tl.float32),
+            tl.zeros((1, BE), tl.float32),
+        )
+        g0 = _gate_grad(dyb, zb, _tp(0, lo, cnt, D), me & (0 < cnt), sy_l, sz_l)
+        g1 = _gate_grad(dyb, zb, _tp(1, lo, cnt, D), me & (1 < cnt), sy_l, sz_l)
+        g2 = _gate_grad(dyb, zb, _tp(2, lo, cnt, D), me & (2 < cnt), sy_l, sz_l)
+        g3 = _gate_grad(dyb, zb, _tp(3, lo, cnt, D), me & (3 < cnt), sy_l, sz_l)
     for g4 in range(n_groups):
         tl.store(hst + (c0 + g4) * (BN * 2 * E), h, mask=mA)
         i0, i1 = g4 * 4, g4 * 4 + 4
@@ -1098,21 +1143,44 @@ def scan_bwd_kernel(
         nu1, nr1 = _ud(ub, db, t1, me & (i1 + 1 < cnt), su_l, sd_l)
         nu2, nr2 = _ud(ub, db, t2, me & (i1 + 2 < cnt), su_l, sd_l)
         nu3, nr3 = _ud(ub, db, t3, me & (i1 + 3 < cnt), su_l, sd_l)
+        if WSELF:
+            ng0 = _gate_grad(dyb, zb, t0, me & (i1 < cnt), sy_l, sz_l)
+            ng1 = _gate_grad(dyb, zb, t1, me & (i1 + 1 < cnt), sy_l, sz_l)
+            ng2 = _gate_grad(dyb, zb, t2, me & (i1 + 2 < cnt), sy_l, sz_l)
+            ng3 = _gate_grad(dyb, zb, t3, me & (i1 + 3 < cnt), sy_l, sz_l)
         d0 = _delta(r0 + bias, me & (i0 < cnt))
-        h = _decay(At2, d0) * h + _vec(bc_base, _tp(i0, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (d0 * u0)
+        a0 = _decay(At2, d0)
+        h = a0 * h + _vec(bc_base, _tp(i0, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (d0 * u0)
         d1 = _delta(r1 + bias, me & (i0 + 1 < cnt))
-        h = _decay(At2, d1) * h + _vec(bc_base, _tp(i0 + 1, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (
-            d1 * u1
-        )
+        a1 = _decay(At2, d1)
+        h = a1 * h + _vec(bc_base, _tp(i0 + 1, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (d1 * u1)
         d2 = _delta(r2 + bias, me & (i0 + 2 < cnt))
-        h = _decay(At2, d2) * h + _vec(bc_base, _tp(i0 + 2, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (
-            d2 * u2
-        )
+        a2 = _decay(At2, d2)
+        h = a2 * h + _vec(bc_base, _tp(i0 + 2, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (d2 * u2)
         d3 = _delta(r3 + bias, me & (i0 + 3 < cnt))
-        h = _decay(At2, d3) * h + _vec(bc_base, _tp(i0 + 3, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (
-            d3 * u3
-        )
+        a3 = _decay(At2, d3)
+        h = a3 * h + _vec(bc_base, _tp(i0 + 3, lo, cnt, D), sbc_l, off, n, mn, EVEN_N) * (d3 * u3)
+        if WSELF:
+            cN = off + N
+            P, wl, ss = _wself_step(
+                P, wl, ss, a0, d0, g0, _vec(bc_base, _tp(i0, lo, cnt, D), sbc_l, cN, n, mn, EVEN_N)
+            )
+            P, wl, ss = _wself_step(
+                P, wl, ss, a1, d1, g1, _vec(bc_base, _tp(i0 + 1, lo, cnt, D), sbc_l, cN, n, mn, EVEN_N)
+            )
+            P, wl, ss = _wself_step(
+                P, wl, ss, a2, d2, g2, _vec(bc_base, _tp(i0 + 2, lo, cnt, D), sbc_l, cN, n, mn, EVEN_N)
+            )
+            P, wl, ss = _wself_step(
+                P, wl, ss, a3, d3, g3, _vec(bc_base, _tp(i0 + 3, lo, cnt, D), sbc_l, cN, n, mn, EVEN_N)
+            )
+            g0, g1, g2, g3 = ng0, ng1, ng2, ng3
         u0, r0, u1, r1, u2, r2, u3, r3 = nu0, nr0, nu1, nr1, nu2, nr2, nu3, nr3
+    if WSELF:  # publish the chunk's carry, then its flag (every lane's stores before it)
+        tl.store(wcb + c * (BN * 2 * E), wl, mask=mA)
+        tl.store(scb + c * (2 * E), ss, mask=me)
+        tl.debug_barrier()
+        tl.atomic_xchg(flag_ptr + ((b * n_eblocks + pid_e) * 2 + D) * n_ch + c, 1, sem="release")
     tl.debug_barrier()
 
     # pass 2: the groups in reverse
@@ -1123,7 +1191,8 @@ def scan_bwd_kernel(
     part = dbc_part_ptr + (((b * 2 + D) * n_eblocks + pid_e) * L) * (2 * N)
     fwd = D == 0  # only the forward-branch programs need the branch sum (for dz)
     if CHUNKED:
-        w = _lookback(wcb, scb, c, n_ch, At2, mA, me, D == 1, BN * 2 * E, 2 * E)
+        fl = flag_ptr + ((b * n_eblocks + pid_e) * 2 + D) * n_ch
+        w = _lookback(wcb, scb, c, n_ch, At2, mA, me, D == 1, BN * 2 * E, 2 * E, fl, WSELF)
     else:
         w = tl.zeros((BN, BE), tl.float32)
     dA = tl.zeros((BN, BE), tl.float32)
