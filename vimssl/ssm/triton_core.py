@@ -66,6 +66,7 @@ SEQ_FILL_FWD, SEQ_FILL_BWD, SEQ_MIN_CHUNK = (12, 24), (8, 48), 128
 # fitted to the v8 chunk sweep.
 SEQ_WAVES = True
 SEQ_WAVE_FWD, SEQ_WAVE_BWD, SEQ_PROGRAM_STEPS = (12, 16, 0.58), (8, 23, 0.3), 16
+SEQ_WAVE_GAIN = 0.05  # the model's pick replaces SEQ_FILL's only when it models this much less time
 # The gradient carry pass (scan_state_kernel with GRAD) under a register cap when that saves a
 # wave of its programs (see _grad_cap; SEQ_GRAD_CAP True or False forces it): 86-88 registers let
 # 20 one-warp programs share an SM (Hopper shares registers per quarter SM: 5 warps of 88 each), 64
@@ -77,7 +78,6 @@ SEQ_GRAD_MAXNREG, SEQ_GRAD_SLOTS = 64, (20, 32)
 # gradient order, which wait for it (K.scan_bwd_kernel's WSELF). Prepared in the fifteenth
 # session, not yet measured: off.
 SEQ_WSELF = False
-SEQ_WAVE_GAIN = 0.05  # the model's pick replaces SEQ_FILL's only when it models this much less time
 # training with both scans chunked: the forward scan also stores the state entering each of the
 # backward's chunks (the backward's chunk length then a multiple of the forward's), so that the
 # backward needs one carry pass (the gradient's) instead of two (see chunk_lengths, scan_fwd)
