@@ -1076,7 +1076,7 @@ def scan_bwd_kernel(
     raises its flag in flag (B, eblocks, 2, n_ch) int32, zeroed by the caller; the programs are
     launched in gradient order (program axis 2: 2 k + branch, chunk n_ch-1-k of the forward
     branch, chunk k of the backward one), and the second pass's look-back waits for the flags of
-    the chunks it reads (:func:`_lookback_flags`), which belong to programs launched before it.
+    the chunks it reads (:func:`_lookback` with WAIT), which belong to programs launched before it.
 
     The first pass stores the state entering every group of four tokens; the second walks the
     groups backwards, recomputes their four states in registers and runs the gradient recurrence
