@@ -75,9 +75,10 @@ SEQ_GRAD_CAP: bool | None = None
 SEQ_GRAD_MAXNREG, SEQ_GRAD_SLOTS = 64, (20, 32)
 # With the forward's states (SEQ_SAVE_CARRY): no gradient carry pass; the scan backward's first
 # pass sums each chunk's local gradient carry and publishes it to the chunks before it in
-# gradient order, which wait for it (K.scan_bwd_kernel's WSELF). Prepared in the fifteenth
-# session, not yet measured: off.
-SEQ_WSELF = False
+# gradient order, which wait for it (K.scan_bwd_kernel's WSELF). H200, whole training steps at
+# 1024 px, batch 8 (v22): Vim-T +3.7%, Vim-S +1.3%, Vim-B even (its capped gradient pass was the
+# cheapest); Vim-T at 512 px, batch 32, +1.3%.
+SEQ_WSELF = True
 # training with both scans chunked: the forward scan also stores the state entering each of the
 # backward's chunks (the backward's chunk length then a multiple of the forward's), so that the
 # backward needs one carry pass (the gradient's) instead of two (see chunk_lengths, scan_fwd)
@@ -563,7 +564,8 @@ def scan_bwd(
         if CARRY_FILL is not None:
             wc.fill_(CARRY_FILL)
             sc.fill_(CARRY_FILL)
-        flags = torch.zeros(bsz * n_eb * 2 * n_ch, device=xc.device, dtype=torch.int32)
+        # the chunks' flags, then the programs' ticket counter
+        flags = torch.zeros(bsz * n_eb * 2 * n_ch + 1, device=xc.device, dtype=torch.int32)
     elif hin:
         hc = carries
         wc, sc = _chunk_states(

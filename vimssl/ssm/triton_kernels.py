@@ -1073,10 +1073,12 @@ def scan_bwd_kernel(
     dy's strides) to yo, for the out_proj weight gradient when the forward did not keep it.
     WSELF (chunked, HIN): no gradient carry pass ran; each program's first pass also sums its
     chunk's local gradient carry (:func:`_wself_step`) and sum of delta into wc and sc and then
-    raises its flag in flag (B, eblocks, 2, n_ch) int32, zeroed by the caller; the programs are
-    launched in gradient order (program axis 2: 2 k + branch, chunk n_ch-1-k of the forward
+    raises its flag in flag (B, eblocks, 2, n_ch) int32, zeroed by the caller with one more
+    element after them, a ticket counter. Each program takes its work by ticket, in gradient
+    order (channel block fastest, then batch row, then 2 k + branch: chunk n_ch-1-k of the forward
     branch, chunk k of the backward one), and the second pass's look-back waits for the flags of
-    the chunks it reads (:func:`_lookback` with WAIT), which belong to programs launched before it.
+    the chunks it reads (:func:`_lookback` with WAIT), which earlier tickets took: they are
+    running or done, so the waits end even if the GPU starts programs out of order.
 
     The first pass stores the state entering every group of four tokens; the second walks the
     groups backwards, recomputes their four states in registers and runs the gradient recurrence
@@ -1087,7 +1089,11 @@ def scan_bwd_kernel(
     registers; FRESH: how they are computed again, see :func:`_decay_again`). RS sums dB and dC
     over the channels with the lane reduce-scatter (needs N == 16, BE == 32, one warp, PTX)."""
     pid_e, b, pid2 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    if WSELF:  # gradient order: the chunks a program's look-back waits for were launched before it
+    if WSELF:  # gradient order by ticket: the chunks a program's look-back waits for hold earlier
+        # tickets, so they are running or done whatever order the GPU starts programs in
+        nb = tl.num_programs(1)
+        tk = tl.atomic_add(flag_ptr + nb * n_eblocks * 2 * n_ch, 1, sem="relaxed")
+        pid_e, b, pid2 = tk % n_eblocks, ((tk // n_eblocks) % nb).to(tl.int64), tk // (n_eblocks * nb)
         D, nc = pid2 % 2, n_ch
         c = tl.where(D == 0, n_ch - 1 - pid2 // 2, pid2 // 2)
     elif CHUNKED:
