@@ -184,14 +184,18 @@ def test_two_level_scan_matches_float64_reference(monkeypatch, chunk, shape, sav
 
 # the gradient carries with the forward's states saved (so the carry pass also sums delta): the
 # pass with and without its register cap, and no pass (SEQ_WSELF: the scan backward's first pass
-# publishes each chunk's carry, the chunks before it in gradient order wait for it)
-@pytest.mark.parametrize("cap,wself", [(True, False), (False, False), (None, True)])
+# publishes each chunk's carry, the chunks before it in gradient order wait for it; its programs
+# take their chunks by program id or by ticket)
+@pytest.mark.parametrize(
+    "cap,wself,ticket", [(True, False, False), (False, False, False), (None, True, False), (None, True, True)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gradient_carries_match_float64_reference(monkeypatch, cap, wself, dtype):
+def test_gradient_carries_match_float64_reference(monkeypatch, cap, wself, ticket, dtype):
     from vimssl.ssm import triton_core as tc
 
     monkeypatch.setattr(tc, "SEQ_CHUNK", (64, 192))
     monkeypatch.setattr(tc, "SEQ_WSELF", wself)
+    monkeypatch.setattr(tc, "SEQ_WSELF_TICKET", ticket)
     monkeypatch.setattr(tc, "SEQ_GRAD_CAP", cap)
     shape = (3, 257, 80, 16)
     assert tc.saves_carries(shape[1], tc.chunk_lengths(torch.empty(1, device="cuda"), 3, 257, 160))
@@ -204,7 +208,7 @@ def test_gradient_carries_match_float64_reference(monkeypatch, cap, wself, dtype
 
 # SEQ_WSELF at Vim-S's 1024 px training shape (11 backward chunks of 384 tokens, 4,224 programs:
 # four waves, so programs wait on programs of earlier waves): the same gradients as with the
-# gradient carry pass, run to run the same bits
+# gradient carry pass, run to run the same bits, by program id or by ticket
 def test_wself_matches_the_gradient_pass_at_full_scale(monkeypatch):
     from vimssl.ssm import triton_core as tc
 
@@ -213,8 +217,9 @@ def test_wself_matches_the_gradient_pass_at_full_scale(monkeypatch):
     g = torch.randn(8, 4097, m.d_inner, device="cuda")
     assert tc.saves_carries(4097, tc.chunk_lengths(xz, 8, 4097, m.d_inner))
     runs = []
-    for wself in (False, True, True):
+    for wself, ticket in ((False, False), (True, False), (True, False), (True, True)):
         monkeypatch.setattr(tc, "SEQ_WSELF", wself)
+        monkeypatch.setattr(tc, "SEQ_WSELF_TICKET", ticket)
         xzt = xz.clone().requires_grad_()
         out = tc.bimamba_core_triton(xzt, m)
         runs.append(
@@ -222,9 +227,9 @@ def test_wself_matches_the_gradient_pass_at_full_scale(monkeypatch):
                 out, [xzt] + list(m.parameters()), g, allow_unused=True, materialize_grads=True
             )
         )
-    for name, a, b, c in zip(["xz"] + [n for n, _ in m.named_parameters()], *runs):
+    for name, a, b, c, d in zip(["xz"] + [n for n, _ in m.named_parameters()], *runs):
         assert rel_err(b, a) < 1e-5, name
-        assert torch.equal(b, c), name
+        assert torch.equal(b, c) and torch.equal(b, d), name
 
 
 @pytest.mark.parametrize("chunk", [0, 64])

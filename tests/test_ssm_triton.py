@@ -63,6 +63,7 @@ def test_kernels_match_reference_under_interpreter():
     # first pass (SEQ_WSELF: no gradient pass ran)
     saved = [r for r in results if r["chunk"] and r["save_carry"]]
     assert {r["wself"] for r in saved} == {False, True}
+    assert {r["ticket"] for r in saved if r["wself"]} == {False, True}
     for r in saved:
         assert ("scan_state_kernel_grad" in r["kernels"]) != r["wself"], r["shape"]
     for r in results:

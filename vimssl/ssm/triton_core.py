@@ -76,9 +76,14 @@ SEQ_GRAD_MAXNREG, SEQ_GRAD_SLOTS = 64, (20, 32)
 # With the forward's states (SEQ_SAVE_CARRY): no gradient carry pass; the scan backward's first
 # pass sums each chunk's local gradient carry and publishes it to the chunks before it in
 # gradient order, which wait for it (K.scan_bwd_kernel's WSELF). H200, whole training steps at
-# 1024 px, batch 8 (v22): Vim-T +3.7%, Vim-S +1.3%, Vim-B even (its capped gradient pass was the
-# cheapest); Vim-T at 512 px, batch 32, +1.3%.
+# 1024 px, batch 8 (v22, by program id): Vim-T +3.7%, Vim-S +0.9-1.3%, Vim-B even (its capped
+# gradient pass was the cheapest); Vim-T at 512 px, batch 32, +1.3-1.4%.
 SEQ_WSELF = True
+# ... its programs in gradient order by program id, the order GPUs start programs in (as CUB's
+# single-pass scan relies on), or (True) by ticket, an atomic counter, which holds whatever the
+# order but measured 1-4% slower (v22, H200: Vim-T 512 px 592 img/s by id, 562 by ticket, 584
+# with the gradient pass; Vim-S 1024 px 77.2 / 75.6 / 76.5)
+SEQ_WSELF_TICKET = False
 # training with both scans chunked: the forward scan also stores the state entering each of the
 # backward's chunks (the backward's chunk length then a multiple of the forward's), so that the
 # backward needs one carry pass (the gradient's) instead of two (see chunk_lengths, scan_fwd)
@@ -581,6 +586,7 @@ def scan_bwd(
         dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1),
         BE=be, BN=bn, EVEN_N=bn == d_state, KEEP=SEQ_KEEP, RS=_rs(be, d_state), CHUNKED=n_ch > 1,
         FRESH=SEQ_FRESH_DECAY, HIN=hin, Y_OUT=y_out is not None, WSELF=wself,
+        TICKET=SEQ_WSELF_TICKET,
         num_warps=SEQ_WARPS,
     )  # fmt: skip
     dA_log, rest = colsum(acc, d_state)

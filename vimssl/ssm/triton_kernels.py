@@ -1056,6 +1056,7 @@ def scan_bwd_kernel(
     BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, KEEP: tl.constexpr, RS: tl.constexpr,
     CHUNKED: tl.constexpr, FRESH: tl.constexpr, HIN: tl.constexpr, Y_OUT: tl.constexpr,
     WSELF: tl.constexpr = False,
+    TICKET: tl.constexpr = True,
 ):  # fmt: skip
     """Backward of :func:`scan_fwd_kernel` for one branch and one chunk of T tokens (program axis
     2: 2 chunk + branch; unchunked T = L), one batch row and BE channels. dy (B, L, E): gradient of the gated output. Writes du (B, L, 2E): gradient of u;
@@ -1089,11 +1090,13 @@ def scan_bwd_kernel(
     registers; FRESH: how they are computed again, see :func:`_decay_again`). RS sums dB and dC
     over the channels with the lane reduce-scatter (needs N == 16, BE == 32, one warp, PTX)."""
     pid_e, b, pid2 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    if WSELF:  # gradient order by ticket: the chunks a program's look-back waits for hold earlier
-        # tickets, so they are running or done whatever order the GPU starts programs in
-        nb = tl.num_programs(1)
-        tk = tl.atomic_add(flag_ptr + nb * n_eblocks * 2 * n_ch, 1, sem="relaxed")
-        pid_e, b, pid2 = tk % n_eblocks, ((tk // n_eblocks) % nb).to(tl.int64), tk // (n_eblocks * nb)
+    if WSELF:  # gradient order, by ticket (TICKET: the chunks a program's look-back waits for hold
+        # earlier tickets, so they are running or done whatever order the GPU starts programs in)
+        # or by program id (the order GPUs start programs in)
+        if TICKET:
+            nb = tl.num_programs(1)
+            tk = tl.atomic_add(flag_ptr + nb * n_eblocks * 2 * n_ch, 1, sem="relaxed")
+            pid_e, b, pid2 = tk % n_eblocks, ((tk // n_eblocks) % nb).to(tl.int64), tk // (n_eblocks * nb)
         D, nc = pid2 % 2, n_ch
         c = tl.where(D == 0, n_ch - 1 - pid2 // 2, pid2 // 2)
     elif CHUNKED:
