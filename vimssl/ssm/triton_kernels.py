@@ -1075,11 +1075,12 @@ def scan_bwd_kernel(
     WSELF (chunked, HIN): no gradient carry pass ran; each program's first pass also sums its
     chunk's local gradient carry (:func:`_wself_step`) and sum of delta into wc and sc and then
     raises its flag in flag (B, eblocks, 2, n_ch) int32, zeroed by the caller with one more
-    element after them, a ticket counter. Each program takes its work by ticket, in gradient
-    order (channel block fastest, then batch row, then 2 k + branch: chunk n_ch-1-k of the forward
-    branch, chunk k of the backward one), and the second pass's look-back waits for the flags of
-    the chunks it reads (:func:`_lookback` with WAIT), which earlier tickets took: they are
-    running or done, so the waits end even if the GPU starts programs out of order.
+    element after them, a ticket counter. The programs take their work in gradient order (channel
+    block fastest, then batch row, then 2 k + branch: chunk n_ch-1-k of the forward branch, chunk
+    k of the backward one), by program id or (TICKET) by ticket from the counter, and the second
+    pass's look-back waits for the flags of the chunks it reads (:func:`_lookback` with WAIT),
+    which earlier programs took: they are running or done, since GPUs start programs in id order
+    (TICKET: whatever the order).
 
     The first pass stores the state entering every group of four tokens; the second walks the
     groups backwards, recomputes their four states in registers and runs the gradient recurrence
