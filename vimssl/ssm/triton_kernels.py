@@ -1056,7 +1056,7 @@ def scan_bwd_kernel(
     BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, KEEP: tl.constexpr, RS: tl.constexpr,
     CHUNKED: tl.constexpr, FRESH: tl.constexpr, HIN: tl.constexpr, Y_OUT: tl.constexpr,
     WSELF: tl.constexpr = False,
-    TICKET: tl.constexpr = True,
+    TICKET: tl.constexpr = False,
 ):  # fmt: skip
     """Backward of :func:`scan_fwd_kernel` for one branch and one chunk of T tokens (program axis
     2: 2 chunk + branch; unchunked T = L), one batch row and BE channels. dy (B, L, E): gradient of the gated output. Writes du (B, L, 2E): gradient of u;
