@@ -2,7 +2,7 @@
 # Sixteenth session (v22, SEQ_WSELF on: the scan backward's first pass makes the gradient carries).
 # Usage (device, repo root): source .gpu/activate.sh && bash benchmarks/gpu_v22.sh tests|bench "$OUT"
 #   tests: the triton path's GPU tests (test_gpu_triton.py, test_gpu_graphs.py) on the defaults
-#   bench: SEQ_WSELF off/on at 512 px (Vim-T, Vim-S), then the 1024 px rows with the cuda path,
+#   bench: SEQ_WSELF off/on at 512 px (Vim-T, Vim-S; gpu_switch_ab.sh), then the 1024 px rows with the cuda path,
 #          the triton path and DeiT side by side
 what=${1:?tests or bench}; out=${2:-/tmp/out}; S=$(date +%s); mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
@@ -12,14 +12,8 @@ if [ "$what" = tests ]; then
   echo "[tests] done at $(( $(date +%s) - S ))s"
   exit 0
 fi
-for run in ${AB_RUNS:-vim_tiny_patch16_224:512 vim_small_patch16_224:512}; do
-  model=${run%%:*} px=${run##*:}
-  for v in False True; do
-    timeout 100 python3 benchmarks/throughput.py --graphs --iters 3 --models "$model" --img-sizes "$px" \
-      --paths triton --set SEQ_WSELF=$v --out "$out/ab_${model%%_patch*}_${px}_$v.json" 2>&1 |
-      grep '^| vim' | sed "s/^/[SEQ_WSELF=$v] /" | tee -a "$out/ab.md"
-  done
-done
+AB_SECONDS=${AB_SECONDS:-200} AB_DEADLINE=$((S + ${DEADLINE:-560})) bash "$(dirname "$0")/gpu_switch_ab.sh" \
+  SEQ_WSELF "${AB_RUNS:-vim_tiny_patch16_224:512 vim_small_patch16_224:512}" "$out"
 echo "[ab] done at $(( $(date +%s) - S ))s"
 timeout $((S + ${DEADLINE:-560} - $(date +%s))) python3 benchmarks/throughput.py --graphs --iters 3 \
   --models ${MODELS:-vim_small_patch16_224 vim_base_patch16_224 vim_tiny_patch16_224} --img-sizes 1024 \
