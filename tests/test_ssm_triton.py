@@ -204,6 +204,29 @@ def test_auto_does_not_probe_mamba_ssm_where_triton_runs(monkeypatch):
     assert resolve_backend("auto", torch.device("cuda")) == "cuda"
 
 
+def test_triton_path_runs_only_on_nvidia_gpus_of_compute_capability_8(monkeypatch):
+    # ROCm builds of PyTorch report their AMD GPUs through torch.cuda too, with capabilities such
+    # as (9, 4); the kernels are NVIDIA PTX, so auto must not take them there and a forced choice
+    # must say why
+    from vimssl.ssm import dispatch
+    from vimssl.ssm import triton_core as tc
+
+    monkeypatch.setattr(tc, "available", tc.available.__wrapped__)  # (uncached: the process's answer stays)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert tc.available()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    assert not tc.available()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 4))
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    assert not tc.available() and not dispatch.triton_kernels_available()
+    with pytest.raises(RuntimeError, match="NVIDIA GPU.*not on ROCm"):
+        resolve_backend("triton", torch.device("cuda"))
+    monkeypatch.setattr(dispatch, "cuda_kernels_available", lambda: False)
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+
+
 def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
     # the two-level scan's chunk length (launcher side, no GPU needed): chunk when the unchunked
     # scan has too few one-warp programs per SM, aim at SEQ_FILL's second number, chunks of at

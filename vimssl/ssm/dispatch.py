@@ -47,7 +47,8 @@ def cuda_kernels_available() -> bool:
 
 
 def triton_kernels_available() -> bool:
-    """True when Triton imports and can compile for the current CUDA device."""
+    """True when Triton imports and its kernels can run on the current device (an NVIDIA GPU of
+    compute capability 8.0+; not ROCm)."""
     try:
         from vimssl.ssm import triton_core
     except Exception:  # no triton, or a broken install
@@ -109,7 +110,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if not triton_kernels_available():
             raise RuntimeError(
                 "backend='triton' needs the triton package (installed with PyTorch on Linux CUDA "
-                "builds) and a GPU of compute capability 8.0 or newer; use backend='cuda' or 'auto'"
+                "builds) and an NVIDIA GPU of compute capability 8.0 or newer (its kernels use "
+                "NVIDIA PTX: not on ROCm); use backend='cuda', 'torch' or 'auto'"
             )
         return "triton"
     chosen = "torch"

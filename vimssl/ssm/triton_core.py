@@ -812,9 +812,13 @@ def _hooked(lin: torch.nn.Module) -> bool:
 
 @functools.cache
 def available() -> bool:
-    """True when Triton can compile for the current CUDA device (compute capability 8.0+)."""
+    """True when the kernels can run on the current device: an NVIDIA GPU of compute capability
+    8.0+. Not on ROCm (AMD) builds of PyTorch, where ``torch.cuda`` also reports a device: the
+    kernels use NVIDIA PTX (the fast exps and logs, the lane shuffles of the scan backward)."""
     try:
-        return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+        if not torch.cuda.is_available() or torch.version.hip is not None:
+            return False
+        return torch.cuda.get_device_capability()[0] >= 8
     except Exception:
         return False
 
