@@ -1,0 +1,240 @@
+"""Several GPU jobs in one device call, in order, under one deadline.
+
+    source .gpu/activate.sh && python3 benchmarks/gpu_plan.py "$OUT" --deadline 560 \\
+        "ab vim_tiny_patch16_224:512,vim_small_patch16_224:1024 pass:SEQ_WSELF=False id:SEQ_WSELF=True" \\
+        "side vim_small_patch16_224,vim_tiny_patch16_224 1024" \\
+        "tests gradient_carr or wself"
+
+Each step is one string; its first word says what it runs:
+
+- ``side MODELS PXS [PATHS]``: the kernel paths side by side (``benchmarks/throughput.py
+  --graphs``): every model of MODELS (comma-separated) at every image size of PXS
+  (comma-separated), with PATHS (comma-separated; default ``cuda,triton,deit``). Records in
+  ``OUT/side.json``.
+- ``ab RUNS CONFIG [CONFIG ...]``: an A/B (or A/B/C...) of triton-path settings: every RUN
+  (``model:px``, comma-separated) with every CONFIG (``tag:NAME=VALUE[,NAME=VALUE...]`` of
+  ``vimssl.ssm.triton_core``, values as Python literals, e.g. ``SEQ_CHUNK=(128,256)``; ``tag:``
+  alone for the defaults), the triton path only, the configs
+  of one run back to back. Records in ``OUT/ab.json``, each with its config's tag as ``config``.
+- ``tests [PYTEST_K]``: ``tests/test_gpu_triton.py`` and ``tests/test_gpu_graphs.py`` (those
+  matching ``-k PYTEST_K``); the summary in ``OUT/tests.txt``.
+
+Every measurement is a ``throughput.py`` process of its own (which measures each path in a fresh
+worker process), killed with its workers when its time is up: what it measured by then is kept.
+A step that would start with less than ``--min-left`` seconds to the deadline is skipped, and says
+so. ``OUT/gpu.txt`` gets the GPU's name and driver, ``OUT/summary.md`` every table row and test
+summary as it comes, with the seconds since the start. The steps replace the per-session scripts
+(``gpu_switch_ab.sh``, ``gpu_v22.sh``, ...), which stay for the commands recorded in the docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
+GPU_TESTS = ("tests/test_gpu_triton.py", "tests/test_gpu_graphs.py")
+DEFAULT_PATHS = ("cuda", "triton", "deit")
+# commas between settings, not inside a value such as SEQ_CHUNK=(128,256)
+_SETTING_SEP = re.compile(r",(?=[A-Za-z_][A-Za-z0-9_]*=)")
+
+
+@dataclass
+class Step:
+    kind: str  # "side", "ab" or "tests"
+    runs: list[tuple[str, int]] = field(default_factory=list)  # (model, px)
+    paths: tuple[str, ...] = DEFAULT_PATHS
+    configs: list[tuple[str, list[str]]] = field(default_factory=list)  # (tag, ["NAME=VALUE", ...])
+    k: str = ""
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise ValueError(
+            f"{what}: expected comma-separated image sizes such as 512,1024, got {text!r}"
+        ) from None
+
+
+def parse_step(text: str) -> Step:
+    """One step from its string (see the module docstring); ValueError naming what is wrong."""
+    words = text.split()
+    if not words:
+        raise ValueError("empty step: expected 'side ...', 'ab ...' or 'tests [PYTEST_K]'")
+    kind, args = words[0], words[1:]
+    if kind == "tests":
+        return Step("tests", k=" ".join(args))
+    if kind == "side":
+        if len(args) not in (2, 3):
+            raise ValueError(f"step {text!r}: expected 'side MODELS PXS [PATHS]'")
+        models = [m for m in args[0].split(",") if m]
+        paths = tuple(p for p in args[2].split(",") if p) if len(args) == 3 else DEFAULT_PATHS
+        runs = [(m, px) for m in models for px in _ints(args[1], f"step {text!r}")]
+        return Step("side", runs=runs, paths=paths)
+    if kind == "ab":
+        if len(args) < 2:
+            raise ValueError(f"step {text!r}: expected 'ab MODEL:PX[,MODEL:PX] TAG:NAME=VALUE[,...] ...'")
+        runs = []
+        for run in args[0].split(","):
+            model, sep, px = run.partition(":")
+            if not sep or not model:
+                raise ValueError(f"step {text!r}: run {run!r} is not MODEL:PX")
+            runs.append((model, _ints(px, f"step {text!r}, run {run!r}")[0]))
+        configs = []
+        for cfg in args[1:]:
+            tag, sep, sets = cfg.partition(":")
+            if not sep or not tag:
+                raise ValueError(f"step {text!r}: config {cfg!r} is not TAG:NAME=VALUE[,NAME=VALUE]")
+            pairs = [p for p in _SETTING_SEP.split(sets) if p]
+            bad = [p for p in pairs if "=" not in p]
+            if bad:
+                raise ValueError(f"step {text!r}: config {cfg!r}: {bad[0]!r} is not NAME=VALUE")
+            configs.append((tag, pairs))
+        tags = [t for t, _ in configs]
+        if len(set(tags)) != len(tags):
+            raise ValueError(
+                f"step {text!r}: config tags repeat ({', '.join(tags)}); records are told apart by tag"
+            )
+        return Step("ab", runs=runs, configs=configs)
+    raise ValueError(f"step {text!r}: unknown kind {kind!r}; expected side, ab or tests")
+
+
+def records_from(stdout: str) -> list[dict]:
+    """The records a throughput.py process printed (one JSON object per line), its other lines
+    (progress, the closing table) skipped."""
+    out = []
+    for line in stdout.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut off when the process was killed
+            if isinstance(rec, dict) and "model" in rec:
+                out.append(rec)
+    return out
+
+
+def table_row(rec: dict) -> str:
+    head = f"| {rec['model']} | {rec['img_size']} | {rec['batch']} | {rec['path']}"
+    if "error" in rec:
+        return f"{head} | {rec['error']} | | |"
+    return f"{head} | {rec['train_img_s']:,.1f} | {rec['infer_img_s']:,.1f} | {rec['train_peak_gib']:.2f} |"
+
+
+def run_limited(cmd: list[str], seconds: float) -> tuple[str, bool]:
+    """Run ``cmd`` for at most ``seconds``; on time-out kill it and every process it started (the
+    throughput workers hold the GPU). Returns (stdout so far, whether it timed out)."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=max(seconds, 1))
+        return out, False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return out, True
+
+
+class Plan:
+    def __init__(self, out: Path, deadline: float, min_left: float, run_limit: float):
+        self.out, self.start = out, time.monotonic()
+        self.deadline, self.min_left, self.run_limit = deadline, min_left, run_limit
+        self.side: list[dict] = []
+        self.ab: list[dict] = []
+
+    def left(self) -> float:
+        return self.deadline - (time.monotonic() - self.start)
+
+    def log(self, line: str) -> None:
+        line = f"[{time.monotonic() - self.start:5.0f}s] {line}"
+        print(line, flush=True)
+        with open(self.out / "summary.md", "a") as fh:
+            fh.write(line + "\n")
+
+    def _measure(self, what: str, args: list[str]) -> list[dict]:
+        left = self.left()
+        if left < self.min_left:
+            self.log(f"{what}: skipped, {left:.0f} s left")
+            return []
+        stdout, timed_out = run_limited([sys.executable, str(THROUGHPUT), "--graphs", "--iters", "3", *args],
+                                        min(left, self.run_limit))  # fmt: skip
+        recs = records_from(stdout)
+        for rec in recs:
+            self.log(f"{what} {table_row(rec)}")
+        if timed_out:
+            self.log(f"{what}: stopped at its time limit after {len(recs)} record(s)")
+        elif not recs:
+            self.log(f"{what}: no records; last output: {stdout.strip().splitlines()[-1:]}")
+        return recs
+
+    def run(self, step: Step) -> None:
+        if step.kind == "side":
+            for model, px in step.runs:
+                self.side += self._measure(
+                    f"[side {px}]", ["--models", model, "--img-sizes", str(px), "--paths", *step.paths]
+                )
+                self._save("side.json", self.side)
+        elif step.kind == "ab":
+            for model, px in step.runs:
+                for tag, sets in step.configs:
+                    args = ["--models", model, "--img-sizes", str(px), "--paths", "triton"]
+                    recs = self._measure(f"[ab {tag}]", args + (["--set", *sets] if sets else []))
+                    self.ab += [dict(r, config=tag) for r in recs]
+                    self._save("ab.json", self.ab)
+        else:
+            left = self.left()
+            if left < self.min_left:
+                self.log(f"[tests] skipped, {left:.0f} s left")
+                return
+            cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS]
+            stdout, timed_out = run_limited(cmd + (["-k", step.k] if step.k else []), left)
+            tail = stdout.strip().splitlines()[-15:]
+            (self.out / "tests.txt").write_text("\n".join(tail) + "\n")
+            self.log(f"[tests{' ' + shlex.quote(step.k) if step.k else ''}] "
+                     f"{'stopped at the deadline: ' if timed_out else ''}{tail[-1] if tail else 'no output'}")  # fmt: skip
+
+    def _save(self, name: str, records: list[dict]) -> None:
+        (self.out / name).write_text(json.dumps(records, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, help="results folder ($OUT on the device)")
+    ap.add_argument("steps", nargs="+", help="steps, each one quoted string, run in order")
+    ap.add_argument("--deadline", type=float, default=560, help="seconds for all the steps (default 560)")
+    ap.add_argument("--min-left", type=float, default=40, help="skip a measurement with fewer seconds left")
+    ap.add_argument("--run-limit", type=float, default=240, help="most seconds for one throughput.py process")
+    args = ap.parse_args(argv)
+    try:
+        steps = [parse_step(s) for s in args.steps]  # all checked before the first one runs
+    except ValueError as err:
+        ap.error(str(err))
+    args.out.mkdir(parents=True, exist_ok=True)
+    plan = Plan(args.out, args.deadline, args.min_left, args.run_limit)
+    try:
+        smi = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
+        gpu = subprocess.run(smi, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        gpu = "unknown (nvidia-smi failed)"
+    (args.out / "gpu.txt").write_text(gpu + "\n")
+    plan.log(f"GPU: {gpu}")
+    for step in steps:
+        plan.run(step)
+    plan.log("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""benchmarks/gpu_plan.py, the device-call runner, on the CPU: its step language, that it keeps
+what a killed measurement printed, tags A/B records by config, and skips steps past its deadline
+(a stub stands in for throughput.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("gpu_plan", ROOT / "benchmarks" / "gpu_plan.py")
+gpu_plan = importlib.util.module_from_spec(_spec)
+sys.modules["gpu_plan"] = gpu_plan  # (dataclasses look the module up by name)
+_spec.loader.exec_module(gpu_plan)
+
+
+def test_steps_parse_into_runs_configs_and_test_selections():
+    side = gpu_plan.parse_step("side vim_small_patch16_224,vim_tiny_patch16_224 512,1024")
+    assert side.kind == "side" and side.paths == ("cuda", "triton", "deit")
+    assert side.runs == [
+        ("vim_small_patch16_224", 512),
+        ("vim_small_patch16_224", 1024),
+        ("vim_tiny_patch16_224", 512),
+        ("vim_tiny_patch16_224", 1024),
+    ]
+    assert gpu_plan.parse_step("side vim_small_patch16_224 224 triton,deit").paths == ("triton", "deit")
+    ab = gpu_plan.parse_step("ab vim_tiny_patch16_224:512 base: off:SEQ_WSELF=False both:A=1,B=(2,3)")
+    assert ab.runs == [("vim_tiny_patch16_224", 512)]
+    assert ab.configs == [("base", []), ("off", ["SEQ_WSELF=False"]), ("both", ["A=1", "B=(2,3)"])]
+    assert gpu_plan.parse_step("tests gradient_carr or wself").k == "gradient_carr or wself"
+    assert gpu_plan.parse_step("tests").k == ""
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("", "empty step"),
+        ("bench vim_small_patch16_224 224", "unknown kind 'bench'"),
+        ("side vim_small_patch16_224", "expected 'side MODELS PXS"),
+        ("side vim_small_patch16_224 big", "comma-separated image sizes"),
+        ("ab vim_small_patch16_224 off:SEQ_WSELF=False", "run 'vim_small_patch16_224' is not MODEL:PX"),
+        ("ab vim_small_patch16_224:512 SEQ_WSELF=False", "is not TAG:NAME=VALUE"),
+        ("ab vim_small_patch16_224:512 off:SEQ_WSELF", "'SEQ_WSELF' is not NAME=VALUE"),
+        ("ab vim_small_patch16_224:512 a:X=1 a:X=2", "config tags repeat"),
+    ],
+)
+def test_bad_steps_are_refused_naming_what_is_wrong(text, match):
+    with pytest.raises(ValueError, match=match):
+        gpu_plan.parse_step(text)
+
+
+def test_a_bad_step_stops_the_plan_before_any_step_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gpu_plan.main([str(tmp_path / "out"), "tests", "ab vim_small_patch16_224 x:A=1"])
+    assert "is not MODEL:PX" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_records_are_read_from_the_output_and_a_cut_line_is_dropped():
+    rec = {"model": "vim_small_patch16_224", "img_size": 224, "batch": 128, "path": "triton"}
+    out = "\n".join(["compiling...", json.dumps(rec), '{"model": "vim_t', "| model | px |"])
+    assert gpu_plan.records_from(out) == [rec]
+
+
+def test_a_run_past_its_limit_is_killed_with_its_children_and_keeps_its_output(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    script = textwrap.dedent(f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        open({str(pidfile)!r}, "w").write(str(child.pid))
+        print('{{"model": "m", "img_size": 1}}', flush=True)
+        time.sleep(60)
+    """)
+    t0 = time.monotonic()
+    out, timed_out = gpu_plan.run_limited([sys.executable, "-c", script], 3)
+    assert timed_out and time.monotonic() - t0 < 30
+    assert gpu_plan.records_from(out) == [{"model": "m", "img_size": 1}]
+    child = int(pidfile.read_text())
+    for _ in range(50):  # the worker (like throughput.py's) went with it
+        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the child process outlived the killed run")
+
+
+STUB = """
+import json, sys
+args = sys.argv[1:]
+models = args[args.index("--models") + 1]
+px = int(args[args.index("--img-sizes") + 1])
+paths = args[args.index("--paths") + 1: args.index("--set") if "--set" in args else len(args)]
+sets = args[args.index("--set") + 1:] if "--set" in args else []
+speed = 100.0 + 10 * len(sets)
+for path in paths:
+    rec = dict(model=models, img_size=px, batch=8, path=path, train_img_s=speed, infer_img_s=4 * speed,
+               train_peak_gib=1.5)
+    if sets:
+        rec["settings"] = sets
+    print(json.dumps(rec), flush=True)
+"""
+
+
+def test_a_plan_runs_its_steps_in_order_and_tags_ab_records(tmp_path, monkeypatch):
+    stub = tmp_path / "throughput_stub.py"
+    stub.write_text(STUB)
+    monkeypatch.setattr(gpu_plan, "THROUGHPUT", stub)
+    out = tmp_path / "out"
+    gpu_plan.main(
+        [
+            str(out),
+            "side vim_small_patch16_224 1024 cuda,triton",
+            "ab vim_tiny_patch16_224:512,vim_small_patch16_224:1024 base: off:SEQ_WSELF=False",
+        ]
+    )
+    side = json.loads((out / "side.json").read_text())
+    assert [(r["model"], r["path"]) for r in side] == [
+        ("vim_small_patch16_224", "cuda"),
+        ("vim_small_patch16_224", "triton"),
+    ]
+    ab = json.loads((out / "ab.json").read_text())
+    assert [(r["model"], r["img_size"], r["config"]) for r in ab] == [
+        ("vim_tiny_patch16_224", 512, "base"),
+        ("vim_tiny_patch16_224", 512, "off"),
+        ("vim_small_patch16_224", 1024, "base"),
+        ("vim_small_patch16_224", 1024, "off"),
+    ]
+    assert [r.get("settings") for r in ab][:2] == [None, ["SEQ_WSELF=False"]]
+    summary = (out / "summary.md").read_text()
+    assert "| vim_small_patch16_224 | 1024 | 8 | triton | 100.0 | 400.0 | 1.50 |" in summary
+    assert summary.rstrip().endswith("done")
+    assert (out / "gpu.txt").exists()
+
+
+def test_steps_past_the_deadline_are_skipped_and_say_so(tmp_path, monkeypatch):
+    stub = tmp_path / "throughput_stub.py"
+    stub.write_text(STUB)
+    monkeypatch.setattr(gpu_plan, "THROUGHPUT", stub)
+    out = tmp_path / "out"
+    gpu_plan.main(
+        [str(out), "--deadline", "10", "--min-left", "20", "side vim_small_patch16_224 224", "tests"]
+    )
+    summary = (out / "summary.md").read_text()
+    assert "[side 224]: skipped" in summary and "[tests] skipped" in summary
+    assert not (out / "tests.txt").exists()
