@@ -101,13 +101,12 @@ KERNELS = {
     "scan_state_kernel": dict(
         mod=K, odd={"L", "n_ch"}, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
         variants=[
-            dict(GRAD=False, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD, SUMS=False, POLY=tc.SEQ_STATE_POLY),
-            dict(GRAD=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD, SUMS=False, POLY=tc.SEQ_STATE_POLY),
-            dict(GRAD=True, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD, SUMS=False, POLY=0),
-            dict(GRAD=True, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD, SUMS=True, POLY=0),
-            dict(GRAD=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, SKIP=not tc.SEQ_SKIP_UNREAD, SUMS=False, POLY=tc.SEQ_STATE_POLY),
-            dict(GRAD=True, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=not tc.SEQ_SKIP_UNREAD, SUMS=False, POLY=0),
-            dict(GRAD=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD, SUMS=False, POLY=1 if tc.SEQ_STATE_POLY == 0 else 0),
+            dict(GRAD=False, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD, SUMS=False),
+            dict(GRAD=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD, SUMS=False),
+            dict(GRAD=True, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD, SUMS=False),
+            dict(GRAD=True, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=tc.SEQ_SKIP_UNREAD, SUMS=True),
+            dict(GRAD=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, SKIP=not tc.SEQ_SKIP_UNREAD, SUMS=False),
+            dict(GRAD=True, BE=tc.SEQ_BE_BWD, BN=16, EVEN_N=True, SKIP=not tc.SEQ_SKIP_UNREAD, SUMS=False),
         ],
     ),
     "scan_bwd_kernel": dict(

@@ -182,24 +182,6 @@ def test_two_level_scan_matches_float64_reference(monkeypatch, chunk, shape, sav
     assert not bad, bad
 
 
-# the forward's state pass with 1, 2 or all 4 of every four tokens' decays from the polynomial
-# exp2 on the FMA pipe (SEQ_STATE_POLY) instead of MUFU.EX2
-@pytest.mark.parametrize("poly", [1, 2, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_state_pass_poly_matches_float64_reference(monkeypatch, poly, dtype):
-    from vimssl.ssm import triton_core as tc
-
-    monkeypatch.setattr(tc, "SEQ_CHUNK", (128, 384))
-    monkeypatch.setattr(tc, "SEQ_STATE_POLY", poly)
-    tc.LAST.clear()
-    err_out, errs = core_errors((2, 1025, 128, 16), dtype)
-    assert "scan_state_kernel" in tc.LAST  # the state pass ran
-    tol_out, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 3e-2)
-    assert err_out < tol_out
-    bad = {name: e for name, e in errs.items() if not e < tol_grad}
-    assert not bad, bad
-
-
 # the gradient carries with the forward's states saved (so the carry pass also sums delta): the
 # pass with and without its register cap, and no pass (SEQ_WSELF: the scan backward's first pass
 # publishes each chunk's carry, the chunks before it in gradient order wait for it; its programs

@@ -84,10 +84,6 @@ SEQ_WSELF = True
 # order but measured 1-4% slower (v22, H200: Vim-T 512 px 592 img/s by id, 562 by ticket, 584
 # with the gradient pass; Vim-S 1024 px 77.2 / 75.6 / 76.5)
 SEQ_WSELF_TICKET = False
-# the forward's state pass (the two-level scan's chunk-local states) is bound by the special-
-# function unit, one exp per state and token: this many tokens of every four take their decays
-# from a polynomial on the FMA pipe instead (K._exp2_fma); 0: all from MUFU.EX2
-SEQ_STATE_POLY = 0
 # training with both scans chunked: the forward scan also stores the state entering each of the
 # backward's chunks (the backward's chunk length then a multiple of the forward's), so that the
 # backward needs one carry pass (the gradient's) instead of two (see chunk_lengths, scan_fwd)
@@ -492,7 +488,7 @@ def _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, 
     LAST[name] = K.scan_state_kernel[(triton.cdiv(e, be), bsz, 2 * n_ch)](
         xc, dt, bc, z, dy if grad else xc, At2, dt_bias, carry, sums, seqlen, e, d_state, 0, chunk, n_ch,
         *in_strides, *dy_strides[:2], GRAD=grad, BE=be, BN=bn, EVEN_N=bn == d_state, SKIP=SEQ_SKIP_UNREAD,
-        SUMS=grad and with_sums, POLY=0 if grad else SEQ_STATE_POLY, num_warps=SEQ_WARPS,
+        SUMS=grad and with_sums, num_warps=SEQ_WARPS,
         **({"maxnreg": SEQ_GRAD_MAXNREG} if grad and _grad_cap(xc, bsz * triton.cdiv(e, be), n_ch) else {}),
     )  # fmt: skip
     return carry, (sums if with_sums else None)

@@ -69,33 +69,6 @@ def _exp2(x):
         return tl.exp2(x)
 
 
-# 2^f on [-1/2, 1/2] as a degree-5 polynomial, fitted for relative error with the constant term
-# exactly 1 (so 2^0 = 1: a token past a chunk's end passes the state through unchanged): at most
-# 1.9e-7 relative error evaluated in float32, about that of MUFU.EX2 (ex2.approx)
-_P1: tl.constexpr = tl.constexpr(0.6931470036506653)
-_P2: tl.constexpr = tl.constexpr(0.24022242426872253)
-_P3: tl.constexpr = tl.constexpr(0.05550733581185341)
-_P4: tl.constexpr = tl.constexpr(0.009671512991189957)
-_P5: tl.constexpr = tl.constexpr(0.001326472731307149)
-_ROUND: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + it holds round(x) in its low bits
-_ROUND_BITS: tl.constexpr = tl.constexpr(0x4B400000)  # its bit pattern
-
-
-@triton.jit
-def _exp2_fma(x):
-    """2^x for x <= 0 (the decays) on the FMA and integer pipes instead of the special-function
-    unit (as FlashAttention-4 does for part of its exps): x = j + f with j = round(x) by the
-    1.5 * 2^23 addition, 2^f by the polynomial, 2^j added to its exponent bits. About 10
-    instructions against MUFU.EX2's one, for kernels bound by that unit. x is clamped at -125 (2^x
-    then 2.4e-38, where MUFU.EX2 .ftz gives 0 below -126)."""
-    x = tl.maximum(x, -125.0)
-    t = x + _ROUND
-    f = x - (t - _ROUND)  # in [-1/2, 1/2]
-    p = ((((_P5 * f + _P4) * f + _P3) * f + _P2) * f + _P1) * f + 1.0
-    j = t.to(tl.int32, bitcast=True) - _ROUND_BITS  # round(x), in [-125, 0]
-    return (p.to(tl.int32, bitcast=True) + (j << 23)).to(tl.float32, bitcast=True)
-
-
 @triton.jit
 def _softplus(x):
     # torch's softplus with threshold 20, through exp2/log2 (no libdevice branches in the loop)
@@ -895,7 +868,7 @@ def scan_state_kernel(
     L, E, N, R, T, n_ch,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l,
     GRAD: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, SKIP: tl.constexpr,
-    SUMS: tl.constexpr, POLY: tl.constexpr = 0,
+    SUMS: tl.constexpr,
 ):  # fmt: skip
     """First level of the chunked (two-level) scan, for sequences too long for one sequential
     program per (batch row, channel block) to fill the GPU. Program (channel block, batch row,
@@ -906,9 +879,7 @@ def scan_state_kernel(
     - GRAD true: the gradient carry w = a dh leaving the chunk's first step, from the reverse
       recurrence dh_t = C_t g_t + a_{t+1} dh_{t+1} started at zero at the chunk's end.
     GRAD with SUMS also stores the chunk's sum of delta to sc (when the forward saved the states,
-    the state pass that would store it does not run). POLY (the state pass): the decays of that
-    many of every four tokens by :func:`_exp2_fma` instead of the special-function unit, which
-    bounds this pass (one exp per state and token against about five other instructions).
+    the state pass that would store it does not run).
     The scan kernels then start each chunk from :func:`_lookback` over these carries. No look-back
     reads the carry of the last chunk in its direction's order (the states: chunk n_ch-1 of the
     forward branch, chunk 0 of the backward one; the gradient: the other way round), so those
@@ -956,11 +927,7 @@ def scan_state_kernel(
                     m = me & (i0 + k < cnt)
                     u, r = _ud(ub, db, t, m, su_l, sd_l)
                     d = _delta(r + bias, m)
-                    if k >= 4 - POLY:
-                        a = _exp2_fma(At2 * d)
-                    else:
-                        a = _decay(At2, d)
-                    x = a * x + _vec(bc_base, t, sbc_l, off, n, mn, EVEN_N) * (d * u)
+                    x = _decay(At2, d) * x + _vec(bc_base, t, sbc_l, off, n, mn, EVEN_N) * (d * u)
                     ssum += d
         tl.store(sc_ptr + (b * n_ch + c) * (2 * E) + ch, ssum, mask=me)
     if GRAD or c != last:
