@@ -24,7 +24,8 @@ worker process), killed with its workers when its time is up: what it measured b
 A step that would start with less than ``--min-left`` seconds to the deadline is skipped, and says
 so. ``OUT/gpu.txt`` gets the GPU's name and driver, ``OUT/summary.md`` every table row and test
 summary as it comes, with the seconds since the start. The steps replace the per-session scripts
-(``gpu_switch_ab.sh``, ``gpu_v22.sh``, ...), which stay for the commands recorded in the docs.
+in ``benchmarks/sessions/`` (``gpu_switch_ab.sh``, ``gpu_v22.sh``, ...), kept for the commands
+recorded in the docs.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SEQ_WSELF off, on with tickets, on in program-id order: whole training steps on one machine.
-# Usage (device, repo root): source .gpu/activate.sh && bash benchmarks/gpu_wself_order.sh "$OUT"
+# Usage (device, repo root): source .gpu/activate.sh && bash benchmarks/sessions/gpu_wself_order.sh "$OUT"
 out=${1:-/tmp/out}; S=$(date +%s); mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 for run in ${RUNS:-vim_tiny_patch16_224:512 vim_small_patch16_224:1024}; do

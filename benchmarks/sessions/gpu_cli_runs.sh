@@ -2,7 +2,7 @@
 # Short CLI runs on one GPU with the cuda kernel path: MAE pretraining of Vim-S at 224 px, then
 # fine-tuning and linear probing of the resulting checkpoint, on the built-in digits upscaled to
 # 224 px (no network on the GPU machine). Logs images/s (CSV). Device machine, repo root, after
-# `source .gpu/activate.sh`:   bash benchmarks/gpu_cli_runs.sh "$OUT"
+# `source .gpu/activate.sh`:   bash benchmarks/sessions/gpu_cli_runs.sh "$OUT"
 set -uo pipefail
 out=${1:-/tmp/out}
 mkdir -p "$out"

@@ -3,8 +3,8 @@
 # path) in its own process with CUDA graphs, most important first, under a deadline; part 1 also
 # reads the hardware counters of one Vim-S training step's kernels with Nsight Compute.
 # Usage (device machine, repo root, after `source .gpu/activate.sh`), one device call each:
-#   bash benchmarks/gpu_h200.sh "$OUT" 1     # ncu, 224 px (T/S/B), Vim-S at 1024 px
-#   bash benchmarks/gpu_h200.sh "$OUT" 2     # Vim-T/B at 1024 px, 512 px, small batches
+#   bash benchmarks/sessions/gpu_h200.sh "$OUT" 1     # ncu, 224 px (T/S/B), Vim-S at 1024 px
+#   bash benchmarks/sessions/gpu_h200.sh "$OUT" 2     # Vim-T/B at 1024 px, 512 px, small batches
 set -uo pipefail
 out=${1:-/tmp/out}
 part=${2:-1}
@@ -12,7 +12,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
 SECONDS=0
 TP_DEADLINE=560
-source benchmarks/gpu_lib.sh
+source benchmarks/sessions/gpu_lib.sh
 T=vim_tiny_patch16_224; S=vim_small_patch16_224; B=vim_base_patch16_224
 if [ "$part" = 1 ]; then
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

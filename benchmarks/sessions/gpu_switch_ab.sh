@@ -3,8 +3,8 @@
 # (under 10 minutes on an H100): the triton path only, each run in a process of its own with
 # CUDA graphs, the switch off then on, records to OUT/ab_<SWITCH>.json.
 # Usage (device machine, repo root, after `source .gpu/activate.sh`):
-#   bash benchmarks/gpu_switch_ab.sh SWITCH "MODEL:PX ..." OUT [PYTEST_K]
-#   e.g. bash benchmarks/gpu_switch_ab.sh SEQ_SAVE_CARRY "vim_small_patch16_224:1024" "$OUT" two_level
+#   bash benchmarks/sessions/gpu_switch_ab.sh SWITCH "MODEL:PX ..." OUT [PYTEST_K]
+#   e.g. bash benchmarks/sessions/gpu_switch_ab.sh SEQ_SAVE_CARRY "vim_small_patch16_224:1024" "$OUT" two_level
 # AB_SECONDS (default 360) bounds the A/B part; the tests get what is left until AB_DEADLINE (a
 # `date +%s` time; default 570 s from the start), which also lets several calls share one budget.
 set -uo pipefail

@@ -2,7 +2,7 @@
 # One device call for the triton path: its GPU tests, the kernel sweep, then the throughput table
 # (cuda, triton and DeiT side by side, each in its own process), most important rows first (about 9 minutes
 # in all on an H100: the last rows may not fit one device call). Usage (device
-# machine, repo root, after `source .gpu/activate.sh`):  bash benchmarks/gpu_triton_session.sh "$OUT"
+# machine, repo root, after `source .gpu/activate.sh`):  bash benchmarks/sessions/gpu_triton_session.sh "$OUT"
 # If the scan variants' parity tests fail, the measurements fall back to the plain dB/dC sums.
 set -uo pipefail
 out=${1:-/tmp/out}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sixteenth session (v22, SEQ_WSELF on: the scan backward's first pass makes the gradient carries).
-# Usage (device, repo root): source .gpu/activate.sh && bash benchmarks/gpu_v22.sh tests|bench "$OUT"
+# Usage (device, repo root): source .gpu/activate.sh && bash benchmarks/sessions/gpu_v22.sh tests|bench "$OUT"
 #   tests: the triton path's GPU tests (test_gpu_triton.py, test_gpu_graphs.py) on the defaults
 #   bench: SEQ_WSELF off/on at 512 px (Vim-T, Vim-S; gpu_switch_ab.sh), then the 1024 px rows with the cuda path,
 #          the triton path and DeiT side by side

@@ -4,9 +4,9 @@
 # 2. GPU tests: pytest $TEST_FILES -k $TEST_K (default: the conv variants' and the core's parity
 #    tests; TEST_FILES=none skips them);
 # 3. whole models, CONV_WALK off then on, each in its own process with CUDA graphs
-#    (benchmarks/gpu_switch_ab.sh), for the model:px runs in $1.
+#    (benchmarks/sessions/gpu_switch_ab.sh), for the model:px runs in $1.
 # Usage (device, repo root):
-#   source .gpu/activate.sh && bash benchmarks/gpu_conv_walk.sh "vim_small_patch16_224:224" "$OUT"
+#   source .gpu/activate.sh && bash benchmarks/sessions/gpu_conv_walk.sh "vim_small_patch16_224:224" "$OUT"
 # with WALKS="128,1,8 128,1,-2" (channels, warps, programs per SM or -spans per row) and
 # TEST_FILES="tests/test_gpu_graphs.py" TEST_K="" to change steps 1 and 2.
 set -uo pipefail
@@ -27,4 +27,4 @@ if [ "$files" != none ]; then
     tail -5 | tee "$out/tests.txt"
   echo "[tests] done at $(($(date +%s) - start))s"
 fi
-AB_SECONDS=600 AB_DEADLINE=$((start + ${DEADLINE:-575})) bash benchmarks/gpu_switch_ab.sh CONV_WALK "$runs" "$out"
+AB_SECONDS=600 AB_DEADLINE=$((start + ${DEADLINE:-575})) bash benchmarks/sessions/gpu_switch_ab.sh CONV_WALK "$runs" "$out"

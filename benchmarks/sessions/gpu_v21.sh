@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fifteenth session (v21, the gradient carry pass's register cap): the 1024 px rows with the cuda
 # path, the triton path (and DeiT-S) side by side, then the GPU tests of the chunked scans.
-# Usage (device, repo root): source .gpu/activate.sh && bash benchmarks/gpu_v21.sh "$OUT"
+# Usage (device, repo root): source .gpu/activate.sh && bash benchmarks/sessions/gpu_v21.sh "$OUT"
 out=${1:-/tmp/out}; S=$(date +%s); mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 # the other row the cap applies to (Vim-T at 512 px, batch 32: three waves uncapped, two capped)

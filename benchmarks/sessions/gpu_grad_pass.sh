@@ -4,7 +4,7 @@
 # "tag:NAME=VALUE,NAME=VALUE" of vimssl.ssm.triton_core; the default compares the register cap off,
 # on, and by the rule (calls 3 and 4 of that session ran switches since removed, see
 # docs/benchmarks.md).
-# Usage (device, repo root): source .gpu/activate.sh && bash benchmarks/gpu_grad_pass.sh "$OUT"
+# Usage (device, repo root): source .gpu/activate.sh && bash benchmarks/sessions/gpu_grad_pass.sh "$OUT"
 out=${1:-/tmp/out}; S=$(date +%s); mkdir -p "$out"
 run() { m=$1; shift; tag=$1; shift
   left=$((S + ${DEADLINE:-430} - $(date +%s))); [ $left -lt 45 ] && { echo "skip $m $tag" | tee -a "$out/ab.md"; return; }

@@ -2,9 +2,9 @@
 # The device calls of v12's A/B (docs/kernel-notes.md, v12): the triton path with its
 # SEQ_SKIP_UNREAD, SEQ_FRESH_DECAY and SEQ_WAVES switches on (the default since v12) against each
 # off and all off, one call per part, each under 10 minutes on an H100. Usage (device machine, repo root, after `source .gpu/activate.sh`):
-#   bash benchmarks/gpu_ab_session.sh tests "$OUT"    # GPU parity tests of the triton path
-#   bash benchmarks/gpu_ab_session.sh core "$OUT"     # one layer's core: A/B of each switch
-#   bash benchmarks/gpu_ab_session.sh models "$OUT"   # whole models, each path in its own process
+#   bash benchmarks/sessions/gpu_ab_session.sh tests "$OUT"    # GPU parity tests of the triton path
+#   bash benchmarks/sessions/gpu_ab_session.sh core "$OUT"     # one layer's core: A/B of each switch
+#   bash benchmarks/sessions/gpu_ab_session.sh models "$OUT"   # whole models, each path in its own process
 set -uo pipefail
 part=${1:?tests, core or models}
 out=${2:-/tmp/out}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, encoder throughput, MIM throughput, and a few CLI pretraining steps
 # on the cuda path. Usage (device machine, from the repo root, after `source .gpu/activate.sh`):
-#   bash benchmarks/gpu_session.sh "$OUT"
+#   bash benchmarks/sessions/gpu_session.sh "$OUT"
 set -uo pipefail
 out=${1:-/tmp/out}
 mkdir -p "$out"
