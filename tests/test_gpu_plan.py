@@ -107,10 +107,15 @@ for path in paths:
 """
 
 
-def test_a_plan_runs_its_steps_in_order_and_tags_ab_records(tmp_path, monkeypatch):
+@pytest.fixture
+def stub_throughput(tmp_path, monkeypatch):
+    """throughput.py replaced by STUB (instant records, faster with more settings)."""
     stub = tmp_path / "throughput_stub.py"
     stub.write_text(STUB)
     monkeypatch.setattr(gpu_plan, "THROUGHPUT", stub)
+
+
+def test_a_plan_runs_its_steps_in_order_and_tags_ab_records(tmp_path, stub_throughput):
     out = tmp_path / "out"
     gpu_plan.main(
         [
@@ -138,10 +143,7 @@ def test_a_plan_runs_its_steps_in_order_and_tags_ab_records(tmp_path, monkeypatc
     assert (out / "gpu.txt").exists()
 
 
-def test_steps_past_the_deadline_are_skipped_and_say_so(tmp_path, monkeypatch):
-    stub = tmp_path / "throughput_stub.py"
-    stub.write_text(STUB)
-    monkeypatch.setattr(gpu_plan, "THROUGHPUT", stub)
+def test_steps_past_the_deadline_are_skipped_and_say_so(tmp_path, stub_throughput):
     out = tmp_path / "out"
     gpu_plan.main(
         [str(out), "--deadline", "10", "--min-left", "20", "side vim_small_patch16_224 224", "tests"]
