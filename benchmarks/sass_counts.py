@@ -86,15 +86,12 @@ KERNELS = {
     "scan_fwd_kernel": dict(
         mod=K, odd={"L", "T", "n_ch", "n_b"}, warps=tc.SEQ_WARPS, f32=_SCAN_F32,
         variants=[
-            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=False, SAVE_CARRY=False, TWO_D=tc.SEQ_FWD_2D),
-            dict(SAVE_SUM=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=False, SAVE_CARRY=False, TWO_D=tc.SEQ_FWD_2D),
-            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=True, SAVE_CARRY=False, TWO_D=tc.SEQ_FWD_2D),
-            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=True, SPLIT=False, SAVE_CARRY=False, TWO_D=tc.SEQ_FWD_2D),
-            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=True, SPLIT=False, SAVE_CARRY=True, TWO_D=tc.SEQ_FWD_2D),
-            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=False, CHUNKED=False, SPLIT=False, SAVE_CARRY=False, TWO_D=tc.SEQ_FWD_2D),
-            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=False, SAVE_CARRY=False, TWO_D=not tc.SEQ_FWD_2D),
-            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=True, SPLIT=False, SAVE_CARRY=True, TWO_D=not tc.SEQ_FWD_2D),
-            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=True, SAVE_CARRY=False, TWO_D=not tc.SEQ_FWD_2D),
+            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=False, SAVE_CARRY=False),
+            dict(SAVE_SUM=False, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=False, SAVE_CARRY=False),
+            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=False, SPLIT=True, SAVE_CARRY=False),
+            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=True, SPLIT=False, SAVE_CARRY=False),
+            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=True, CHUNKED=True, SPLIT=False, SAVE_CARRY=True),
+            dict(SAVE_SUM=True, BE=tc.SEQ_BE_FWD, BN=16, EVEN_N=False, CHUNKED=False, SPLIT=False, SAVE_CARRY=False),
         ],
     ),
     "combine_kernel": dict(

@@ -182,30 +182,6 @@ def test_two_level_scan_matches_float64_reference(monkeypatch, chunk, shape, sav
     assert not bad, bad
 
 
-# the scan forward with its channel values as rows and B, C as columns (SEQ_FWD_2D: every state of
-# a channel in one thread), at 64 and 32 channels per program: unchunked, split by branch, and
-# chunked with the states saved for the backward
-@pytest.mark.parametrize("be", [64, 32])
-@pytest.mark.parametrize(
-    "shape,chunk,split",
-    [((2, 197, 192, 16), 0, False), ((2, 197, 192, 16), 0, True), ((3, 257, 80, 16), (64, 192), None)],
-)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_rows_match_float64_reference(monkeypatch, be, shape, chunk, split, dtype):
-    from vimssl.ssm import triton_core as tc
-
-    monkeypatch.setattr(tc, "SEQ_FWD_2D", True)
-    monkeypatch.setattr(tc, "SEQ_BE_FWD", be)
-    monkeypatch.setattr(tc, "SEQ_NARROW", False)
-    monkeypatch.setattr(tc, "SEQ_CHUNK", chunk)
-    monkeypatch.setattr(tc, "SEQ_SPLIT", split)
-    err_out, errs = core_errors(shape, dtype)
-    tol_out, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 3e-2)
-    assert err_out < tol_out
-    bad = {name: e for name, e in errs.items() if not e < tol_grad}
-    assert not bad, bad
-
-
 # the gradient carries with the forward's states saved (so the carry pass also sums delta): the
 # pass with and without its register cap, and no pass (SEQ_WSELF: the scan backward's first pass
 # publishes each chunk's carry, the chunks before it in gradient order wait for it; its programs

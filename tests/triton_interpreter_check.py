@@ -140,8 +140,6 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_w
     # backward's first pass with waits on flags (SEQ_WSELF), in alternate checks
     tc.SEQ_WSELF = index % 2 == 0
     tc.SEQ_WSELF_TICKET = index % 4 == 2  # ... its programs in gradient order by ticket or by id
-    # the scan forward with channel rows and B/C columns (every state of a channel in one thread)
-    tc.SEQ_FWD_2D = index % 4 in (1, 2)
     m = BiMambaMixer(d, d_state=n)
     with torch.no_grad():
         for p in m.parameters():
@@ -167,7 +165,7 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_w
     return dict(
         index=index, shape=[bsz, seqlen, d, n], keep=keep, chunk=chunk, split=split,
         bc_in_conv=bc_in_conv, save_carry=save_carry, conv_walk=conv_walk, pack_spread=tc.CONV_PACK_SPREAD,
-        wself=tc.SEQ_WSELF, ticket=tc.SEQ_WSELF_TICKET, fwd_2d=tc.SEQ_FWD_2D, kernels=sorted(tc.LAST), errors=errs, deterministic=same, finite=finite,
+        wself=tc.SEQ_WSELF, ticket=tc.SEQ_WSELF_TICKET, kernels=sorted(tc.LAST), errors=errs, deterministic=same, finite=finite,
     )  # fmt: skip
 
 

@@ -35,10 +35,6 @@ SEQ_KEEP = False
 # than loading dt again; see K._decay_again)
 SEQ_FRESH_DECAY = True
 SEQ_RS = True  # scan backward: lane reduce-scatter for the dB/dC sums (see the kernel)
-# scan forward: channel values as (1, BE) rows and B, C as (BN, 1) columns (K.scan_fwd_kernel's
-# TWO_D), so that each thread holds all the states of its channels (no shuffles per token; 4% fewer
-# SASS instructions in its loops, v24); prepared in the seventeenth session, being measured
-SEQ_FWD_2D = False
 SEQ_PART_BF16 = True  # scan backward: dB/dC partials in bf16 for bf16 runs (see scan_bwd)
 SEQ_NARROW = True  # narrower scan programs when a batch gives too few of them (see _seq_channels)
 # ... below how many one-warp programs per SM the launchers narrow them (H100, seventh session:
@@ -448,7 +444,7 @@ def scan_fwd(
         xc, dt, bc, z, At2, D, dt_bias, out, ysum, hc, sc, hin if save_carry else hc,
         seqlen, e, d_state, 0, chunk, n_ch, carry_chunk if save_carry else 1, n_b, *strides,
         SAVE_SUM=save_sum, BE=be, BN=bn, EVEN_N=bn == d_state, CHUNKED=n_ch > 1, SPLIT=split,
-        SAVE_CARRY=save_carry, TWO_D=SEQ_FWD_2D, num_warps=SEQ_WARPS,
+        SAVE_CARRY=save_carry, num_warps=SEQ_WARPS,
     )  # fmt: skip
     if split:
         rows = bsz * seqlen

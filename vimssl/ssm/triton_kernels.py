@@ -712,7 +712,7 @@ def scan_fwd_kernel(
     L, E, N, R, T, n_ch, TB, n_b,
     su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, sy_d,
     SAVE_SUM: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr,
-    CHUNKED: tl.constexpr, SPLIT: tl.constexpr, SAVE_CARRY: tl.constexpr, TWO_D: tl.constexpr = False,
+    CHUNKED: tl.constexpr, SPLIT: tl.constexpr, SAVE_CARRY: tl.constexpr,
 ):  # fmt: skip
     """Both branches of one batch row, BE channels and one chunk of T tokens (program axis 2;
     unchunked: T = L, one chunk), or (SPLIT, unchunked) one branch: program axis 2 is the branch.
@@ -732,10 +732,6 @@ def scan_fwd_kernel(
     of T) when the chunk's first token in scan order begins one: then it is stored to hin
     (B, n_b, BN, 2E) at that backward chunk, for :func:`scan_bwd_kernel` (HIN). The backward
     chunks whose carry is zero (the first in each branch's scan order) are not stored.
-    TWO_D: the per-channel values as (1, BE) rows and B, C as (BN, 1) columns, as in the other
-    scan kernels, instead of vectors broadcast into the (BN, BE) state; the compiler then keeps
-    every state of a channel in one thread (as in :func:`scan_state_kernel`) instead of splitting
-    the states over two lanes, which costs shuffles per token (see ``docs/kernel-notes.md``, v24).
     """
     pid_e, b, pid2 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     e = pid_e * BE + tl.arange(0, BE)
@@ -743,14 +739,14 @@ def scan_fwd_kernel(
         _fwd_branch(pid2, 0, 0, L, n_ch, b, e, u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr,
                     y_ptr + pid2 * sy_d, ysum_ptr, hc_ptr, sc_ptr, hin_ptr, TB, n_b, E, N, R, su_b, su_l,
                     sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, False, SAVE_SUM, BE, BN, EVEN_N,
-                    False, False, TWO_D)  # fmt: skip
+                    False, False)  # fmt: skip
     else:
         lo, cnt = _chunk(pid2, T, L, CHUNKED)
         for D in tl.static_range(2):
             _fwd_branch(D, pid2, lo, cnt, n_ch, b, e, u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr,
                         dtb_ptr, y_ptr, ysum_ptr, hc_ptr, sc_ptr, hin_ptr, TB, n_b, E, N, R, su_b, su_l,
                         sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l, sy_b, sy_l, True, SAVE_SUM, BE, BN,
-                        EVEN_N, CHUNKED, SAVE_CARRY, TWO_D)  # fmt: skip
+                        EVEN_N, CHUNKED, SAVE_CARRY)  # fmt: skip
             if D == 0:
                 tl.debug_barrier()
 
@@ -760,40 +756,33 @@ def _fwd_branch(
     D, c, lo, cnt, n_ch, b, e, u_ptr, dt_ptr, bc_ptr, z_ptr, At_ptr, D_ptr, dtb_ptr, y_ptr, ysum_ptr,
     hc_ptr, sc_ptr, hin_ptr, TB, n_b, E, N, R, su_b, su_l, sd_b, sd_l, sbc_b, sbc_l, sbc_d, sz_b, sz_l,
     sy_b, sy_l, COMBINE: tl.constexpr, SAVE_SUM: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr,
-    EVEN_N: tl.constexpr, CHUNKED: tl.constexpr, SAVE_CARRY: tl.constexpr, TWO_D: tl.constexpr,
+    EVEN_N: tl.constexpr, CHUNKED: tl.constexpr, SAVE_CARRY: tl.constexpr,
 ):  # fmt: skip
     """Branch D of :func:`scan_fwd_kernel` over tokens [lo, lo + cnt) of batch row b, channels e
     (BE,): the outputs are stored to y (the forward branch, or every branch unless COMBINE) or
-    combined with what the forward branch parked there (the backward branch, COMBINE). TWO_D: see
-    :func:`scan_fwd_kernel`; the channel values are then (1, BE) and B, C (BN, 1)."""
-    if TWO_D:
-        e = e[None, :]  # (1, BE)
-        n = tl.arange(0, BN)[:, None]  # (BN, 1)
-    else:
-        n = tl.arange(0, BN)
-    e_row, n_col = _as_row(e, TWO_D), _as_col(n, TWO_D)
+    combined with what the forward branch parked there (the backward branch, COMBINE)."""
     me = e < E
+    n = tl.arange(0, BN)
     mn = n < N
     u_base, dt_base, bc_base = u_ptr + b * su_b, dt_ptr + b * sd_b, bc_ptr + b * sbc_b
     y_base, z_base, s_base = y_ptr + b * sy_b + e, z_ptr + b * sz_b + e, ysum_ptr + b * sy_b + e
     ch = D * E + e
-    ch_row = D * E + e_row
-    mA = (n_col < N) & (e_row < E)
-    At2 = tl.load(At_ptr + n_col * (2 * E) + ch_row, mask=mA, other=0.0)
+    At2 = tl.load(At_ptr + n[:, None] * (2 * E) + ch[None, :], mask=mn[:, None] & me[None, :], other=0.0)
     Dv = tl.load(D_ptr + ch, mask=me, other=0.0)
     bias = tl.load(dtb_ptr + ch, mask=me, other=0.0)
     off = D * sbc_d + R
     if CHUNKED:
-        hc = hc_ptr + (b * n_ch * BN + n_col) * (2 * E) + ch_row
-        sc = sc_ptr + b * n_ch * (2 * E) + ch_row
-        h = _lookback(hc, sc, c, n_ch, At2, mA, e_row < E, D == 0, BN * 2 * E, 2 * E)
+        hc = hc_ptr + (b * n_ch * BN + n[:, None]) * (2 * E) + ch[None, :]
+        sc = sc_ptr + b * n_ch * (2 * E) + ch[None, :]
+        mA = mn[:, None] & me[None, :]
+        h = _lookback(hc, sc, c, n_ch, At2, mA, me[None, :], D == 0, BN * 2 * E, 2 * E)
         if SAVE_CARRY:
             # scan order starts at token lo (forward branch) or lo + cnt - 1 (backward branch); a
             # backward chunk [cb TB, cb TB + TB) starts there when lo (or lo + cnt) is a multiple of TB
             edge = tl.where(D == 0, lo, lo + cnt)
             cb = tl.where(D == 0, edge // TB, edge // TB - 1)
             if (edge % TB == 0) & (tl.where(D == 0, c > 0, c < n_ch - 1)):
-                tl.store(hin_ptr + ((b * n_b + cb) * BN + n_col) * (2 * E) + ch_row, h, mask=mA)
+                tl.store(hin_ptr + ((b * n_b + cb) * BN + n[:, None]) * (2 * E) + ch[None, :], h, mask=mA)
     else:
         h = tl.zeros((BN, BE), tl.float32)
     for i0 in range(0, cnt, 4):
@@ -805,14 +794,14 @@ def _fwd_branch(
         B1, C1 = _bc_vecs(bc_base, t1, sbc_l, off, N, n, mn, EVEN_N)
         B2, C2 = _bc_vecs(bc_base, t2, sbc_l, off, N, n, mn, EVEN_N)
         B3, C3 = _bc_vecs(bc_base, t3, sbc_l, off, N, n, mn, EVEN_N)
-        h = _decay(At2, _as_row(d0, TWO_D)) * h + _as_col(B0, TWO_D) * _as_row(d0 * u0, TWO_D)
-        y0 = tl.sum(h * _as_col(C0, TWO_D), axis=0, keep_dims=TWO_D) + Dv * u0
-        h = _decay(At2, _as_row(d1, TWO_D)) * h + _as_col(B1, TWO_D) * _as_row(d1 * u1, TWO_D)
-        y1 = tl.sum(h * _as_col(C1, TWO_D), axis=0, keep_dims=TWO_D) + Dv * u1
-        h = _decay(At2, _as_row(d2, TWO_D)) * h + _as_col(B2, TWO_D) * _as_row(d2 * u2, TWO_D)
-        y2 = tl.sum(h * _as_col(C2, TWO_D), axis=0, keep_dims=TWO_D) + Dv * u2
-        h = _decay(At2, _as_row(d3, TWO_D)) * h + _as_col(B3, TWO_D) * _as_row(d3 * u3, TWO_D)
-        y3 = tl.sum(h * _as_col(C3, TWO_D), axis=0, keep_dims=TWO_D) + Dv * u3
+        h = _decay(At2, d0) * h + B0[:, None] * (d0 * u0)[None, :]
+        y0 = tl.sum(h * C0[:, None], axis=0) + Dv * u0
+        h = _decay(At2, d1) * h + B1[:, None] * (d1 * u1)[None, :]
+        y1 = tl.sum(h * C1[:, None], axis=0) + Dv * u1
+        h = _decay(At2, d2) * h + B2[:, None] * (d2 * u2)[None, :]
+        y2 = tl.sum(h * C2[:, None], axis=0) + Dv * u2
+        h = _decay(At2, d3) * h + B3[:, None] * (d3 * u3)[None, :]
+        y3 = tl.sum(h * C3[:, None], axis=0) + Dv * u3
         if COMBINE and D == 1:
             _combine(y_base, z_base, s_base, t0, m0, y0, sy_l, sz_l, SAVE_SUM)
             _combine(y_base, z_base, s_base, t1, m1, y1, sy_l, sz_l, SAVE_SUM)
@@ -823,24 +812,6 @@ def _fwd_branch(
             tl.store(y_base + t1 * sy_l, y1.to(y_ptr.dtype.element_ty), mask=m1)
             tl.store(y_base + t2 * sy_l, y2.to(y_ptr.dtype.element_ty), mask=m2)
             tl.store(y_base + t3 * sy_l, y3.to(y_ptr.dtype.element_ty), mask=m3)
-
-
-@triton.jit
-def _as_row(x, TWO_D: tl.constexpr):
-    """A channel value as a row of the (BN, BE) state: (BE,) -> (1, BE); (1, BE) stays."""
-    if TWO_D:
-        return x
-    else:
-        return x[None, :]
-
-
-@triton.jit
-def _as_col(x, TWO_D: tl.constexpr):
-    """B or C as a column of the (BN, BE) state: (BN,) -> (BN, 1); (BN, 1) stays."""
-    if TWO_D:
-        return x
-    else:
-        return x[:, None]
 
 
 @triton.jit
