@@ -7,6 +7,7 @@ for the v5/v6 kernels in docs/kernel-notes.md (the loop bodies dominate the coun
     python benchmarks/sass_counts.py --kernel scan_fwd_kernel scan_bwd_kernel --set CHUNKED=True
     python benchmarks/sass_counts.py --all --json counts.json   # every kernel, every launch variant
     python benchmarks/sass_counts.py --kernel conv_fwd_kernel --warps 8 --stages 1 --set BT=16
+    python benchmarks/sass_counts.py --kernel scan_state_kernel --set BE=64 --loops  # per loop body
 
 ``--all`` compiles every kernel of the path (the mixer core's and the fused norm's) in every
 constexpr variant the launchers use, with their defaults: a compile check for a Triton release
@@ -206,19 +207,54 @@ def counts(
         sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
         info = subprocess.run([tool("ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(d) / "o")],
                               capture_output=True, text=True).stderr  # fmt: skip
-    ops = collections.Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
+    ops = collections.Counter(_INSTR.findall(sass))
     regs = re.search(r"Used (\d+) registers", info)
     spill = re.search(r"(\d+) bytes spill stores", info)
     return dict(kernel=kernel, consts=consts, registers=int(regs.group(1)) if regs else None,
                 spill_store_bytes=int(spill.group(1)) if spill else None, total=sum(ops.values()),
-                ops={k: ops[k] for k in OPS})  # fmt: skip
+                ops={k: ops[k] for k in OPS}, loops=loops(sass))  # fmt: skip
 
 
-def _line(r: dict) -> str:
-    return (
+_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\b[^`]*`\((\.L_x_\d+)\)")
+
+
+def loops(sass: str, top: int = 8) -> list[dict]:
+    """The loops of nvdisasm output: every branch back to a label above it, with the instructions
+    from the label to the branch (the loop body, inner loops included) and its commonest opcodes.
+    The scan kernels' time is in these bodies (one per group of four tokens)."""
+    found, labels, body = [], {}, []
+    for line in sass.splitlines():
+        label = _LABEL.match(line.strip())
+        if label:
+            labels[label.group(1)] = len(body)
+            continue
+        op = _INSTR.search(line)
+        if not op:
+            continue
+        body.append(op.group(1))
+        target = _BRANCH.search(line)
+        if target and target.group(1) in labels:
+            ops = collections.Counter(body[labels[target.group(1)] :])
+            found.append(
+                dict(label=target.group(1), instructions=sum(ops.values()), ops=dict(ops.most_common(top)))
+            )
+    return found
+
+
+def _line(r: dict, with_loops: bool = False) -> str:
+    line = (
         f"{r['kernel']} {r['consts']}: {r['registers']} registers, {r['spill_store_bytes']} bytes of spill "
         f"stores, {r['total']} instructions: {r['ops']}"
     )
+    if with_loops:  # loops of more than a few instructions (not the spin-waits and tails)
+        line += "".join(
+            f"\n  loop at {lp['label']}: {lp['instructions']} instructions: {lp['ops']}"
+            for lp in r["loops"]
+            if lp["instructions"] > 16
+        )
+    return line
 
 
 def _override(ap: argparse.ArgumentParser, kv: str) -> tuple[str, bool | int]:
@@ -240,6 +276,9 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=None, help="software-pipelining stages (default: Triton's)")
     ap.add_argument("--all", action="store_true", help="every kernel in every launch variant")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument(
+        "--loops", action="store_true", help="also each loop body's instructions and commonest opcodes"
+    )
     args = ap.parse_args()
     if args.all:
         if args.set:
@@ -257,7 +296,7 @@ def main() -> None:
     for kernel, consts in jobs:
         try:
             r = counts(kernel, consts, warps=args.warps, maxnreg=args.maxnreg, stages=args.stages)
-            print(_line(r), flush=True)
+            print(_line(r, args.loops), flush=True)
         except Exception as exc:  # report every kernel, then fail
             failed += 1
             r = dict(kernel=kernel, consts=consts, error=f"{type(exc).__name__}: {exc}"[:2000])

@@ -146,6 +146,39 @@ def test_every_kernel_compiles_for_the_h100(tmp_path):
     assert {r["kernel"] for r in kernels} == every
     for r in kernels:
         assert "error" not in r and 0 < r["registers"] <= 255 and r["total"] > 0, r
+        if r["kernel"].startswith("scan_"):  # the token loops are found, with their exps
+            assert any(lp["ops"].get("MUFU", 0) > 0 and lp["instructions"] > 100 for lp in r["loops"]), r
+
+
+SASS_SNIPPET = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   FMUL R2, R2, R3 ;
+        /*0020*/                   MUFU.EX2 R2, R2 ;
+.L_x_1:
+        /*0030*/                   FFMA R4, R2, R4, R5 ;
+        /*0040*/              @!P0 BRA `(.L_x_1) ;
+        /*0050*/                   FMUL R2, R2, R4 ;
+        /*0060*/               @P1 BRA `(.L_x_0) ;
+        /*0070*/                   BRA `(.L_x_2) ;
+.L_x_2:
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_sass_counts_finds_loop_bodies():
+    # a branch back to a label above it closes a loop (the inner one inside the outer); a branch
+    # forwards does not
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sass_counts", Path(__file__).parents[1] / "benchmarks" / "sass_counts.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    found = mod.loops(SASS_SNIPPET)
+    assert [(lp["label"], lp["instructions"]) for lp in found] == [(".L_x_1", 2), (".L_x_0", 6)]
+    assert found[1]["ops"] == {"FMUL": 2, "MUFU": 1, "FFMA": 1, "BRA": 2}
 
 
 @pytest.mark.parametrize(
