@@ -14,8 +14,8 @@ Each step is one string; its first word says what it runs:
 - ``ab RUNS CONFIG [CONFIG ...]``: an A/B (or A/B/C...) of triton-path settings: every RUN
   (``model:px``, comma-separated) with every CONFIG (``tag:NAME=VALUE[,NAME=VALUE...]`` of
   ``vimssl.ssm.triton_core``, values as Python literals, e.g. ``SEQ_CHUNK=(128,256)``; ``tag:``
-  alone for the defaults), the triton path only, the configs
-  of one run back to back. Records in ``OUT/ab.json``, each with its config's tag as ``config``.
+  alone for the defaults), the triton path only, the configs of one run back to back. Records in
+  ``OUT/ab.json``, each with its config's tag as ``config``.
 - ``tests [PYTEST_K]``: ``tests/test_gpu_triton.py`` and ``tests/test_gpu_graphs.py`` (those
   matching ``-k PYTEST_K``); the summary in ``OUT/tests.txt``.
 
@@ -135,10 +135,11 @@ def table_row(rec: dict) -> str:
 
 
 def run_limited(cmd: list[str], seconds: float) -> tuple[str, bool]:
-    """Run ``cmd`` for at most ``seconds``; on time-out kill it and every process it started (the
-    throughput workers hold the GPU). Returns (stdout so far, whether it timed out)."""
+    """Run ``cmd`` in the repository root for at most ``seconds``; on time-out kill it and every
+    process it started (the throughput workers hold the GPU). Returns (stdout so far, whether it
+    timed out)."""
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT
     )
     try:
         out, _ = proc.communicate(timeout=max(seconds, 1))

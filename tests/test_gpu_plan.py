@@ -151,3 +151,13 @@ def test_steps_past_the_deadline_are_skipped_and_say_so(tmp_path, stub_throughpu
     summary = (out / "summary.md").read_text()
     assert "[side 224]: skipped" in summary and "[tests] skipped" in summary
     assert not (out / "tests.txt").exists()
+
+
+def test_the_tests_step_runs_pytest_with_its_selection(tmp_path, monkeypatch):
+    suite = tmp_path / "test_tiny.py"
+    suite.write_text("def test_kept():\n    assert True\n\n\ndef test_left_out():\n    assert False\n")
+    monkeypatch.setattr(gpu_plan, "GPU_TESTS", (str(suite),))
+    out = tmp_path / "out"
+    gpu_plan.main([str(out), "tests kept"])
+    assert "1 passed, 1 deselected" in (out / "tests.txt").read_text()
+    assert "[tests kept] " in (out / "summary.md").read_text()
