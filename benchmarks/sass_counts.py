@@ -6,6 +6,7 @@ for the v5/v6 kernels in docs/kernel-notes.md (the loop bodies dominate the coun
     python benchmarks/sass_counts.py --kernel scan_bwd_kernel --set BE=64 KEEP=True RS=False
     python benchmarks/sass_counts.py --kernel scan_fwd_kernel scan_bwd_kernel --set CHUNKED=True
     python benchmarks/sass_counts.py --all --json counts.json   # every kernel, every launch variant
+    python benchmarks/sass_counts.py --all --jobs 2             # ... two compiles at a time
     python benchmarks/sass_counts.py --kernel conv_fwd_kernel --warps 8 --stages 1 --set BT=16
     python benchmarks/sass_counts.py --kernel scan_state_kernel --set BE=64 --loops  # per loop body
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import inspect
 import json
 import re
@@ -265,6 +267,18 @@ def _override(ap: argparse.ArgumentParser, kv: str) -> tuple[str, bool | int]:
     return k, (v == "True" if v in ("True", "False") else int(v))
 
 
+def _compile(job: tuple) -> tuple[dict, str | None]:
+    """:func:`counts` of one (kernel, constexprs, options) job: (result, None), or (the error's
+    record, its traceback) when the kernel fails to compile."""
+    kernel, consts, options = job
+    try:
+        return counts(kernel, consts, **options), None
+    except Exception as exc:
+        return dict(
+            kernel=kernel, consts=consts, error=f"{type(exc).__name__}: {exc}"[:2000]
+        ), traceback.format_exc()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -279,6 +293,7 @@ def main() -> None:
     ap.add_argument(
         "--loops", action="store_true", help="also each loop body's instructions and commonest opcodes"
     )
+    ap.add_argument("--jobs", type=int, default=1, help="compile this many kernel variants at once")
     args = ap.parse_args()
     if args.all:
         if args.set:
@@ -292,17 +307,19 @@ def main() -> None:
                 ap.error(f"--set {k}: no constexpr {k!r} in {', '.join(args.kernel)}")
         for _, consts in jobs:
             consts.update({k: v for k, v in overrides.items() if k in consts})
+    options = dict(warps=args.warps, maxnreg=args.maxnreg, stages=args.stages)
+    if args.jobs > 1:  # compiles in worker processes (each compile uses one core), results in order
+        with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+            outcomes = list(pool.map(_compile, [(k, c, options) for k, c in jobs]))
+    else:
+        outcomes = map(_compile, [(k, c, options) for k, c in jobs])
     results, failed = [], 0
-    for kernel, consts in jobs:
-        try:
-            r = counts(kernel, consts, warps=args.warps, maxnreg=args.maxnreg, stages=args.stages)
+    for (kernel, consts), (r, trace) in zip(jobs, outcomes):
+        if trace is None:
             print(_line(r, args.loops), flush=True)
-        except Exception as exc:  # report every kernel, then fail
+        else:  # report every kernel, then fail
             failed += 1
-            r = dict(kernel=kernel, consts=consts, error=f"{type(exc).__name__}: {exc}"[:2000])
-            print(
-                f"{kernel} {consts}: FAILED to compile\n{traceback.format_exc()}", file=sys.stderr, flush=True
-            )
+            print(f"{kernel} {consts}: FAILED to compile\n{trace}", file=sys.stderr, flush=True)
         results.append(r)
     if args.json:
         args.json.write_text(
