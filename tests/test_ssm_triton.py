@@ -116,31 +116,28 @@ def test_kernels_match_reference_under_interpreter():
         assert err < 1e-4, (name, err)
 
 
+SASS_COUNTS = Path(__file__).parents[1] / "benchmarks" / "sass_counts.py"
+needs_ptxas = pytest.mark.skipif(
+    not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
+    reason="this Triton has no CUDA backend with a bundled ptxas",
+)
+
+
+def run_sass_counts(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """benchmarks/sass_counts.py with ``args``, compiling (not interpreting) from this checkout."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, str(SASS_COUNTS), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+@needs_ptxas
 def test_every_kernel_compiles_for_the_h100(tmp_path):
     """The interpreter runs the kernels' Python, not Triton's code generation: compile every kernel
     of the path in every variant the launchers use for sm_90a (Triton's bundled ptxas; no GPU),
     which catches what only the compiler sees (inline PTX constraints, layouts, register limits)."""
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this Triton has no CUDA backend with a bundled ptxas")
-    script = Path(__file__).parents[1] / "benchmarks" / "sass_counts.py"
     out = tmp_path / "counts.json"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--all",
-            "--json",
-            str(out),
-            "--jobs",
-            str(min(2, os.cpu_count() or 1)),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_sass_counts("--all", "--json", str(out), "--jobs", str(min(2, os.cpu_count() or 1)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = json.loads(out.read_text())["kernels"]
     from vimssl.ssm import triton_kernels, triton_norm
@@ -179,9 +176,7 @@ def test_sass_counts_finds_loop_bodies():
     # forwards does not
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        "sass_counts", Path(__file__).parents[1] / "benchmarks" / "sass_counts.py"
-    )
+    spec = importlib.util.spec_from_file_location("sass_counts", SASS_COUNTS)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     found = mod.loops(SASS_SNIPPET)
@@ -198,25 +193,16 @@ def test_sass_counts_finds_loop_bodies():
     ],
 )
 def test_sass_counts_names_a_bad_setting(args, says):
-    script = Path(__file__).parents[1] / "benchmarks" / "sass_counts.py"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
-    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True)
+    proc = run_sass_counts(*args)
     assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-2000:]
 
 
+@needs_ptxas
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_sass_counts_reports_a_kernel_that_fails_to_compile(jobs):
     # a non-power-of-two block fails in Triton's front end: reported with its traceback, the
     # other kernels still compiled, and a non-zero exit (in the worker processes too)
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this Triton has no CUDA backend with a bundled ptxas")
-    script = Path(__file__).parents[1] / "benchmarks" / "sass_counts.py"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
-    env.pop("TRITON_INTERPRET", None)
-    args = ["--kernel", "combine_kernel", "colsum_kernel", "--set", "BE=33", "--jobs", jobs]
-    proc = subprocess.run(
-        [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=300
-    )
+    proc = run_sass_counts("--kernel", "combine_kernel", "colsum_kernel", "--set", "BE=33", "--jobs", jobs)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "combine_kernel {'SAVE_SUM': True, 'BR': 16, 'BE': 33}: FAILED to compile" in proc.stderr
     assert "1 of 2 kernel variants compiled" in proc.stdout
