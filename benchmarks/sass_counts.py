@@ -295,6 +295,8 @@ def main() -> None:
     )
     ap.add_argument("--jobs", type=int, default=1, help="compile this many kernel variants at once")
     args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error(f"--jobs {args.jobs}: expected 1 or more compiles at a time")
     if args.all:
         if args.set:
             ap.error("--set applies to --kernel's default variants, not to --all's launch variants")

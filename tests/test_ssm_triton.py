@@ -190,6 +190,7 @@ def test_sass_counts_finds_loop_bodies():
         (["--set", "NOPE=1"], "no constexpr 'NOPE'"),
         (["--set", "BE=wide"], "expected NAME=True, NAME=False or NAME=<integer>"),
         (["--all", "--set", "BE=32"], "not to --all"),
+        (["--all", "--jobs", "0"], "--jobs 0: expected 1 or more"),
     ],
 )
 def test_sass_counts_names_a_bad_setting(args, says):
