@@ -300,6 +300,37 @@ def test_auto_picks_triton_on_this_gpu():
         assert torch.isfinite(model(torch.randn(batch, 3, 32, 32, device="cuda"))).all()
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_model_on_a_gpu_that_is_not_current():
+    # Triton launches on the current device: a model moved to cuda:1 while cuda:0 is current
+    # must still run there (forward, backward and CUDA graphs), as the torch and cuda paths do
+    from vimssl.models.graphs import CudaGraphed
+
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 1)
+    model = create_model("vim_test", backend="triton").to(dev)
+    x = torch.randn(4, 3, 32, 32, device=dev)
+    before = torch.cuda.memory_allocated(0)
+    out = model(x)
+    out.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert torch.cuda.memory_allocated(0) == before  # nothing went to the current GPU
+    model.zero_grad()
+    model.set_backend("torch")
+    ref = model(x)
+    ref.float().square().mean().backward()
+    assert rel_err(out, ref) < 1e-3
+    for n, p in model.named_parameters():
+        assert rel_err(grads[n], p.grad) < 3e-3, n
+    model.set_backend("triton")
+    graphed = CudaGraphed(model, model, inference=True)
+    with torch.no_grad():
+        got = graphed(x)
+    assert graphed.failed is None and len(graphed.graphs) == 1
+    assert torch.cuda.current_device() == 0
+    assert rel_err(got, ref) < 1e-3
+
+
 @pytest.mark.parametrize("d", [192, 384, 1024, 1000])
 @pytest.mark.parametrize("amp", [False, True])
 def test_fused_add_rms_norm_matches_float64(d, amp):

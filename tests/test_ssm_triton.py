@@ -273,6 +273,66 @@ def test_triton_path_runs_only_on_nvidia_gpus_of_compute_capability_8(monkeypatc
     assert resolve_backend("auto", torch.device("cuda")) == "torch"
 
 
+def test_kernels_launch_on_the_inputs_gpu(monkeypatch):
+    # Triton launches on the current CUDA device, whatever device the tensors are on: the entry
+    # points make the inputs' GPU current first (a model on cuda:1 in a process on cuda:0), and
+    # do nothing (no CUDA call) for CPU tensors or when the inputs' GPU is already current
+    from types import SimpleNamespace
+
+    from vimssl.layers.norm import RMSNorm
+    from vimssl.models.mixer import BiMambaMixer
+    from vimssl.ssm import dispatch
+    from vimssl.ssm import triton_core as tc
+
+    entered = []
+
+    class Switch:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            return False
+
+    def no_cuda():
+        raise AssertionError("a CUDA call for CPU tensors")
+
+    monkeypatch.setattr(torch.cuda, "current_device", no_cuda)
+    monkeypatch.setattr(torch.cuda, "device", Switch)
+    with dispatch.on_device_of(torch.zeros(1)):
+        pass
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for index in (1, 0, None):  # ("cuda" without an index is the current device)
+        with dispatch.on_device_of(SimpleNamespace(device=torch.device("cuda", index))):
+            pass
+    assert entered == [1]
+
+    # each entry point of the triton path enters the device of its input before any work
+    class Entered(Exception):
+        pass
+
+    def record(t):
+        raise Entered(t)
+
+    def work(*args):
+        raise AssertionError("work before the device switch")
+
+    monkeypatch.setattr(tc, "on_device_of", record)
+    monkeypatch.setattr(tc, "_check", work)
+    m = BiMambaMixer(8, d_state=4)
+    xz = torch.randn(2, 5, 2 * m.d_inner)
+    for fn in (tc.bimamba_core_triton, tc.bimamba_core_out_triton):
+        with pytest.raises(Entered) as err:
+            fn(xz, m)
+        assert err.value.args[0] is xz
+    residual = torch.randn(2, 5, 8)
+    with pytest.raises(Entered) as err:
+        tc.add_rms_norm(None, residual, RMSNorm(8))
+    assert err.value.args[0] is residual
+
+
 def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
     # the two-level scan's chunk length (launcher side, no GPU needed): chunk when the unchunked
     # scan has too few one-warp programs per SM, aim at SEQ_FILL's second number, chunks of at

@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from vimssl.ssm.dispatch import on_device_of
+
 log = logging.getLogger(__name__)
 
 
@@ -111,6 +113,10 @@ class CudaGraphed:
         mode = self._mode(args)
         if mode is None:
             return self.fn(*args)
+        with on_device_of(args[0]):  # captures and replays on the inputs' GPU, not the current one
+            return self._replay(mode, args)
+
+    def _replay(self, mode: str, args: tuple[torch.Tensor, ...]):
         if self.graphs and self._moved():
             log.info("the model's tensors moved since the CUDA graphs were captured: capturing again")
             self.graphs.clear()

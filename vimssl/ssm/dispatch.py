@@ -5,6 +5,7 @@ makes is logged once per device type."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -84,6 +85,19 @@ def sm_count(device: torch.device) -> int:
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context in which CUDA work for ``t`` runs on ``t``'s GPU. Triton launches its kernels on
+    the *current* CUDA device and stream, whatever device the tensors are on (mamba-ssm's
+    extensions switch devices themselves): a model moved to ``cuda:1`` in a process whose current
+    device is ``cuda:0`` would otherwise fail or launch on the wrong GPU. The autograd engine runs
+    a device's backward with that device current, so the forward is what needs it. A no-op (no
+    CUDA call) for CPU tensors and on the current device."""
+    dev = t.device
+    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+        return torch.cuda.device(dev.index)
+    return contextlib.nullcontext()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -24,7 +24,7 @@ import torch
 import triton
 
 from vimssl.ssm import triton_kernels as K
-from vimssl.ssm.dispatch import sm_count
+from vimssl.ssm.dispatch import on_device_of, sm_count
 
 # channels per scan program (forward, backward) and warps; conv tile (tokens, channels) and warps.
 # From the H100 sweeps in docs/kernel-notes.md.
@@ -769,6 +769,19 @@ def _cached_weights(m, params: tuple, xz: torch.Tensor) -> tuple:
     return cache[1]
 
 
+def _on_input_device(fn):
+    """``fn`` run with the GPU of its first tensor argument current: Triton launches on the
+    current device (:func:`~vimssl.ssm.dispatch.on_device_of`)."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        with on_device_of(next(a for a in args if isinstance(a, torch.Tensor))):
+            return fn(*args)
+
+    return run
+
+
+@_on_input_device
 def bimamba_core_triton(xz: torch.Tensor, m) -> torch.Tensor:
     """xz (B, L, 2E) -> (B, L, E) for a :class:`~vimssl.models.mixer.BiMambaMixer` ``m``."""
     _check(xz, m.d_inner)
@@ -780,6 +793,7 @@ def bimamba_core_triton(xz: torch.Tensor, m) -> torch.Tensor:
     return BiMambaCoreFn.apply(xz, m.d_state, None, None, *params)
 
 
+@_on_input_device
 def bimamba_core_out_triton(xz: torch.Tensor, m) -> torch.Tensor:
     """xz (B, L, 2E) -> out_proj(core(xz)) (B, L, D) for a
     :class:`~vimssl.models.mixer.BiMambaMixer` ``m``. In training with Y_REBUILD (by default:
@@ -828,4 +842,5 @@ def add_rms_norm(x, residual, norm, drop=None):
     so the triton path needs nothing from mamba-ssm."""
     from vimssl.ssm import triton_norm
 
-    return triton_norm.add_rms_norm(x, residual, norm, drop)
+    with on_device_of(residual):
+        return triton_norm.add_rms_norm(x, residual, norm, drop)
