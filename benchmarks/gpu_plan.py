@@ -10,7 +10,7 @@ Each step is one string; its first word says what it runs:
 - ``side MODELS PXS [PATHS]``: the kernel paths side by side (``benchmarks/throughput.py
   --graphs``): every model of MODELS (comma-separated) at every image size of PXS
   (comma-separated), with PATHS (comma-separated; default ``cuda,triton,deit``). Records in
-  ``OUT/side.json``.
+  ``OUT/side.json``; the summary also gets each run's ratios (``benchmarks/ratios.py``).
 - ``ab RUNS CONFIG [CONFIG ...]``: an A/B (or A/B/C...) of triton-path settings: every RUN
   (``model:px``, comma-separated) with every CONFIG (``tag:NAME=VALUE[,NAME=VALUE...]`` of
   ``vimssl.ssm.triton_core``, values as Python literals, e.g. ``SEQ_CHUNK=(128,256)``; ``tag:``
@@ -31,6 +31,7 @@ recorded in the docs.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -134,6 +135,21 @@ def table_row(rec: dict) -> str:
     return f"{head} | {rec['train_img_s']:,.1f} | {rec['infer_img_s']:,.1f} | {rec['train_peak_gib']:.2f} |"
 
 
+def _ratios():
+    """benchmarks/ratios.py, by path (this script runs from anywhere, its tests load it by path)."""
+    spec = importlib.util.spec_from_file_location("ratios", ROOT / "benchmarks" / "ratios.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def ratio_line(r: dict) -> str:
+    """One comparison of :func:`ratios.ratios` as a summary line."""
+    deit = "" if r["deit_train"] is None else f", DeiT/triton training {r['deit_train']:.2f}x"
+    return (f"{r['model']} b{r['batch']} triton/cuda: training {r['train']:.2f}x, inference {r['infer']:.2f}x, "
+            f"memory {r['memory']:.2f}x{deit}; issue 6 targets {'met' if r['meets'] else 'not met'}")  # fmt: skip
+
+
 def run_limited(cmd: list[str], seconds: float) -> tuple[str, bool]:
     """Run ``cmd`` in the repository root for at most ``seconds``; on time-out kill it and every
     process it started (the throughput workers hold the GPU). Returns (stdout so far, whether it
@@ -185,10 +201,13 @@ class Plan:
     def run(self, step: Step) -> None:
         if step.kind == "side":
             for model, px in step.runs:
-                self.side += self._measure(
+                recs = self._measure(
                     f"[side {px}]", ["--models", model, "--img-sizes", str(px), "--paths", *step.paths]
                 )
+                self.side += recs
                 self._save("side.json", self.side)
+                for r in _ratios().ratios(recs):
+                    self.log(f"[side {px}] {ratio_line(r)}")
         elif step.kind == "ab":
             for model, px in step.runs:
                 for tag, sets in step.configs:

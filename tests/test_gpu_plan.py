@@ -139,6 +139,9 @@ def test_a_plan_runs_its_steps_in_order_and_tags_ab_records(tmp_path, stub_throu
     assert [r.get("settings") for r in ab][:2] == [None, ["SEQ_WSELF=False"]]
     summary = (out / "summary.md").read_text()
     assert "| vim_small_patch16_224 | 1024 | 8 | triton | 100.0 | 400.0 | 1.50 |" in summary
+    # each side-by-side run's ratios (the stub's paths are equally fast)
+    line = "vim_small_patch16_224 b8 triton/cuda: training 1.00x, inference 1.00x, memory 1.00x; issue 6 targets not met"
+    assert f"[side 1024] {line}" in summary
     assert summary.rstrip().endswith("done")
     assert (out / "gpu.txt").exists()
 
