@@ -273,6 +273,15 @@ def test_triton_path_runs_only_on_nvidia_gpus_of_compute_capability_8(monkeypatc
     assert resolve_backend("auto", torch.device("cuda")) == "torch"
 
 
+def test_host_arithmetic_matches_triton():
+    # the launchers' cdiv / next power of two are plain Python: triton's are constexpr functions
+    # that cost microseconds per host call
+    from vimssl.ssm.dispatch import cdiv, next_pow2
+
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 5000, 7) for b in range(1, 300, 3))
+    assert all(next_pow2(n) == triton.next_power_of_2(n) for n in range(1, 70000))
+
+
 def test_kernels_launch_on_the_inputs_gpu(monkeypatch):
     # Triton launches on the current CUDA device, whatever device the tensors are on: the entry
     # points make the inputs' GPU current first (a model on cuda:1 in a process on cuda:0), and

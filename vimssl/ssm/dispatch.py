@@ -87,6 +87,19 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b), for the launchers' grid and chunk arithmetic. ``triton.cdiv`` is a Triton
+    constexpr function (3.5+), whose every Python call unwraps its arguments: a few microseconds
+    each, and the triton path's launchers make about thirty such calls per layer and step."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The least power of two >= ``n`` (``n`` >= 1): ``triton.next_power_of_2`` without its call
+    overhead (see :func:`cdiv`)."""
+    return 1 << (n - 1).bit_length()
+
+
 def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """A context in which CUDA work for ``t`` runs on ``t``'s GPU. Triton launches its kernels on
     the *current* CUDA device and stream, whatever device the tensors are on (mamba-ssm's

@@ -21,10 +21,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from vimssl.ssm import triton_kernels as K
-from vimssl.ssm.dispatch import on_device_of, sm_count
+from vimssl.ssm.dispatch import cdiv, next_pow2, on_device_of, sm_count
 
 # channels per scan program (forward, backward) and warps; conv tile (tokens, channels) and warps.
 # From the H100 sweeps in docs/kernel-notes.md.
@@ -151,9 +150,9 @@ def _walk_span(x: torch.Tensor, bsz: int, seqlen: int, e: int, fill: int) -> int
         return CONV_WALK_SPAN
     if x.device.type != "cuda":
         return seqlen
-    n = triton.cdiv(fill * sm_count(x.device), bsz * triton.cdiv(e, CONV_WALK_BE))
+    n = cdiv(fill * sm_count(x.device), bsz * cdiv(e, CONV_WALK_BE))
     n = max(1, min(n, seqlen // CONV_WALK_MIN_SPAN))
-    return triton.cdiv(seqlen, n)
+    return cdiv(seqlen, n)
 
 
 def conv_fwd(
@@ -165,10 +164,10 @@ def conv_fwd(
     bsz, seqlen, e = x.shape
     dbc, r, bc = pack if pack is not None else (x, 0, out)
     n2, p = (bc.shape[-1], dbc.shape[1] // 2) if pack is not None else (0, 0)
-    bj = triton.next_power_of_2(max(n2, 1))
+    bj = next_pow2(max(n2, 1))
     if _walks(w):
         span = _walk_span(x, bsz, seqlen, e, CONV_WALK_FILL[0])
-        grid = (triton.cdiv(e, CONV_WALK_BE), bsz, triton.cdiv(seqlen, span))
+        grid = (cdiv(e, CONV_WALK_BE), bsz, cdiv(seqlen, span))
         LAST["conv_fwd_walk_kernel"] = K.conv_fwd_walk_kernel[grid](
             x, w, bias, out, dbc, bc, seqlen, e, p, r, n2, span,
             x.stride(0), x.stride(1), out.stride(0), out.stride(1),
@@ -176,7 +175,7 @@ def conv_fwd(
             SPREAD=CONV_PACK_SPREAD, num_warps=CONV_WALK_WARPS,
         )  # fmt: skip
         return out
-    grid = (triton.cdiv(seqlen, CONV_BT), triton.cdiv(e, CONV_BE), bsz)
+    grid = (cdiv(seqlen, CONV_BT), cdiv(e, CONV_BE), bsz)
     LAST["conv_fwd_kernel"] = K.conv_fwd_kernel[grid](
         x, w, bias, out, dbc, bc, seqlen, e, p, r, n2, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         K=w.shape[1], BT=CONV_BT, BE=CONV_BE, PACK=pack is not None, BJ=bj, num_warps=CONV_WARPS,
@@ -192,22 +191,22 @@ def conv_bwd(x, w, bias, g, dx):
     k = w.shape[1]
     if _walks(w):
         span = _walk_span(x, bsz, seqlen, e, CONV_WALK_FILL[1])
-        n_split = triton.cdiv(seqlen, span)
+        n_split = cdiv(seqlen, span)
         dwb = torch.empty(bsz, n_split, k + 1, 2 * e, device=x.device, dtype=torch.float32)
-        LAST["conv_bwd_walk_kernel"] = K.conv_bwd_walk_kernel[(triton.cdiv(e, CONV_WALK_BE), bsz, n_split)](
+        LAST["conv_bwd_walk_kernel"] = K.conv_bwd_walk_kernel[(cdiv(e, CONV_WALK_BE), bsz, n_split)](
             x, w, bias, g, dx, dwb, seqlen, e, span, n_split,
             x.stride(0), x.stride(1), g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
             K=k, BE=CONV_WALK_BE, num_warps=CONV_WALK_WARPS,
         )  # fmt: skip
     else:
         span = _conv_span(x, bsz, seqlen, e)
-        n_split = triton.cdiv(seqlen, span)
+        n_split = cdiv(seqlen, span)
         dwb = torch.empty(bsz, n_split, k + 1, 2 * e, device=x.device, dtype=torch.float32)
-        LAST["conv_bwd_gp_kernel"] = K.conv_bwd_gp_kernel[(triton.cdiv(e, CONV_GP_BE), bsz, n_split)](
+        LAST["conv_bwd_gp_kernel"] = K.conv_bwd_gp_kernel[(cdiv(e, CONV_GP_BE), bsz, n_split)](
             x, w, bias, g, g, dwb, seqlen, e, span, n_split, x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-            K=k, BK=triton.next_power_of_2(k + 1), BT=CONV_GP_BT, BE=CONV_GP_BE, num_warps=CONV_GP_WARPS,
+            K=k, BK=next_pow2(k + 1), BT=CONV_GP_BT, BE=CONV_GP_BE, num_warps=CONV_GP_WARPS,
         )  # fmt: skip
-        grid = (triton.cdiv(seqlen, CONV_BT), triton.cdiv(e, CONV_BE), bsz)
+        grid = (cdiv(seqlen, CONV_BT), cdiv(e, CONV_BE), bsz)
         LAST["conv_bwd_dx_kernel"] = K.conv_bwd_dx_kernel[grid](
             g, w, dx, seqlen, e, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
             K=k, BT=CONV_BT, BE=CONV_BE, num_warps=CONV_WARPS,
@@ -226,9 +225,9 @@ def _conv_span(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> int:
     elif x.device.type != "cuda":
         n = 1
     else:
-        n = triton.cdiv(CONV_GP_FILL * sm_count(x.device), bsz * triton.cdiv(e, CONV_GP_BE))
-        n = min(n, triton.cdiv(seqlen, 4 * CONV_GP_BT))
-    return CONV_GP_BT * triton.cdiv(triton.cdiv(seqlen, max(n, 1)), CONV_GP_BT)
+        n = cdiv(CONV_GP_FILL * sm_count(x.device), bsz * cdiv(e, CONV_GP_BE))
+        n = min(n, cdiv(seqlen, 4 * CONV_GP_BT))
+    return CONV_GP_BT * cdiv(cdiv(seqlen, max(n, 1)), CONV_GP_BT)
 
 
 def colsum(src: torch.Tensor, n_a: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,9 +236,7 @@ def colsum(src: torch.Tensor, n_a: int) -> tuple[torch.Tensor, torch.Tensor]:
     r, t, w = src.shape
     a = torch.empty(w, n_a, device=src.device, dtype=torch.float32)
     b = torch.empty(t - n_a, w, device=src.device, dtype=torch.float32)
-    K.colsum_kernel[(triton.cdiv(w, COLSUM_BW), t)](
-        src, a, b, r, t, w, n_a, BR=COLSUM_BR, BW=COLSUM_BW, num_warps=4
-    )
+    K.colsum_kernel[(cdiv(w, COLSUM_BW), t)](src, a, b, r, t, w, n_a, BR=COLSUM_BR, BW=COLSUM_BW, num_warps=4)
     return a, b
 
 
@@ -251,7 +248,7 @@ def _seq_channels(x: torch.Tensor, bsz: int, e: int, widest: int) -> int:
     if x.device.type != "cuda" or not SEQ_NARROW:
         return widest
     be = widest
-    while be > 8 and bsz * triton.cdiv(e, be) < SEQ_NARROW_FILL * sm_count(x.device):
+    while be > 8 and bsz * cdiv(e, be) < SEQ_NARROW_FILL * sm_count(x.device):
         be //= 2
     return be
 
@@ -291,8 +288,8 @@ def _chunk_len(x: torch.Tensor, seqlen: int, programs: int, fill: tuple[int, int
     start, aim = fill
     if programs >= start * sms or seqlen < 2 * SEQ_MIN_CHUNK:
         return seqlen
-    n_ch = triton.cdiv(aim * sms, programs)
-    return max(SEQ_MIN_CHUNK, 4 * triton.cdiv(triton.cdiv(seqlen, n_ch), 4))
+    n_ch = cdiv(aim * sms, programs)
+    return max(SEQ_MIN_CHUNK, 4 * cdiv(cdiv(seqlen, n_ch), 4))
 
 
 def chunk_lengths(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> tuple[int, int]:
@@ -305,7 +302,7 @@ def chunk_lengths(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> tuple[int, 
     With SEQ_SAVE_CARRY and both scans chunked, the backward's length is the multiple of the
     forward's that models the least time (:func:`_aligned_chunk`), so that the forward can store
     the states its backward chunks start from."""
-    fwd_programs, bwd_programs = bsz * triton.cdiv(e, SEQ_BE_FWD), 2 * bsz * triton.cdiv(e, SEQ_BE_BWD)
+    fwd_programs, bwd_programs = bsz * cdiv(e, SEQ_BE_FWD), 2 * bsz * cdiv(e, SEQ_BE_BWD)
 
     def pick(programs: int, fill: tuple, wave: tuple, state_programs: int) -> int:
         chunk = _chunk_len(x, seqlen, programs, fill)
@@ -358,15 +355,15 @@ def _makespan(seqlen: int, chunk: int, programs: int, slots: int) -> int:
     step, last = chunk + SEQ_PROGRAM_STEPS, rest + SEQ_PROGRAM_STEPS
     full = programs * n_full
     if full == 0:
-        return triton.cdiv(programs, slots) * last
-    waves = triton.cdiv(full, slots)
+        return cdiv(programs, slots) * last
+    waves = cdiv(full, slots)
     if rest == 0:
         return waves * step
     idle = slots - (full - (waves - 1) * slots)  # slots without a program in the last full wave
     late = programs - min(programs, idle)  # the short chunk's programs that wait for that wave
     if late == 0:
         return max(waves * step, (waves - 1) * step + last)
-    return waves * step + triton.cdiv(late, slots) * last
+    return waves * step + cdiv(late, slots) * last
 
 
 @_cached_under("SEQ_MIN_CHUNK", "SEQ_PROGRAM_STEPS", "SEQ_WAVE_GAIN")
@@ -419,16 +416,16 @@ def scan_fwd(
     e, d_state = e2 // 2, bc.shape[-1] // 2
     y = torch.empty(bsz, seqlen, e, device=xc.device, dtype=xc.dtype)
     ysum = torch.empty_like(y) if save_sum else y
-    bn = triton.next_power_of_2(d_state)
+    bn = next_pow2(d_state)
     chunk, carry_chunk = chunks if chunks is not None else chunk_lengths(xc, bsz, seqlen, e)
     if save_carry and not saves_carries(seqlen, (chunk, carry_chunk)):
         raise ValueError(
             f"save_carry needs both scans chunked (< {seqlen} tokens) and the backward's chunk a multiple of "
             f"the forward's, got chunks ({chunk}, {carry_chunk}) with SEQ_SAVE_CARRY={SEQ_SAVE_CARRY}"
         )
-    n_ch = triton.cdiv(seqlen, chunk)
+    n_ch = cdiv(seqlen, chunk)
     be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_FWD)
-    split = n_ch == 1 and _split(xc, bsz * triton.cdiv(e, be)) and z.stride(0) == seqlen * z.stride(1)
+    split = n_ch == 1 and _split(xc, bsz * cdiv(e, be)) and z.stride(0) == seqlen * z.stride(1)
     # split: the branches' ungated outputs go to a (2, B, L, E) buffer that combine_kernel reads
     out = torch.empty(2, bsz, seqlen, e, device=xc.device, dtype=xc.dtype) if split else y
     strides = (
@@ -436,11 +433,11 @@ def scan_fwd(
         z.stride(0), z.stride(1), out.stride(-3), out.stride(-2), out.stride(0) if split else 0,
     )  # fmt: skip
     hc, sc = _chunk_states(xc, dt, bc, z, None, At2, dt_bias, chunk, n_ch, be, strides[:-3], y.stride())
-    n_b = triton.cdiv(seqlen, carry_chunk) if save_carry else 1
+    n_b = cdiv(seqlen, carry_chunk) if save_carry else 1
     hin = torch.empty(bsz, n_b, bn, e2, device=xc.device, dtype=torch.float32) if save_carry else None
     if save_carry and CARRY_FILL is not None:
         hin.fill_(CARRY_FILL)
-    LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(triton.cdiv(e, be), bsz, 2 if split else n_ch)](
+    LAST["scan_fwd_kernel"] = K.scan_fwd_kernel[(cdiv(e, be), bsz, 2 if split else n_ch)](
         xc, dt, bc, z, At2, D, dt_bias, out, ysum, hc, sc, hin if save_carry else hc,
         seqlen, e, d_state, 0, chunk, n_ch, carry_chunk if save_carry else 1, n_b, *strides,
         SAVE_SUM=save_sum, BE=be, BN=bn, EVEN_N=bn == d_state, CHUNKED=n_ch > 1, SPLIT=split,
@@ -448,7 +445,7 @@ def scan_fwd(
     )  # fmt: skip
     if split:
         rows = bsz * seqlen
-        K.combine_kernel[(triton.cdiv(rows, COMBINE_BR), triton.cdiv(e, COMBINE_BE))](
+        K.combine_kernel[(cdiv(rows, COMBINE_BR), cdiv(e, COMBINE_BE))](
             out, z, y, ysum, rows, e, out.stride(0), z.stride(1),
             SAVE_SUM=save_sum, BR=COMBINE_BR, BE=COMBINE_BE, num_warps=4,
         )  # fmt: skip
@@ -474,7 +471,7 @@ def _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, 
         return xc, xc
     bsz, seqlen, e2 = xc.shape
     e, d_state = e2 // 2, bc.shape[-1] // 2
-    bn = triton.next_power_of_2(d_state)
+    bn = next_pow2(d_state)
     f32 = dict(device=xc.device, dtype=torch.float32)
     grad = dy is not None
     with_sums = not grad or grad_sums
@@ -485,11 +482,11 @@ def _chunk_states(xc, dt, bc, z, dy, At2, dt_bias, chunk, n_ch, be, in_strides, 
         if with_sums:
             sums.fill_(CARRY_FILL)
     name = "scan_state_kernel" + ("_grad" if grad else "")
-    LAST[name] = K.scan_state_kernel[(triton.cdiv(e, be), bsz, 2 * n_ch)](
+    LAST[name] = K.scan_state_kernel[(cdiv(e, be), bsz, 2 * n_ch)](
         xc, dt, bc, z, dy if grad else xc, At2, dt_bias, carry, sums, seqlen, e, d_state, 0, chunk, n_ch,
         *in_strides, *dy_strides[:2], GRAD=grad, BE=be, BN=bn, EVEN_N=bn == d_state, SKIP=SEQ_SKIP_UNREAD,
         SUMS=grad and with_sums, num_warps=SEQ_WARPS,
-        **({"maxnreg": SEQ_GRAD_MAXNREG} if grad and _grad_cap(xc, bsz * triton.cdiv(e, be), n_ch) else {}),
+        **({"maxnreg": SEQ_GRAD_MAXNREG} if grad and _grad_cap(xc, bsz * cdiv(e, be), n_ch) else {}),
     )  # fmt: skip
     return carry, (sums if with_sums else None)
 
@@ -506,7 +503,7 @@ def _grad_cap(x: torch.Tensor, programs: int, n_ch: int) -> bool:
         return False
     working = 2 * programs * (n_ch - 1 if SEQ_SKIP_UNREAD else n_ch)
     free, capped = (slots * sm_count(x.device) for slots in SEQ_GRAD_SLOTS)
-    return triton.cdiv(working, capped) < triton.cdiv(working, free)
+    return cdiv(working, capped) < cdiv(working, free)
 
 
 def _rs(be: int, d_state: int) -> bool:
@@ -530,18 +527,18 @@ def scan_bwd(
     for a caller that did not keep it."""
     bsz, seqlen, e2 = xc.shape
     e, d_state = e2 // 2, bc.shape[-1] // 2
-    bn = triton.next_power_of_2(d_state)
+    bn = next_pow2(d_state)
     if chunk is None:
         chunk = chunk_lengths(xc, bsz, seqlen, e)[1]
-    n_ch = triton.cdiv(seqlen, chunk)
+    n_ch = cdiv(seqlen, chunk)
     hin = carries is not None and n_ch > 1
     if hin and tuple(carries.shape) != (bsz, n_ch, bn, e2):
         raise ValueError(f"carries of shape {tuple(carries.shape)} for {n_ch} chunks of {chunk} tokens")
     be = _seq_channels(xc, bsz * n_ch, e, SEQ_BE_BWD)
-    n_eb = triton.cdiv(e, be)
+    n_eb = cdiv(e, be)
     f32 = dict(device=xc.device, dtype=torch.float32)
     # the state entering each group of 4 tokens, per chunk
-    hst = torch.empty(bsz, n_ch, triton.cdiv(chunk, 4), bn, e2, **f32)
+    hst = torch.empty(bsz, n_ch, cdiv(chunk, 4), bn, e2, **f32)
     du, ddt = torch.empty_like(xc), torch.empty_like(xc)
     # dB/dC partials (each a float32 sum over one program's channels): bf16 for bf16 runs, which
     # halves their bytes and the sum's; float32 otherwise (fp16's range is too narrow for them)
@@ -601,9 +598,9 @@ def sum_dbc_parts(part: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | No
     bsz, _, n_parts, seqlen, n2 = part.shape
     if out is None:
         out = torch.empty(bsz, seqlen, 2, n2, device=part.device, dtype=dtype)
-    LAST["part_sum_kernel"] = K.part_sum_kernel[(triton.cdiv(seqlen, PART_BT), bsz, 2)](
+    LAST["part_sum_kernel"] = K.part_sum_kernel[(cdiv(seqlen, PART_BT), bsz, 2)](
         part, out, seqlen, n_parts, out.stride(0), out.stride(1), out.stride(2), n2,
-        BT=PART_BT, BJ=triton.next_power_of_2(n2), num_warps=4,
+        BT=PART_BT, BJ=next_pow2(n2), num_warps=4,
     )  # fmt: skip
     return out
 
@@ -626,10 +623,10 @@ def derived_weights(params: tuple, dtype: torch.dtype) -> tuple:
     a = torch.empty(2 * e2 * 2 * p_rows, device=cwf.device, dtype=dtype)
     cw, cb, at, d, dtb = f.split([e2 * k, e2, n * e2, e2, e2])
     xw, dtw = a.split([2 * p_rows * e2, e2 * 2 * p_rows])
-    K.prep_kernel[(triton.cdiv(e2, PREP_BE),)](
+    K.prep_kernel[(cdiv(e2, PREP_BE),)](
         *params, cw, cb, at, d, dtb, xw, dtw, e, r, n,
-        K=k, BK=triton.next_power_of_2(k), BN=triton.next_power_of_2(n),
-        BP=triton.next_power_of_2(2 * p_rows), BE=PREP_BE, num_warps=4,
+        K=k, BK=next_pow2(k), BN=next_pow2(n),
+        BP=next_pow2(2 * p_rows), BE=PREP_BE, num_warps=4,
     )  # fmt: skip
     return cw.view(e2, k), cb, xw.view(2 * p_rows, e2), dtw.view(e2, 2 * p_rows), at.view(n, e2), d, dtb
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vimssl.ssm.dispatch import sm_count
+from vimssl.ssm.dispatch import cdiv, sm_count
 
 MAX_WIDTH = 16384  # wider rows fall back to the plain PyTorch version
 
@@ -121,7 +121,7 @@ class AddRMSNormFn(torch.autograd.Function):
         rows, bd, warps = _tile(d)
         has_s = x is not None and mask is not None
         rows_per_s = m // shape[0] if has_s else 1  # rows of one sample
-        add_rms_fwd_kernel[(triton.cdiv(m, rows),)](
+        add_rms_fwd_kernel[(cdiv(m, rows),)](
             x2, res2, weight, out, rout, rstd, mask if has_s else rstd, m, d, eps, 1.0 / keep, rows_per_s,
             x2.stride(0), res2.stride(0), out.stride(0), rout.stride(0),
             HAS_X=x is not None, HAS_S=has_s, ROWS=rows, BD=bd, num_warps=warps,
@@ -142,7 +142,7 @@ class AddRMSNormFn(torch.autograd.Function):
         dout = _rows(dout, d)
         drout = None if drout is None else _rows(drout, d)
         rows, bd, warps = _tile(d)
-        n_tiles = triton.cdiv(m, rows)
+        n_tiles = cdiv(m, rows)
         grid = min(n_tiles, _programs(rout.device))
         dres = torch.empty(m, d, device=rout.device, dtype=ctx.res_dtype)
         has_dx = ctx.x_dtype is not None and ctx.needs_input_grad[0]
