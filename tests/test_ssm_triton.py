@@ -242,10 +242,10 @@ def test_auto_does_not_probe_mamba_ssm_where_triton_runs(monkeypatch):
     def probe():
         raise AssertionError("mamba-ssm probed although triton runs")
 
-    monkeypatch.setattr(dispatch, "triton_kernels_available", lambda: True)
+    monkeypatch.setattr(dispatch, "triton_kernels_available", lambda device=None: True)
     monkeypatch.setattr(dispatch, "cuda_kernels_available", probe)
     assert resolve_backend("auto", torch.device("cuda")) == "triton"
-    monkeypatch.setattr(dispatch, "triton_kernels_available", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_kernels_available", lambda device=None: False)
     monkeypatch.setattr(dispatch, "cuda_kernels_available", lambda: True)
     assert resolve_backend("auto", torch.device("cuda")) == "cuda"
 
@@ -257,13 +257,21 @@ def test_triton_path_runs_only_on_nvidia_gpus_of_compute_capability_8(monkeypatc
     from vimssl.ssm import dispatch
     from vimssl.ssm import triton_core as tc
 
-    monkeypatch.setattr(tc, "available", tc.available.__wrapped__)  # (uncached: the process's answer stays)
+    monkeypatch.setattr(tc, "_capable", tc._capable.__wrapped__)  # (uncached: the process's answer stays)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(torch.version, "hip", None)
     assert tc.available()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
     assert not tc.available()
+    # by the tensors' GPU, not the current one (a machine with an H100 and a T4)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: [(9, 0), (7, 5)][index or 0])
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "triton"
+    monkeypatch.setattr(dispatch, "cuda_kernels_available", lambda: True)
+    assert resolve_backend("auto", torch.device("cuda", 1)) == "cuda"
+    with pytest.raises(RuntimeError, match=r"compute capability 8.0 .*tensors are on cuda:1"):
+        resolve_backend("triton", torch.device("cuda", 1))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 4))
     monkeypatch.setattr(torch.version, "hip", "6.2.41133")
     assert not tc.available() and not dispatch.triton_kernels_available()

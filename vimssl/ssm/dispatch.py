@@ -47,14 +47,14 @@ def cuda_kernels_available() -> bool:
     return cuda.available()
 
 
-def triton_kernels_available() -> bool:
-    """True when Triton imports and its kernels can run on the current device (an NVIDIA GPU of
-    compute capability 8.0+; not ROCm)."""
+def triton_kernels_available(device: torch.device | None = None) -> bool:
+    """True when Triton imports and its kernels can run on CUDA ``device`` (default: the current
+    device): an NVIDIA GPU of compute capability 8.0+, not ROCm."""
     try:
         from vimssl.ssm import triton_core
     except Exception:  # no triton, or a broken install
         return False
-    return triton_core.available()
+    return triton_core.available(device.index if device is not None and device.type == "cuda" else None)
 
 
 # ``auto`` takes the triton path on a GPU wherever Triton runs, at every shape. Until the
@@ -134,17 +134,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 f"backend='triton' needs tensors on a CUDA device, got {device}; "
                 "move the model to the GPU or use backend='torch' (or 'auto')"
             )
-        if not triton_kernels_available():
+        if not triton_kernels_available(device):
             raise RuntimeError(
                 "backend='triton' needs the triton package (installed with PyTorch on Linux CUDA "
-                "builds) and an NVIDIA GPU of compute capability 8.0 or newer (its kernels use "
-                "NVIDIA PTX: not on ROCm); use backend='cuda', 'torch' or 'auto'"
+                f"builds) and an NVIDIA GPU of compute capability 8.0 or newer (the tensors are on "
+                f"{device}; its kernels use NVIDIA PTX: not on ROCm); use backend='cuda', 'torch' or 'auto'"
             )
         return "triton"
     chosen = "torch"
     if device.type == "cuda":
         # mamba-ssm (a heavy import) is probed only where triton cannot run: triton comes first
-        triton_ok = triton_kernels_available()
+        triton_ok = triton_kernels_available(device)
         chosen = auto_gpu_path(triton_ok, not triton_ok and cuda_kernels_available())
     if (device.type, chosen) not in _logged:
         _logged.add((device.type, chosen))

@@ -821,17 +821,22 @@ def _hooked(lin: torch.nn.Module) -> bool:
     return any(own) or any(bool(h) for h in glob)
 
 
-@functools.cache
-def available() -> bool:
-    """True when the kernels can run on the current device: an NVIDIA GPU of compute capability
-    8.0+. Not on ROCm (AMD) builds of PyTorch, where ``torch.cuda`` also reports a device: the
-    kernels use NVIDIA PTX (the fast exps and logs, the lane shuffles of the scan backward)."""
+def available(index: int | None = None) -> bool:
+    """True when the kernels can run on CUDA device ``index`` (default: the current one): an
+    NVIDIA GPU of compute capability 8.0+. Not on ROCm (AMD) builds of PyTorch, where
+    ``torch.cuda`` also reports a device: the kernels use NVIDIA PTX (the fast exps and logs, the
+    lane shuffles of the scan backward)."""
     try:
         if not torch.cuda.is_available() or torch.version.hip is not None:
             return False
-        return torch.cuda.get_device_capability()[0] >= 8
+        return _capable(torch.cuda.current_device() if index is None else index)
     except Exception:
         return False
+
+
+@functools.cache
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 8
 
 
 def add_rms_norm(x, residual, norm, drop=None):
