@@ -7,7 +7,7 @@ import torch
 
 from vimssl.classify import ImageClassifier
 from vimssl.models import create_model
-from vimssl.models.graphs import CudaGraphed, check_single_device
+from vimssl.models.graphs import CudaGraphed, check_single_device, eager_gpu_hint
 from vimssl.pretrain import MaskedPretraining
 
 
@@ -88,3 +88,34 @@ def test_cuda_graphs_is_refused_with_several_processes():
     check_single_device(False, 8)
     with pytest.raises(ValueError, match="cuda_graphs.*single GPU.*8 processes"):
         check_single_device(True, 8)
+
+
+def test_a_single_gpu_run_without_graphs_is_told_about_them(caplog):
+    gpu = torch.device("cuda", 0)
+    assert "cuda_graphs=true" in eager_gpu_hint(False, 1, gpu, grad_checkpointing=False)
+    # not when it uses them, cannot (several processes, grad checkpointing) or runs on the CPU
+    assert eager_gpu_hint(True, 1, gpu, False) is None
+    assert eager_gpu_hint(False, 2, gpu, False) is None
+    assert eager_gpu_hint(False, 1, gpu, True) is None
+    assert eager_gpu_hint(False, 1, torch.device("cpu"), False) is None
+    # the LightningModules say it when fitting starts (a trainer of one process, on a GPU)
+    from types import SimpleNamespace
+
+    modules = [
+        MaskedPretraining("vim_test", img_size=32, decoder_dim=32, decoder_depth=1),
+        ImageClassifier("vim_test", num_classes=3, img_size=32),
+        ImageClassifier("vim_test", num_classes=3, img_size=32, mode="linear", grad_checkpointing=True),
+    ]
+    for module in modules:
+        module._trainer = SimpleNamespace(world_size=1, datamodule=None)
+        module._device = gpu
+        caplog.clear()
+        with caplog.at_level("INFO", logger="vimssl"):
+            module.on_fit_start()
+        assert "cuda_graphs=true" in caplog.text, type(module).__name__
+    module = ImageClassifier("vim_test", num_classes=3, img_size=32, grad_checkpointing=True)
+    module._trainer, module._device = SimpleNamespace(world_size=1, datamodule=None), gpu
+    caplog.clear()
+    with caplog.at_level("INFO", logger="vimssl"):
+        module.on_fit_start()
+    assert "cuda_graphs" not in caplog.text  # fine-tuning with grad checkpointing cannot use them

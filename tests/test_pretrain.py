@@ -165,3 +165,5 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert len(ckpts) == 1
     ckpt = torch.load(ckpts[0], map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
+    # the CLI shows vimssl's information, once for both processes (the backend auto chose)
+    assert proc.stderr.count("vimssl: backend 'auto' chose 'torch' for cpu tensors") == 1, proc.stderr[-3000:]

@@ -32,7 +32,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassAccuracy
 
 from vimssl.checkpoint import fold_feature_norm  # noqa: F401  (re-exported)
-from vimssl.models.graphs import CudaGraphed, check_cuda_graphs, check_single_device
+from vimssl.models.graphs import CudaGraphed, check_cuda_graphs, check_single_device, eager_gpu_hint
 from vimssl.optim import (
     build_adamw,
     effective_batch_size,
@@ -283,7 +283,11 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:
-        check_single_device(self.hparams.cuda_graphs, self.trainer.world_size)
+        hp = self.hparams
+        check_single_device(hp.cuda_graphs, self.trainer.world_size)
+        gc = hp.grad_checkpointing and hp.mode != "linear"
+        if hint := eager_gpu_hint(hp.cuda_graphs, self.trainer.world_size, self.device, gc):
+            log.info(hint)
         names = getattr(self.trainer.datamodule, "class_names", None)
         if self.hparams.class_names is None and names is not None:
             self.hparams.class_names = list(names)

@@ -11,6 +11,7 @@ the resolved ``config.yaml`` of each run side by side in ``checkpoints/<logger>/
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from lightning.pytorch.cli import LightningCLI
@@ -29,11 +30,38 @@ def _num_classes(data) -> int:
     return data.num_classes
 
 
+class _RankZeroInfo(logging.Filter):
+    """Warnings from every process; information from the first only (as Lightning's own), so that a
+    run on N GPUs says each thing once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        return record.levelno >= logging.WARNING or getattr(rank_zero_only, "rank", 0) == 0
+
+
+def show_info_logs() -> None:
+    """Print vimssl's INFO messages (the backend ``auto`` chose, what an encoder checkpoint loaded
+    and left unused, hints) on stderr, as Lightning prints its own: unless the program has set up
+    logging itself (the root logger has handlers), in which case its set-up decides. Idempotent."""
+    logger = logging.getLogger("vimssl")
+    if logging.getLogger().hasHandlers() or any(getattr(h, "_vimssl", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    handler.addFilter(_RankZeroInfo())
+    handler._vimssl = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(args: list[str] | None = None, run: bool = True) -> VimsslCLI | int:
     """Run the CLI on ``args`` (default: the command line) and return the LightningCLI object;
     ``export`` turns a training checkpoint into the Hub format (:mod:`vimssl.export`) and returns
     its exit status."""
     args = sys.argv[1:] if args is None else list(args)
+    show_info_logs()
     if args and args[0] == "export":
         from vimssl import export
 

@@ -171,3 +171,17 @@ def check_single_device(cuda_graphs: bool, world_size: int) -> None:
             f"cuda_graphs is supported on a single GPU only (this run has {world_size} processes): "
             "set model.init_args.cuda_graphs=false"
         )
+
+
+def eager_gpu_hint(
+    cuda_graphs: bool, world_size: int, device: torch.device, grad_checkpointing: bool
+) -> str | None:
+    """What to tell a single-GPU run that trains eagerly although it could replay its steps from
+    CUDA graphs (None when it does, or cannot: several processes, the CPU, grad checkpointing)."""
+    if cuda_graphs or world_size > 1 or device.type != "cuda" or grad_checkpointing:
+        return None
+    return (
+        "training eagerly on one GPU: model.init_args.cuda_graphs=true replays each step from CUDA graphs, "
+        "which removes the Python and kernel-launch time that bounds eager Vim steps (most of a Vim-T "
+        "step, about a tenth of a Vim-S step on the triton path; README, Performance)"
+    )

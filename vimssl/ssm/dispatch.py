@@ -148,7 +148,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         chosen = auto_gpu_path(triton_ok, not triton_ok and cuda_kernels_available())
     if (device.type, chosen) not in _logged:
         _logged.add((device.type, chosen))
-        log.info("vimssl backend 'auto' chose %r for %s tensors", chosen, device.type)
+        log.info("backend 'auto' chose %r for %s tensors", chosen, device.type)
     return chosen
 
 
