@@ -167,3 +167,4 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert ckpt["global_step"] == 2
     # the CLI shows vimssl's information, once for both processes (the backend auto chose)
     assert proc.stderr.count("vimssl: backend 'auto' chose 'torch' for cpu tensors") == 1, proc.stderr[-3000:]
+    assert "not recommended to provide both args and command line" not in proc.stderr  # (LightningCLI)

@@ -60,7 +60,8 @@ def main(args: list[str] | None = None, run: bool = True) -> VimsslCLI | int:
     """Run the CLI on ``args`` (default: the command line) and return the LightningCLI object;
     ``export`` turns a training checkpoint into the Hub format (:mod:`vimssl.export`) and returns
     its exit status."""
-    args = sys.argv[1:] if args is None else list(args)
+    given = None if args is None else list(args)
+    args = sys.argv[1:] if given is None else given
     show_info_logs()
     if args and args[0] == "export":
         from vimssl import export
@@ -78,7 +79,8 @@ def main(args: list[str] | None = None, run: bool = True) -> VimsslCLI | int:
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf", "default_config_files": []},
         trainer_defaults={"default_root_dir": "checkpoints"},
-        args=args or None,
+        # the command line is LightningCLI's own default (given it again, it warns of both)
+        args=given or None,
         run=run,
         auto_configure_optimizers=False,
     )
