@@ -18,6 +18,10 @@ Each step is one string; its first word says what it runs:
   ``OUT/ab.json``, each with its config's tag as ``config``.
 - ``tests [PYTEST_K]``: ``tests/test_gpu_triton.py`` and ``tests/test_gpu_graphs.py`` (those
   matching ``-k PYTEST_K``); the summary in ``OUT/tests.txt``.
+- ``profile RUNS [PATH] [infer]``: where the GPU time of a step goes (``benchmarks/profile_step.py``,
+  torch.profiler, eager): every RUN (``model:px``, comma-separated) on PATH (default ``triton``),
+  the training step or with ``infer`` the inference step, at throughput.py's batch for the size.
+  Kernels by time in ``OUT/profile.json`` (one object per run), the top five in the summary.
 
 Every measurement is a ``throughput.py`` process of its own (which measures each path in a fresh
 worker process), killed with its workers when its time is up: what it measured by then is kept.
@@ -45,19 +49,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
+PROFILE = ROOT / "benchmarks" / "profile_step.py"
+BATCH = {224: 128, 512: 32, 1024: 8}  # throughput.py's batch per image size (8 for others)
 GPU_TESTS = ("tests/test_gpu_triton.py", "tests/test_gpu_graphs.py")
 DEFAULT_PATHS = ("cuda", "triton", "deit")
+PATHS = ("torch", "cuda", "triton", "deit")
 # commas between settings, not inside a value such as SEQ_CHUNK=(128,256)
 _SETTING_SEP = re.compile(r",(?=[A-Za-z_][A-Za-z0-9_]*=)")
 
 
 @dataclass
 class Step:
-    kind: str  # "side", "ab" or "tests"
+    kind: str  # "side", "ab", "tests" or "profile"
     runs: list[tuple[str, int]] = field(default_factory=list)  # (model, px)
     paths: tuple[str, ...] = DEFAULT_PATHS
     configs: list[tuple[str, list[str]]] = field(default_factory=list)  # (tag, ["NAME=VALUE", ...])
     k: str = ""
+    infer: bool = False  # profile: the inference step
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -73,7 +81,7 @@ def parse_step(text: str) -> Step:
     """One step from its string (see the module docstring); ValueError naming what is wrong."""
     words = text.split()
     if not words:
-        raise ValueError("empty step: expected 'side ...', 'ab ...' or 'tests [PYTEST_K]'")
+        raise ValueError("empty step: expected 'side ...', 'ab ...', 'tests [PYTEST_K]' or 'profile ...'")
     kind, args = words[0], words[1:]
     if kind == "tests":
         return Step("tests", k=" ".join(args))
@@ -84,15 +92,18 @@ def parse_step(text: str) -> Step:
         paths = tuple(p for p in args[2].split(",") if p) if len(args) == 3 else DEFAULT_PATHS
         runs = [(m, px) for m in models for px in _ints(args[1], f"step {text!r}")]
         return Step("side", runs=runs, paths=paths)
+    if kind == "profile":
+        if not 1 <= len(args) <= 3 or any(a not in ("infer", *PATHS) for a in args[1:]):
+            raise ValueError(
+                f"step {text!r}: expected 'profile MODEL:PX[,MODEL:PX] [{'|'.join(PATHS)}] [infer]'"
+            )
+        paths = [a for a in args[1:] if a != "infer"]
+        return Step("profile", runs=_runs(args[0], text), paths=tuple(paths[:1]) or ("triton",),
+                    infer="infer" in args[1:])  # fmt: skip
     if kind == "ab":
         if len(args) < 2:
             raise ValueError(f"step {text!r}: expected 'ab MODEL:PX[,MODEL:PX] TAG:NAME=VALUE[,...] ...'")
-        runs = []
-        for run in args[0].split(","):
-            model, sep, px = run.partition(":")
-            if not sep or not model:
-                raise ValueError(f"step {text!r}: run {run!r} is not MODEL:PX")
-            runs.append((model, _ints(px, f"step {text!r}, run {run!r}")[0]))
+        runs = _runs(args[0], text)
         configs = []
         for cfg in args[1:]:
             tag, sep, sets = cfg.partition(":")
@@ -109,7 +120,18 @@ def parse_step(text: str) -> Step:
                 f"step {text!r}: config tags repeat ({', '.join(tags)}); records are told apart by tag"
             )
         return Step("ab", runs=runs, configs=configs)
-    raise ValueError(f"step {text!r}: unknown kind {kind!r}; expected side, ab or tests")
+    raise ValueError(f"step {text!r}: unknown kind {kind!r}; expected side, ab, tests or profile")
+
+
+def _runs(text: str, step: str) -> list[tuple[str, int]]:
+    """``model:px[,model:px]`` as (model, px) pairs."""
+    runs = []
+    for run in text.split(","):
+        model, sep, px = run.partition(":")
+        if not sep or not model:
+            raise ValueError(f"step {step!r}: run {run!r} is not MODEL:PX")
+        runs.append((model, _ints(px, f"step {step!r}, run {run!r}")[0]))
+    return runs
 
 
 def records_from(stdout: str) -> list[dict]:
@@ -172,6 +194,7 @@ class Plan:
         self.deadline, self.min_left, self.run_limit = deadline, min_left, run_limit
         self.side: list[dict] = []
         self.ab: list[dict] = []
+        self.profiles: list[dict] = []
 
     def left(self) -> float:
         return self.deadline - (time.monotonic() - self.start)
@@ -215,6 +238,9 @@ class Plan:
                     recs = self._measure(f"[ab {tag}]", args + (["--set", *sets] if sets else []))
                     self.ab += [dict(r, config=tag) for r in recs]
                     self._save("ab.json", self.ab)
+        elif step.kind == "profile":
+            for model, px in step.runs:
+                self._profile(model, px, step.paths[0], step.infer)
         else:
             left = self.left()
             if left < self.min_left:
@@ -227,6 +253,37 @@ class Plan:
             self.log(f"[tests{' ' + shlex.quote(step.k) if step.k else ''}] "
                      f"{'stopped at the deadline: ' if timed_out else ''}{tail[-1] if tail else 'no output'}")  # fmt: skip
 
+    def _profile(self, model: str, px: int, path: str, infer: bool) -> None:
+        what = f"[profile {model} {px} {path} {'inference' if infer else 'training'}]"
+        left = self.left()
+        if left < self.min_left:
+            self.log(f"{what}: skipped, {left:.0f} s left")
+            return
+        tmp = self.out / "profile.tmp.json"
+        tmp.unlink(missing_ok=True)
+        batch = BATCH.get(px, 8)
+        cmd = [sys.executable, str(PROFILE), "--model", model, "--img", str(px), "--batch", str(batch),
+               "--path", path, "--out", str(tmp)] + (["--infer"] if infer else [])  # fmt: skip
+        stdout, timed_out = run_limited(cmd, min(left, self.run_limit))
+        if timed_out or not tmp.exists():
+            why = (
+                "stopped at its time limit"
+                if timed_out
+                else f"no profile; last output: {stdout.strip().splitlines()[-1:]}"
+            )
+            self.log(f"{what}: {why}")
+            return
+        prof = dict(json.loads(tmp.read_text()), img_size=px, batch=batch)
+        tmp.unlink()
+        self.profiles.append(prof)
+        self._save("profile.json", self.profiles)
+        total = prof["total_ms"] or 1.0
+        top = ", ".join(f"{k['name'][:40]} {k['ms_per_step']:.2f} ms ({100 * k['ms_per_step'] / total:.0f}%)"
+                        for k in prof["kernels"][:5])  # fmt: skip
+        self.log(
+            f"{what} {prof['total_ms']:.1f} ms of kernels in a {prof['wall_ms']:.1f} ms step; top: {top}"
+        )
+
     def _save(self, name: str, records: list[dict]) -> None:
         (self.out / name).write_text(json.dumps(records, indent=1) + "\n")
 
@@ -237,7 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("steps", nargs="+", help="steps, each one quoted string, run in order")
     ap.add_argument("--deadline", type=float, default=560, help="seconds for all the steps (default 560)")
     ap.add_argument("--min-left", type=float, default=40, help="skip a measurement with fewer seconds left")
-    ap.add_argument("--run-limit", type=float, default=240, help="most seconds for one throughput.py process")
+    ap.add_argument(
+        "--run-limit", type=float, default=240, help="most seconds for one measurement or profile process"
+    )
     args = ap.parse_args(argv)
     try:
         steps = [parse_step(s) for s in args.steps]  # all checked before the first one runs

@@ -35,6 +35,11 @@ def test_steps_parse_into_runs_configs_and_test_selections():
     assert ab.configs == [("base", []), ("off", ["SEQ_WSELF=False"]), ("both", ["A=1", "B=(2,3)"])]
     assert gpu_plan.parse_step("tests gradient_carr or wself").k == "gradient_carr or wself"
     assert gpu_plan.parse_step("tests").k == ""
+    prof = gpu_plan.parse_step("profile vim_small_patch16_224:1024,vim_tiny_patch16_224:224 cuda infer")
+    assert prof.runs == [("vim_small_patch16_224", 1024), ("vim_tiny_patch16_224", 224)]
+    assert prof.paths == ("cuda",) and prof.infer
+    prof = gpu_plan.parse_step("profile vim_small_patch16_224:224")
+    assert prof.paths == ("triton",) and not prof.infer
 
 
 @pytest.mark.parametrize(
@@ -48,6 +53,9 @@ def test_steps_parse_into_runs_configs_and_test_selections():
         ("ab vim_small_patch16_224:512 SEQ_WSELF=False", "is not TAG:NAME=VALUE"),
         ("ab vim_small_patch16_224:512 off:SEQ_WSELF", "'SEQ_WSELF' is not NAME=VALUE"),
         ("ab vim_small_patch16_224:512 a:X=1 a:X=2", "config tags repeat"),
+        ("profile", "expected 'profile MODEL:PX"),
+        ("profile vim_small_patch16_224:224 gpu", "expected 'profile MODEL:PX"),
+        ("profile vim_small_patch16_224", "is not MODEL:PX"),
     ],
 )
 def test_bad_steps_are_refused_naming_what_is_wrong(text, match):
@@ -164,3 +172,42 @@ def test_the_tests_step_runs_pytest_with_its_selection(tmp_path, monkeypatch):
     gpu_plan.main([str(out), "tests kept"])
     assert "1 passed, 1 deselected" in (out / "tests.txt").read_text()
     assert "[tests kept] " in (out / "summary.md").read_text()
+
+
+PROFILE_STUB = """
+import json, sys
+args = sys.argv[1:]
+value = {k: args[args.index(k) + 1] for k in ("--model", "--img", "--batch", "--path", "--out")}
+if value["--model"] == "broken":
+    sys.exit("no such model")
+kernels = [dict(name=f"kernel_{i}", ms_per_step=10.0 - i, calls_per_step=24) for i in range(7)]
+json.dump(dict(model=value["--model"], path=value["--path"], infer="--infer" in args, total_ms=49.0,
+               wall_ms=60.0, kernels=kernels, batch_seen=int(value["--batch"])), open(value["--out"], "w"))
+"""
+
+
+def test_the_profile_step_keeps_each_runs_kernels(tmp_path, monkeypatch):
+    stub = tmp_path / "profile_stub.py"
+    stub.write_text(PROFILE_STUB)
+    monkeypatch.setattr(gpu_plan, "PROFILE", stub)
+    out = tmp_path / "out"
+    gpu_plan.main([str(out), "profile vim_small_patch16_224:1024,broken:224 triton infer"])
+    profiles = json.loads((out / "profile.json").read_text())
+    assert [(p["model"], p["img_size"], p["batch"], p["batch_seen"], p["infer"]) for p in profiles] == [
+        ("vim_small_patch16_224", 1024, 8, 8, True)  # throughput.py's batch for the size
+    ]
+    summary = (out / "summary.md").read_text()
+    assert (
+        "[profile vim_small_patch16_224 1024 triton inference] 49.0 ms of kernels in a 60.0 ms step"
+        in summary
+    )
+    assert "kernel_4 6.00 ms (12%)" in summary and "kernel_5" not in summary  # the top five
+    assert "[profile broken 224 triton inference]: no profile; last output: ['no such model']" in summary
+    assert not (out / "profile.tmp.json").exists()
+
+
+def test_the_plans_batches_are_throughputs():
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    assert gpu_plan.BATCH == throughput.BATCH
