@@ -22,6 +22,11 @@ Each step is one string; its first word says what it runs:
   torch.profiler, eager): every RUN (``model:px``, comma-separated) on PATH (default ``triton``),
   the training step or with ``infer`` the inference step, at throughput.py's batch for the size.
   Kernels by time in ``OUT/profile.json`` (one object per run), the top five in the summary.
+- ``ncu RUNS [KERNELS]``: Nsight Compute's counters (``--set full``, clocks as they run) for the
+  triton path's kernels of one eager training step of a two-block model at each RUN's shapes
+  (``benchmarks/ncu_step.py``), KERNELS an ncu ``-k`` filter (default: the scan, conv, combine,
+  prep and norm kernels). Each run's details page as ``OUT/ncu_MODEL_PX.csv.gz`` (the device
+  brings back 8 files at most: keep the runs few).
 
 Every measurement is a ``throughput.py`` process of its own (which measures each path in a fresh
 worker process), killed with its workers when its time is up: what it measured by then is kept.
@@ -35,14 +40,18 @@ recorded in the docs.
 from __future__ import annotations
 
 import argparse
+import glob
+import gzip
 import importlib.util
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +59,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
 PROFILE = ROOT / "benchmarks" / "profile_step.py"
+NCU_STEP = ROOT / "benchmarks" / "ncu_step.py"
+NCU_KERNELS = "regex:scan|conv_|combine|prep|add_rms"
 BATCH = {224: 128, 512: 32, 1024: 8}  # throughput.py's batch per image size (8 for others)
 GPU_TESTS = ("tests/test_gpu_triton.py", "tests/test_gpu_graphs.py")
 DEFAULT_PATHS = ("cuda", "triton", "deit")
@@ -60,11 +71,11 @@ _SETTING_SEP = re.compile(r",(?=[A-Za-z_][A-Za-z0-9_]*=)")
 
 @dataclass
 class Step:
-    kind: str  # "side", "ab", "tests" or "profile"
+    kind: str  # "side", "ab", "tests", "profile" or "ncu"
     runs: list[tuple[str, int]] = field(default_factory=list)  # (model, px)
     paths: tuple[str, ...] = DEFAULT_PATHS
     configs: list[tuple[str, list[str]]] = field(default_factory=list)  # (tag, ["NAME=VALUE", ...])
-    k: str = ""
+    k: str = ""  # tests: the -k selection; ncu: the kernel filter
     infer: bool = False  # profile: the inference step
 
 
@@ -100,6 +111,10 @@ def parse_step(text: str) -> Step:
         paths = [a for a in args[1:] if a != "infer"]
         return Step("profile", runs=_runs(args[0], text), paths=tuple(paths[:1]) or ("triton",),
                     infer="infer" in args[1:])  # fmt: skip
+    if kind == "ncu":
+        if len(args) not in (1, 2):
+            raise ValueError(f"step {text!r}: expected 'ncu MODEL:PX[,MODEL:PX] [KERNELS]'")
+        return Step("ncu", runs=_runs(args[0], text), k=args[1] if len(args) == 2 else NCU_KERNELS)
     if kind == "ab":
         if len(args) < 2:
             raise ValueError(f"step {text!r}: expected 'ab MODEL:PX[,MODEL:PX] TAG:NAME=VALUE[,...] ...'")
@@ -120,7 +135,7 @@ def parse_step(text: str) -> Step:
                 f"step {text!r}: config tags repeat ({', '.join(tags)}); records are told apart by tag"
             )
         return Step("ab", runs=runs, configs=configs)
-    raise ValueError(f"step {text!r}: unknown kind {kind!r}; expected side, ab, tests or profile")
+    raise ValueError(f"step {text!r}: unknown kind {kind!r}; expected side, ab, tests, profile or ncu")
 
 
 def _runs(text: str, step: str) -> list[tuple[str, int]]:
@@ -170,6 +185,12 @@ def ratio_line(r: dict) -> str:
     deit = "" if r["deit_train"] is None else f", DeiT/triton training {r['deit_train']:.2f}x"
     return (f"{r['model']} b{r['batch']} triton/cuda: training {r['train']:.2f}x, inference {r['infer']:.2f}x, "
             f"memory {r['memory']:.2f}x{deit}; issue 6 targets {'met' if r['meets'] else 'not met'}")  # fmt: skip
+
+
+def find_ncu() -> str | None:
+    """Nsight Compute's command line: on the PATH, or the newest under /opt/nvidia/nsight-compute."""
+    installed = sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"))
+    return shutil.which("ncu") or (installed[-1] if installed else None)
 
 
 def run_limited(cmd: list[str], seconds: float) -> tuple[str, bool]:
@@ -241,6 +262,9 @@ class Plan:
         elif step.kind == "profile":
             for model, px in step.runs:
                 self._profile(model, px, step.paths[0], step.infer)
+        elif step.kind == "ncu":
+            for model, px in step.runs:
+                self._ncu(model, px, step.k)
         else:
             left = self.left()
             if left < self.min_left:
@@ -283,6 +307,32 @@ class Plan:
         self.log(
             f"{what} {prof['total_ms']:.1f} ms of kernels in a {prof['wall_ms']:.1f} ms step; top: {top}"
         )
+
+    def _ncu(self, model: str, px: int, kernels: str) -> None:
+        what = f"[ncu {model} {px}]"
+        ncu, left = find_ncu(), self.left()
+        if ncu is None or left < self.min_left:
+            self.log(f"{what}: skipped, {'no ncu found' if ncu is None else f'{left:.0f} s left'}")
+            return
+        with tempfile.TemporaryDirectory() as tmp:  # (the report stays here: large, binary)
+            rep = Path(tmp) / "step"
+            cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "-k", kernels, "--set", "full",
+                   "-f", "-o", str(rep), sys.executable, str(NCU_STEP), "--model", model, "--img", str(px),
+                   "--batch", str(BATCH.get(px, 8)), "--depth", "2"]  # fmt: skip
+            stdout, timed_out = run_limited(cmd, min(left, self.run_limit))
+            report = rep.with_name("step.ncu-rep")
+            if timed_out or not report.exists():
+                why = (
+                    "stopped at its time limit"
+                    if timed_out
+                    else f"no report; last output: {stdout.strip().splitlines()[-1:]}"
+                )
+                self.log(f"{what}: {why}")
+                return
+            csv, _ = run_limited([ncu, "--import", str(report), "--page", "details", "--csv"], 120)
+        name = f"ncu_{model}_{px}.csv.gz"
+        (self.out / name).write_bytes(gzip.compress(csv.encode()))
+        self.log(f"{what} {len(csv.splitlines())} lines of counters in {name}")
 
     def _save(self, name: str, records: list[dict]) -> None:
         (self.out / name).write_text(json.dumps(records, indent=1) + "\n")

@@ -56,6 +56,7 @@ def test_steps_parse_into_runs_configs_and_test_selections():
         ("profile", "expected 'profile MODEL:PX"),
         ("profile vim_small_patch16_224:224 gpu", "expected 'profile MODEL:PX"),
         ("profile vim_small_patch16_224", "is not MODEL:PX"),
+        ("ncu vim_small_patch16_224:224 scan extra", "expected 'ncu MODEL:PX"),
     ],
 )
 def test_bad_steps_are_refused_naming_what_is_wrong(text, match):
@@ -211,3 +212,49 @@ def test_the_plans_batches_are_throughputs():
     throughput = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(throughput)
     assert gpu_plan.BATCH == throughput.BATCH
+
+
+NCU_STUB = """#!{python}
+import sys
+args = sys.argv[1:]
+if "--import" in args:
+    print('"ID","Kernel Name","Metric Name","Metric Value"')
+    print('"0","scan_fwd_kernel","Duration","12.5"')
+    sys.exit(0)
+out = args[args.index("-o") + 1]
+step = args[args.index("-o") + 2:]
+model = step[step.index("--model") + 1]
+assert args[args.index("-k") + 1] == "regex:scan", args
+assert step[step.index("--batch") + 1] == "8" and step[step.index("--depth") + 1] == "2", step
+if model != "broken":
+    open(out + ".ncu-rep", "w").write("report")
+print("==PROF== done")
+"""
+
+
+def test_the_ncu_step_keeps_each_runs_counters(tmp_path, monkeypatch):
+    import gzip
+
+    stub = tmp_path / "ncu"
+    stub.write_text(NCU_STUB.format(python=sys.executable))
+    stub.chmod(0o755)
+    monkeypatch.setattr(gpu_plan, "find_ncu", lambda: str(stub))
+    out = tmp_path / "out"
+    gpu_plan.main([str(out), "ncu vim_small_patch16_224:1024,broken:1024 regex:scan"])
+    csv = gzip.decompress((out / "ncu_vim_small_patch16_224_1024.csv.gz").read_bytes()).decode()
+    assert '"0","scan_fwd_kernel","Duration","12.5"' in csv
+    summary = (out / "summary.md").read_text()
+    assert (
+        "[ncu vim_small_patch16_224 1024] 2 lines of counters in ncu_vim_small_patch16_224_1024.csv.gz"
+        in summary
+    )
+    assert "[ncu broken 1024]: no report; last output: ['==PROF== done']" in summary
+    assert not (out / "ncu_broken_1024.csv.gz").exists()
+    # without Nsight Compute the step says so
+    monkeypatch.setattr(gpu_plan, "find_ncu", lambda: None)
+    gpu_plan.main([str(tmp_path / "out2"), "ncu vim_small_patch16_224:224"])
+    assert (
+        "[ncu vim_small_patch16_224 224]: skipped, no ncu found"
+        in (tmp_path / "out2" / "summary.md").read_text()
+    )
+    assert gpu_plan.parse_step("ncu vim_small_patch16_224:224").k == gpu_plan.NCU_KERNELS
