@@ -92,7 +92,9 @@ def parse_step(text: str) -> Step:
     """One step from its string (see the module docstring); ValueError naming what is wrong."""
     words = text.split()
     if not words:
-        raise ValueError("empty step: expected 'side ...', 'ab ...', 'tests [PYTEST_K]' or 'profile ...'")
+        raise ValueError(
+            "empty step: expected 'side ...', 'ab ...', 'tests [PYTEST_K]', 'profile ...' or 'ncu ...'"
+        )
     kind, args = words[0], words[1:]
     if kind == "tests":
         return Step("tests", k=" ".join(args))
@@ -283,22 +285,21 @@ class Plan:
         if left < self.min_left:
             self.log(f"{what}: skipped, {left:.0f} s left")
             return
-        tmp = self.out / "profile.tmp.json"
-        tmp.unlink(missing_ok=True)
         batch = BATCH.get(px, 8)
-        cmd = [sys.executable, str(PROFILE), "--model", model, "--img", str(px), "--batch", str(batch),
-               "--path", path, "--out", str(tmp)] + (["--infer"] if infer else [])  # fmt: skip
-        stdout, timed_out = run_limited(cmd, min(left, self.run_limit))
-        if timed_out or not tmp.exists():
-            why = (
-                "stopped at its time limit"
-                if timed_out
-                else f"no profile; last output: {stdout.strip().splitlines()[-1:]}"
-            )
-            self.log(f"{what}: {why}")
-            return
-        prof = dict(json.loads(tmp.read_text()), img_size=px, batch=batch)
-        tmp.unlink()
+        with tempfile.TemporaryDirectory() as tmp:  # (not in OUT, whose files all come back)
+            table = Path(tmp) / "profile.json"
+            cmd = [sys.executable, str(PROFILE), "--model", model, "--img", str(px), "--batch", str(batch),
+                   "--path", path, "--out", str(table)] + (["--infer"] if infer else [])  # fmt: skip
+            stdout, timed_out = run_limited(cmd, min(left, self.run_limit))
+            if timed_out or not table.exists():
+                why = (
+                    "stopped at its time limit"
+                    if timed_out
+                    else f"no profile; last output: {stdout.strip().splitlines()[-1:]}"
+                )
+                self.log(f"{what}: {why}")
+                return
+            prof = dict(json.loads(table.read_text()), img_size=px, batch=batch)
         self.profiles.append(prof)
         self._save("profile.json", self.profiles)
         total = prof["total_ms"] or 1.0
