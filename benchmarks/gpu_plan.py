@@ -40,6 +40,7 @@ recorded in the docs.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import gzip
 import importlib.util
@@ -174,6 +175,7 @@ def table_row(rec: dict) -> str:
     return f"{head} | {rec['train_img_s']:,.1f} | {rec['infer_img_s']:,.1f} | {rec['train_peak_gib']:.2f} |"
 
 
+@functools.cache
 def _ratios():
     """benchmarks/ratios.py, by path (this script runs from anywhere, its tests load it by path)."""
     spec = importlib.util.spec_from_file_location("ratios", ROOT / "benchmarks" / "ratios.py")
@@ -290,14 +292,7 @@ class Plan:
             table = Path(tmp) / "profile.json"
             cmd = [sys.executable, str(PROFILE), "--model", model, "--img", str(px), "--batch", str(batch),
                    "--path", path, "--out", str(table)] + (["--infer"] if infer else [])  # fmt: skip
-            stdout, timed_out = run_limited(cmd, min(left, self.run_limit))
-            if timed_out or not table.exists():
-                why = (
-                    "stopped at its time limit"
-                    if timed_out
-                    else f"no profile; last output: {stdout.strip().splitlines()[-1:]}"
-                )
-                self.log(f"{what}: {why}")
+            if not self._produce(what, cmd, min(left, self.run_limit), table, "profile"):
                 return
             prof = dict(json.loads(table.read_text()), img_size=px, batch=batch)
         self.profiles.append(prof)
@@ -320,20 +315,25 @@ class Plan:
             cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "-k", kernels, "--set", "full",
                    "-f", "-o", str(rep), sys.executable, str(NCU_STEP), "--model", model, "--img", str(px),
                    "--batch", str(BATCH.get(px, 8)), "--depth", "2"]  # fmt: skip
-            stdout, timed_out = run_limited(cmd, min(left, self.run_limit))
             report = rep.with_name("step.ncu-rep")
-            if timed_out or not report.exists():
-                why = (
-                    "stopped at its time limit"
-                    if timed_out
-                    else f"no report; last output: {stdout.strip().splitlines()[-1:]}"
-                )
-                self.log(f"{what}: {why}")
+            if not self._produce(what, cmd, min(left, self.run_limit), report, "report"):
                 return
             csv, _ = run_limited([ncu, "--import", str(report), "--page", "details", "--csv"], 120)
         name = f"ncu_{model}_{px}.csv.gz"
         (self.out / name).write_bytes(gzip.compress(csv.encode()))
         self.log(f"{what} {len(csv.splitlines())} lines of counters in {name}")
+
+    def _produce(self, what: str, cmd: list[str], seconds: float, file: Path, noun: str) -> bool:
+        """Run ``cmd`` (at most ``seconds``) for the ``file`` it writes; whether it wrote it (if not,
+        the summary says why: the time limit, or the process's last line)."""
+        stdout, timed_out = run_limited(cmd, seconds)
+        if timed_out or not file.exists():
+            last = stdout.strip().splitlines()[-1:]
+            self.log(
+                f"{what}: {'stopped at its time limit' if timed_out else f'no {noun}; last output: {last}'}"
+            )
+            return False
+        return True
 
     def _save(self, name: str, records: list[dict]) -> None:
         (self.out / name).write_text(json.dumps(records, indent=1) + "\n")

@@ -257,7 +257,7 @@ def test_triton_path_runs_only_on_nvidia_gpus_of_compute_capability_8(monkeypatc
     from vimssl.ssm import dispatch
     from vimssl.ssm import triton_core as tc
 
-    monkeypatch.setattr(tc, "_capable", tc._capable.__wrapped__)  # (uncached: the process's answer stays)
+    monkeypatch.setattr(tc, "_available", tc._available.__wrapped__)  # (uncached: the process's answer stays)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))

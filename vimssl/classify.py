@@ -32,7 +32,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassAccuracy
 
 from vimssl.checkpoint import fold_feature_norm  # noqa: F401  (re-exported)
-from vimssl.models.graphs import CudaGraphed, check_cuda_graphs, check_single_device, eager_gpu_hint
+from vimssl.models.graphs import CudaGraphed, check_cuda_graphs, check_graphs_at_fit_start
 from vimssl.optim import (
     build_adamw,
     effective_batch_size,
@@ -284,10 +284,8 @@ class ImageClassifier(ImagesPerSecond, L.LightningModule):
 
     def on_fit_start(self) -> None:
         hp = self.hparams
-        check_single_device(hp.cuda_graphs, self.trainer.world_size)
-        gc = hp.grad_checkpointing and hp.mode != "linear"
-        if hint := eager_gpu_hint(hp.cuda_graphs, self.trainer.world_size, self.device, gc):
-            log.info(hint)
+        gc = hp.grad_checkpointing and hp.mode != "linear"  # (a frozen encoder has no backward)
+        check_graphs_at_fit_start(hp.cuda_graphs, self.trainer.world_size, self.device, gc)
         names = getattr(self.trainer.datamodule, "class_names", None)
         if self.hparams.class_names is None and names is not None:
             self.hparams.class_names = list(names)

@@ -36,7 +36,7 @@ from vimssl.mim import (
     unpatchify,
 )
 from vimssl.models import create_model
-from vimssl.models.graphs import CudaGraphed, check_cuda_graphs, check_single_device, eager_gpu_hint
+from vimssl.models.graphs import CudaGraphed, check_cuda_graphs, check_graphs_at_fit_start
 from vimssl.optim import (
     build_adamw,
     effective_batch_size,
@@ -164,11 +164,7 @@ class MaskedPretraining(ImagesPerSecond, L.LightningModule):
     # --------------------------------------------------------------- training
     def on_fit_start(self) -> None:
         hp = self.hparams
-        check_single_device(hp.cuda_graphs, self.trainer.world_size)
-        if hint := eager_gpu_hint(
-            hp.cuda_graphs, self.trainer.world_size, self.device, hp.grad_checkpointing
-        ):
-            log.info(hint)
+        check_graphs_at_fit_start(hp.cuda_graphs, self.trainer.world_size, self.device, hp.grad_checkpointing)
 
     def training_loss(self, imgs: torch.Tensor) -> torch.Tensor:
         """The masked-modelling loss of a batch: from CUDA graphs with ``cuda_graphs`` (when

@@ -185,3 +185,14 @@ def eager_gpu_hint(
         "which removes the Python and kernel-launch time that bounds eager Vim steps (most of a Vim-T "
         "step, about a tenth of a Vim-S step on the triton path; README, Performance)"
     )
+
+
+def check_graphs_at_fit_start(
+    cuda_graphs: bool, world_size: int, device: torch.device, grad_checkpointing: bool
+) -> None:
+    """The LightningModules' ``on_fit_start`` check of ``cuda_graphs``: refused with several
+    processes (:func:`check_single_device`), suggested to a single-GPU run without it
+    (:func:`eager_gpu_hint`)."""
+    check_single_device(cuda_graphs, world_size)
+    if hint := eager_gpu_hint(cuda_graphs, world_size, device, grad_checkpointing):
+        log.info(hint)

@@ -826,17 +826,22 @@ def available(index: int | None = None) -> bool:
     NVIDIA GPU of compute capability 8.0+. Not on ROCm (AMD) builds of PyTorch, where
     ``torch.cuda`` also reports a device: the kernels use NVIDIA PTX (the fast exps and logs, the
     lane shuffles of the scan backward)."""
-    try:
-        if not torch.cuda.is_available() or torch.version.hip is not None:
+    if index is None:
+        try:
+            index = torch.cuda.current_device() if torch.cuda.is_available() else -1
+        except Exception:
             return False
-        return _capable(torch.cuda.current_device() if index is None else index)
+    return _available(index)
+
+
+@functools.cache  # (resolve_backend asks for every block and forward)
+def _available(index: int) -> bool:
+    try:
+        if index < 0 or not torch.cuda.is_available() or torch.version.hip is not None:
+            return False
+        return torch.cuda.get_device_capability(index)[0] >= 8
     except Exception:
         return False
-
-
-@functools.cache
-def _capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 8
 
 
 def add_rms_norm(x, residual, norm, drop=None):
