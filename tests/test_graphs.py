@@ -28,6 +28,26 @@ def test_cpu_tensors_run_the_eager_function():
     assert torch.equal(out, model(x)) and calls == [x.shape] and not g.graphs and g.failed is None
 
 
+def test_gradients_that_may_alias_a_graph_buffer_get_their_own_copy():
+    """What runs before each training replay (the replays themselves: test_gpu_graphs.py)."""
+    model = torch.nn.Linear(4, 3)
+    g = CudaGraphed(model, model)
+    g._remember_tensors()  # what the first capture does
+    buffer = torch.randn(3, 4)  # a graph's static gradient buffer
+    model.weight.grad = buffer.detach()  # what autograd keeps from a replayed backward: a view
+    g._own_grads()
+    own = model.weight.grad
+    assert own.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+    assert torch.equal(own, buffer) and model.bias.grad is None
+    buffer.zero_()  # the next backward replay writes the buffer: the kept gradient stays
+    assert own.abs().sum() > 0
+    g._own_grads()
+    assert model.weight.grad is own  # a copy it made is not copied again
+    model.weight.grad = own.detach()  # but a gradient someone else set is
+    g._own_grads()
+    assert model.weight.grad is not own and torch.equal(model.weight.grad, own)
+
+
 def test_cuda_graphs_refuses_grad_checkpointing():
     with pytest.raises(ValueError, match="cuda_graphs and grad_checkpointing"):
         ImageClassifier("vim_test", num_classes=3, img_size=32, cuda_graphs=True, grad_checkpointing=True)

@@ -17,6 +17,7 @@ and the step runs eagerly from then on.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -85,6 +86,8 @@ class CudaGraphed:
         self.failed: str | None = None  # why the last capture failed
         self._tensors: list[torch.Tensor] = []  # owner's parameters and buffers, and their
         self._addresses: list[int] = []  # addresses when the graphs were captured
+        self._params: list[torch.Tensor] = []  # owner's trainable parameters, and per parameter
+        self._owned: list[weakref.ref | None] = []  # the gradient _own_grads last gave it
 
     def _moved(self) -> bool:
         """Whether a parameter or buffer of ``owner`` has new storage since the captures
@@ -120,6 +123,8 @@ class CudaGraphed:
         if self.graphs and self._moved():
             log.info("the model's tensors moved since the CUDA graphs were captured: capturing again")
             self.graphs.clear()
+        if mode == "train" and self.graphs:
+            self._own_grads()
         key = self._key(mode, args)
         graphed = self.graphs.get(key)
         if graphed is None:
@@ -130,6 +135,35 @@ class CudaGraphed:
                 return self.fn(*args)
         out = graphed(*args)
         return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
+
+    def _remember_tensors(self) -> None:
+        """At the first capture: the owner's tensors and where they are, and its trainable
+        parameters (whose gradients :meth:`_own_grads` looks after)."""
+        self._tensors = [*self.owner.parameters(), *self.owner.buffers()]
+        self._addresses = [t.data_ptr() for t in self._tensors]
+        self._params = [p for p in self.owner.parameters() if p.requires_grad]
+        self._owned = [None] * len(self._params)
+
+    def _own_grads(self) -> None:
+        """Give every parameter that has a gradient before a training replay a copy of its own.
+
+        A replayed backward returns each parameter's gradient as a view of the graph's static
+        buffer, and autograd keeps that view as ``.grad`` when the parameter had none (it steals
+        tensors nobody else holds). The next backward replay would overwrite the buffer under the
+        ``.grad`` it then adds to: accumulated gradients (``accumulate_grad_batches``, several
+        backward calls before a step) or ones zeroed in place (``zero_grad(set_to_none=False)``)
+        would come out as twice the last micro-batch's. Gradients set to None between steps (the
+        default) cost one attribute read per parameter here; a copy made once is not copied
+        again."""
+        for i, p in enumerate(self._params):
+            grad = p.grad
+            if grad is None:
+                continue
+            mine = self._owned[i]
+            if mine is not None and mine() is grad:
+                continue
+            p.grad = grad.clone()
+            self._owned[i] = weakref.ref(p.grad)
 
     def _capture(self, mode: str, key: tuple, args: tuple[torch.Tensor, ...]):
         amp, dtype = key[3], key[4]
@@ -147,8 +181,7 @@ class CudaGraphed:
             log.warning("CUDA graph capture failed, running eagerly from now on: %s", self.failed)
             return None
         if not self.graphs:
-            self._tensors = [*self.owner.parameters(), *self.owner.buffers()]
-            self._addresses = [t.data_ptr() for t in self._tensors]
+            self._remember_tensors()
         self.graphs[key] = graphed
         step = "inference" if mode == "infer" else "training"
         log.info("captured a CUDA graph of the %s step for inputs %s", step, [tuple(a.shape) for a in args])
