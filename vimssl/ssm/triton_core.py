@@ -118,12 +118,6 @@ BC_IN_CONV = True
 PART_BT = 32  # tokens per program of the dB/dC partial sum
 COLSUM_BR, COLSUM_BW = 128, 32  # rows per step and columns per program of the weight-gradient sums
 PREP_BE = 64  # channels per program of the derived-weights kernel
-# the weight gradients of x_proj and dt_proj (the two diagonal blocks of each block-diagonal
-# product) as one batched matmul per weight that cuBLAS writes in float32 where PyTorch offers it
-# (2.8+, CUDA, bf16/fp16 inputs; elsewhere multiplied, then cast): half the product, and no strided
-# cast kernel per weight; out_proj's (Y_REBUILD) in float32 the same way. False: the whole
-# block-diagonal product and a strided cast of its blocks (v12-v22)
-WGRAD_BMM = True
 # training: whether out_proj runs inside the core's Function, whose backward then rebuilds the
 # gated output y (the scan backward writes it again, from the kept branch sum and z) instead of
 # out_proj's autograd keeping it for the weight gradient (see bimamba_core_out_triton). None:
@@ -716,52 +710,24 @@ class BiMambaCoreFn(torch.autograd.Function):
         )  # fmt: skip
         d_out_w = None
         if ctx.out and ctx.needs_input_grad[3]:
-            y_out = y_out.view(bl, e)
-            d_out_w = (
-                _mm_to(g_out.t(), y_out, ctx.out_dtype)
-                if WGRAD_BMM
-                else (g_out.t() @ y_out).to(ctx.out_dtype)
-            )
+            d_out_w = (g_out.t() @ y_out.view(bl, e)).to(ctx.out_dtype)
         # dt_proj: dt = dbc @ dt_w.T (+ bias inside the kernel), dt_w zero in the B/C columns.
         # The gradient of the x_proj output [dt_in | B | C] per branch: d dt_in from the matmul
         # (zeros in the B/C columns), then dB, dC written into their columns
         ddt2 = ddt.view(bl, e2)
         d_dbc2 = ddt2 @ dt_w  # (B*L, 2P)
         sum_dbc_parts(part, xz.dtype, d_dbc2.view(bsz, seqlen, 2, p)[..., r:])
-        # the weight gradient's diagonal blocks, float32 contiguous per branch as the parameters are
-        if WGRAD_BMM:  # per branch: (E, B*L) @ (B*L, R)
-            d_dt_w = _mm_to(
-                ddt2.view(bl, 2, e).permute(1, 2, 0),
-                dbc.view(bl, 2, p)[..., :r].transpose(0, 1),
-                torch.float32,
-            )  # (2, E, R)
-        else:
-            d_dt_w = _blocks(ddt2.t() @ dbc, 2, e, r, p).float()  # (2, E, R)
+        # the weight gradient's diagonal blocks, cast to float32 contiguous per branch as the
+        # parameters are
+        d_dt_w = _blocks(ddt2.t() @ dbc, 2, e, r, p).float()  # (2, E, R)
         # x_proj: dbc = xc @ x_w.T
         du = du.view(bl, e2).addmm_(d_dbc2, x_w).view(bsz, seqlen, e2)
-        if WGRAD_BMM:  # per branch: (P, B*L) @ (B*L, E)
-            d_x_w = _mm_to(
-                d_dbc2.view(bl, 2, p).permute(1, 2, 0), xc.view(bl, 2, e).transpose(0, 1), torch.float32
-            )  # (2, P, E)
-        else:
-            d_x_w = _blocks(d_dbc2.t() @ xc.view(bl, e2), 2, p, e).float()  # (2, P, E)
+        d_x_w = _blocks(d_dbc2.t() @ xc.view(bl, e2), 2, p, e).float()  # (2, P, E)
         dcw, dcb = conv_bwd(x, cw, cb, du, dxz[..., :e])
         dcw = dcw.unsqueeze(1)  # (2E, 1, K)
         grads = (dcw[:e], dcw[e:], dcb[:e], dcb[e:], d_x_w[0], d_x_w[1], d_dt_w[0], d_dt_w[1],
                  d_dt_bias[:e], d_dt_bias[e:], dA_log[:e], dA_log[e:], dD[:e], dD[e:])  # fmt: skip
         return (dxz, None, None, d_out_w) + tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes))
-
-
-_MM_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
-
-
-def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """a @ b (matrices, or batches of them) as ``dtype``: cuBLAS writes float32 from bf16/fp16
-    inputs itself where PyTorch offers it (2.8+, CUDA), one kernel; elsewhere a matmul and a cast."""
-    mm = torch.bmm if a.dim() == 3 else torch.mm
-    if dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda and _MM_OUT_DTYPE:
-        return mm(a, b, out_dtype=dtype)
-    return mm(a, b).to(dtype)
 
 
 def _blocks(m: torch.Tensor, n: int, rows: int, cols: int, col_step: int | None = None) -> torch.Tensor:
