@@ -124,8 +124,9 @@ def main() -> None:
 
 def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_walk) -> dict:
     """The fused core against the float64 reference at one shape and launcher setting: relative
-    errors of the output and every gradient, whether two runs gave the same bits (chunked: the
-    second walking every chunk's carries), and whether every output was finite (written)."""
+    errors of the output and every gradient, whether two runs gave the same bits (chunked shapes,
+    the second walking every chunk's carries, and the first two shapes; None for one run), and
+    whether every output was finite (written)."""
     bsz, seqlen, d, n = shape
     tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT, tc.BC_IN_CONV = keep, chunk, split, bc_in_conv
     tc.SEQ_SAVE_CARRY = save_carry
@@ -149,16 +150,21 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_w
 
     tc.LAST.clear()  # which kernels ran
     runs = []
-    for k in range(2):
-        # chunked: the second run walks every chunk's carries (SEQ_SKIP_UNREAD off), which must
-        # give the same bits as skipping the unread ones
+    # chunked: a second run walks every chunk's carries (SEQ_SKIP_UNREAD off), which must give the
+    # same bits as skipping the unread ones. Unchunked, a second run only checks that two runs
+    # agree, which the interpreter (programs one after another) makes all but certain: on the
+    # first two shapes only, for buffers read before they are written (the GPU test of
+    # determinism is test_gpu_triton.py's)
+    for k in range(2 if chunk or index < 2 else 1):
         tc.SEQ_SKIP_UNREAD = not (chunk and k == 1)
         xzt = xz.clone().requires_grad_()
         out = tc.bimamba_core_triton(xzt, m)
         grads = torch.autograd.grad(out, [xzt] + params, g.float())
         runs.append((out, grads))
-    (out, grads), (out2, grads2) = runs
-    same = torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+    (out, grads), (out2, grads2) = runs[0], runs[-1]
+    same = None  # (one run)
+    if len(runs) == 2:
+        same = torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
     errs = {"out": rel(out, ref)}
     errs.update({name: rel(a, b) for name, a, b in zip(["xz"] + names, grads, gref)})
     finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(t).all()) for t in grads)
