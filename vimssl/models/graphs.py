@@ -77,7 +77,7 @@ class CudaGraphed:
     are copied out of the graph's static tensors (which the next replay overwrites), so they can be
     kept, logged and differentiated like eager outputs. Parameters must be updated in place
     (optimizers, ``load_state_dict`` and EMA updates do): the graphs read them where they were at
-    capture.
+    capture. Gradients accumulate over replays as over eager steps (see :meth:`_own_grads`).
     """
 
     def __init__(self, owner: nn.Module, fn: Callable, max_graphs: int = 1, inference: bool = False) -> None:
