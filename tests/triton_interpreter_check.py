@@ -44,6 +44,10 @@ TILE_CONV_SHAPES = [(3, 13, 6, 3)]
 PAIR_SHAPES = [((2, 7, 8, 4), (2, 4)), ((3, 13, 6, 3), (3, 6)), ((1, 37, 8, 16), (4, 12))]
 # ... and the two-level scan whose backward computes the states itself (SEQ_SAVE_CARRY off)
 OWN_STATE_SHAPES = [((3, 13, 6, 3), 4), ((1, 37, 8, 16), (4, 12))]
+# the checks (by index, in the order main() builds them) that run the core twice and compare the
+# bits: the first two shapes, and the first of each chunked group above (CHUNK_SHAPES at 6,
+# PAIR_SHAPES at 9, OWN_STATE_SHAPES at 12), whose second run walks every chunk's carries
+TWICE = (0, 1, 6, 9, 12)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -124,9 +128,8 @@ def main() -> None:
 
 def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_walk) -> dict:
     """The fused core against the float64 reference at one shape and launcher setting: relative
-    errors of the output and every gradient, whether two runs gave the same bits (chunked shapes,
-    the second walking every chunk's carries, and the first two shapes; None for one run), and
-    whether every output was finite (written)."""
+    errors of the output and every gradient, whether two runs gave the same bits (the TWICE
+    checks; None for one run), and whether every output was finite (written)."""
     bsz, seqlen, d, n = shape
     tc.SEQ_KEEP, tc.SEQ_CHUNK, tc.SEQ_SPLIT, tc.BC_IN_CONV = keep, chunk, split, bc_in_conv
     tc.SEQ_SAVE_CARRY = save_carry
@@ -150,12 +153,12 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_w
 
     tc.LAST.clear()  # which kernels ran
     runs = []
-    # chunked: a second run walks every chunk's carries (SEQ_SKIP_UNREAD off), which must give the
-    # same bits as skipping the unread ones. Unchunked, a second run only checks that two runs
-    # agree, which the interpreter (programs one after another) makes all but certain: on the
-    # first two shapes only, for buffers read before they are written (the GPU test of
-    # determinism is test_gpu_triton.py's)
-    for k in range(2 if chunk or index < 2 else 1):
+    # TWICE: chunked, the second run walks every chunk's carries (SEQ_SKIP_UNREAD off), which must
+    # give the same bits as skipping the unread ones; unchunked, it only checks that two runs
+    # agree, which the interpreter (programs one after another) makes all but certain, so only
+    # for buffers read before they are written (the GPU test of determinism is
+    # test_gpu_triton.py's)
+    for k in range(2 if index in TWICE else 1):
         tc.SEQ_SKIP_UNREAD = not (chunk and k == 1)
         xzt = xz.clone().requires_grad_()
         out = tc.bimamba_core_triton(xzt, m)
