@@ -126,7 +126,9 @@ KERNELS = {
     ),
     "part_sum_kernel": dict(mod=K, odd={"L", "n_parts"}, warps=4, f32=set(), variants=[dict(BT=tc.PART_BT, BJ=32)]),
     "colsum_kernel": dict(
-        mod=K, odd={"T", "n_a"}, warps=4, f32={"src_ptr", "a_ptr", "b_ptr"}, variants=[dict(BR=tc.COLSUM_BR, BW=tc.COLSUM_BW)]
+        mod=K, odd={"T", "n_a", "n_w", "c0_rc", "c0_c", "c0_sr", "c1_rc", "c1_c", "c1_sr"}, warps=4,
+        f32={"src_ptr", "a_ptr", "b_ptr", "c0_dst_ptr", "c1_dst_ptr"},
+        variants=[dict(BR=tc.COLSUM_BR, BW=tc.COLSUM_BW, CAST=c, BC=tc.COLSUM_BC) for c in (False, True)],
     ),
     "add_rms_fwd_kernel": dict(
         mod=TN, odd={"rows_per_s"}, warps=_NORM_WARPS, f32={"res_ptr", "w_ptr", "rout_ptr", "rstd_ptr", "s_ptr"},

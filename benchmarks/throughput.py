@@ -117,42 +117,51 @@ def measure(name: str, path: str, img: int, batch: int, iters: int, graphs: bool
     )  # fmt: skip
 
 
+def _setting_owner(name: str):
+    """The triton path's module that has the tuning constant ``name``: :mod:`vimssl.ssm.triton_core`
+    or :mod:`vimssl.ssm.triton_norm` (the fused norm's), or None."""
+    from vimssl.ssm import triton_core as tc
+    from vimssl.ssm import triton_norm as tn
+
+    return next((mod for mod in (tc, tn) if name.isupper() and hasattr(mod, name)), None)
+
+
 @contextlib.contextmanager
 def triton_settings(**values):
-    """Set :mod:`vimssl.ssm.triton_core` constants for the ``with`` block and restore them after
-    it, also when it raises (the sweeps in ``triton_core.py``)."""
-    from vimssl.ssm import triton_core as tc
-
-    unknown = sorted(k for k in values if not hasattr(tc, k))
+    """Set triton-path constants (:func:`_setting_owner`'s) for the ``with`` block and restore
+    them after it, also when it raises (the sweeps in ``triton_core.py``)."""
+    unknown = sorted(k for k in values if _setting_owner(k) is None)
     if unknown:
-        raise AttributeError(f"vimssl.ssm.triton_core has no setting {', '.join(map(repr, unknown))}")
-    saved = {k: getattr(tc, k) for k in values}
+        raise AttributeError(
+            f"vimssl.ssm.triton_core / triton_norm have no setting {', '.join(map(repr, unknown))}"
+        )
+    saved = {k: (_setting_owner(k), getattr(_setting_owner(k), k)) for k in values}
     try:
         for k, v in values.items():
-            setattr(tc, k, v)
+            setattr(saved[k][0], k, v)
         yield
     finally:
-        for k, v in saved.items():
-            setattr(tc, k, v)
+        for k, (mod, v) in saved.items():
+            setattr(mod, k, v)
 
 
 def apply_settings(pairs: list[str]) -> dict:
-    """``NAME=VALUE`` pairs set on :mod:`vimssl.ssm.triton_core` (the triton path's tuning
-    constants, e.g. ``SEQ_SKIP_UNREAD=False``), VALUE a Python literal; for A/B runs."""
-    from vimssl.ssm import triton_core as tc
-
+    """``NAME=VALUE`` pairs set on :mod:`vimssl.ssm.triton_core` or :mod:`vimssl.ssm.triton_norm`
+    (the triton path's tuning constants, e.g. ``SEQ_SKIP_UNREAD=False``), VALUE a Python
+    literal; for A/B runs."""
     done = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
-        if not hasattr(tc, name):
-            raise SystemExit(f"--set {pair}: vimssl.ssm.triton_core has no setting {name!r}")
+        mod = _setting_owner(name)
+        if mod is None:
+            raise SystemExit(f"--set {pair}: vimssl.ssm.triton_core / triton_norm have no setting {name!r}")
         try:
-            setattr(tc, name, ast.literal_eval(value))
+            setattr(mod, name, ast.literal_eval(value))
         except (ValueError, SyntaxError):
             raise SystemExit(
                 f"--set {pair}: expected NAME=VALUE with VALUE a Python literal (True, 256, (12, 24))"
             ) from None
-        done[name] = getattr(tc, name)
+        done[name] = getattr(mod, name)
     return done
 
 

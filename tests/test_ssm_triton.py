@@ -52,6 +52,9 @@ def test_kernels_match_reference_under_interpreter():
     assert sum(not r["bc_in_conv"] for r in results) == 1  # the packed B/C kept from the forward
     assert sum(r["split"] for r in results) == 2  # the forward's branches in separate programs
     assert sum(not r["conv_walk"] for r in results) == 1  # the conv's tile kernels
+    # the x_proj / dt_proj weight gradients cast in the conv backward's column-sum launch or apart
+    assert {r["cast_in_colsum"] for r in results} == {False, True}
+    assert {r["cast_in_colsum"] for r in results if not r["conv_walk"]} == {True}
     # the walks' B/C packing in the backward's recompute, by one channel block's programs or all
     assert {r["pack_spread"] for r in results if r["conv_walk"] and r["bc_in_conv"]} == {False, True}
     # the two-level scan: one length for both scans, or (forward, backward); with the forward's
@@ -89,6 +92,7 @@ def test_kernels_match_reference_under_interpreter():
     assert cache["second_vs_grad_path"] == 0 and cache["inference_mode_vs_grad_path"] == 0, cache
     norms = report["norm"]
     assert len(norms) == 4 and sum(r["drop"] for r in norms) == 1
+    assert {r["dw_rows"] for r in norms} == {False, True}  # the weight gradient's two partial layouts
     for r in norms:
         for name, err in r["errors"].items():  # x's gradient is rounded to x's dtype
             assert err < (8e-3 if name == "d_x" and "bfloat16" in r["x_dtype"] else 1e-5), (r, name)
@@ -570,14 +574,18 @@ def test_benchmark_settings_set_triton_core_constants_or_name_the_bad_one(monkey
     from throughput import apply_settings
 
     from vimssl.ssm import triton_core as tc
+    from vimssl.ssm import triton_norm as tn
 
     monkeypatch.setattr(tc, "SEQ_WAVES", tc.SEQ_WAVES)  # restored after the test
     monkeypatch.setattr(tc, "SEQ_FILL_BWD", tc.SEQ_FILL_BWD)
-    assert apply_settings(["SEQ_WAVES=False", "SEQ_FILL_BWD=(8, 40)"]) == {
+    monkeypatch.setattr(tn, "NORM_DW_ROWS", tn.NORM_DW_ROWS)
+    assert apply_settings(["SEQ_WAVES=False", "SEQ_FILL_BWD=(8, 40)", "NORM_DW_ROWS=False"]) == {
         "SEQ_WAVES": False,
         "SEQ_FILL_BWD": (8, 40),
+        "NORM_DW_ROWS": False,
     }
     assert tc.SEQ_WAVES is False and tc.SEQ_FILL_BWD == (8, 40)
+    assert tn.NORM_DW_ROWS is False and not hasattr(tc, "NORM_DW_ROWS")  # set where it is read
     with pytest.raises(SystemExit, match="no setting 'SEQ_NOPE'"):
         apply_settings(["SEQ_NOPE=1"])
     with pytest.raises(SystemExit, match="SEQ_WAVES=maybe: expected NAME=VALUE"):
@@ -591,11 +599,12 @@ def test_benchmark_sweeps_restore_the_triton_core_constants(monkeypatch):
     from throughput import triton_settings
 
     from vimssl.ssm import triton_core as tc
+    from vimssl.ssm import triton_norm as tn
 
-    before = (tc.SEQ_BE_BWD, tc.CONV_BT)
-    with triton_settings(SEQ_BE_BWD=64, CONV_BT=16):
-        assert (tc.SEQ_BE_BWD, tc.CONV_BT) == (64, 16)
-    assert (tc.SEQ_BE_BWD, tc.CONV_BT) == before
+    before = (tc.SEQ_BE_BWD, tc.CONV_BT, tn.NORM_DW_ROWS)
+    with triton_settings(SEQ_BE_BWD=64, CONV_BT=16, NORM_DW_ROWS=not before[2]):
+        assert (tc.SEQ_BE_BWD, tc.CONV_BT, tn.NORM_DW_ROWS) == (64, 16, not before[2])
+    assert (tc.SEQ_BE_BWD, tc.CONV_BT, tn.NORM_DW_ROWS) == before
     with pytest.raises(RuntimeError, match="out of resources"):
         with triton_settings(SEQ_BE_BWD=128):
             raise RuntimeError("out of resources")

@@ -72,7 +72,7 @@ def core_reference(m: BiMambaMixer, xz: torch.Tensor):
 # interpreter's time grows with the program count)
 SMALL_TILES = dict(
     SEQ_BE_FWD=4, SEQ_BE_BWD=4, CONV_BT=4, CONV_BE=8, CONV_GP_BT=4, CONV_GP_BE=8, PREP_BE=8,
-    PART_BT=4, COLSUM_BR=4, COLSUM_BW=8, CONV_WALK_BE=8, CONV_PACK_BT=4,
+    PART_BT=4, COLSUM_BR=4, COLSUM_BW=8, COLSUM_BC=16, CONV_WALK_BE=8, CONV_PACK_BT=4,
 )  # fmt: skip
 WIDE_TILES = dict(
     SMALL_TILES, SEQ_BE_FWD=32, SEQ_BE_BWD=32, CONV_BE=32, CONV_GP_BE=32, PREP_BE=32, CONV_BT=16, CONV_GP_BT=16,
@@ -145,6 +145,9 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_w
     # backward's first pass with waits on flags (SEQ_WSELF), in alternate checks
     tc.SEQ_WSELF = index % 2 == 0
     tc.SEQ_WSELF_TICKET = index % 4 == 2  # ... its programs in gradient order by ticket or by id
+    # the x_proj / dt_proj weight gradients cast by the conv backward's column-sum launch, or by
+    # copies of their own, in a third of the checks (not the tile conv's, whose launch differs)
+    tc.WGRAD_CAST_IN_COLSUM = index % 3 != 1 or not conv_walk
     m = BiMambaMixer(d, d_state=n)
     with torch.no_grad():
         for p in m.parameters():
@@ -176,7 +179,7 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_w
     return dict(
         index=index, shape=[bsz, seqlen, d, n], keep=keep, chunk=chunk, split=split,
         bc_in_conv=bc_in_conv, save_carry=save_carry, conv_walk=conv_walk, pack_spread=tc.CONV_PACK_SPREAD,
-        wself=tc.SEQ_WSELF, ticket=tc.SEQ_WSELF_TICKET, kernels=sorted(tc.LAST), errors=errs, deterministic=same, finite=finite,
+        wself=tc.SEQ_WSELF, ticket=tc.SEQ_WSELF_TICKET, cast_in_colsum=tc.WGRAD_CAST_IN_COLSUM, kernels=sorted(tc.LAST), errors=errs, deterministic=same, finite=finite,
     )  # fmt: skip
 
 
@@ -354,7 +357,7 @@ def norm_errors() -> list[dict]:
     from vimssl.layers.norm import add_rms_norm as plain
     from vimssl.ssm import triton_norm as tn
 
-    out = []
+    out, dw_rows = [], tn.NORM_DW_ROWS
     for rows, d, x_dtype, d_res, drop in [
         (37, 24, torch.float32, True, None),
         (5, 48, None, True, None),
@@ -366,10 +369,13 @@ def norm_errors() -> list[dict]:
         x = None if x_dtype is None else torch.randn(2, rows, d).to(x_dtype)
         g_out, g_res = torch.randn(2, rows, d), torch.randn(2, rows, d) if d_res else None
         ref = add_rms_norm_run(plain, torch.float64, weight, res, x, g_out, g_res, drop=drop)
+        # the weight gradient's partials (D, programs) summed along rows, or (programs, D) down columns
+        tn.NORM_DW_ROWS = len(out) % 2 == 0
         got = add_rms_norm_run(tn.add_rms_norm, torch.float32, weight, res, x, g_out, g_res, drop=drop)
         names = ["out", "residual", "d_residual", "d_weight", "d_x"]
-        out.append(dict(rows=rows, d=d, x_dtype=str(x_dtype), drop=drop is not None, dtypes=[str(t.dtype) for t in got],
-                        errors={k: rel(a, b) for k, a, b in zip(names, got, ref)}))  # fmt: skip
+        out.append(dict(rows=rows, d=d, x_dtype=str(x_dtype), drop=drop is not None, dw_rows=tn.NORM_DW_ROWS,
+                        dtypes=[str(t.dtype) for t in got], errors={k: rel(a, b) for k, a, b in zip(names, got, ref)}))  # fmt: skip
+    tn.NORM_DW_ROWS = dw_rows
     return out
 
 

@@ -117,6 +117,11 @@ CONV_PACK_SPREAD = False
 BC_IN_CONV = True
 PART_BT = 32  # tokens per program of the dB/dC partial sum
 COLSUM_BR, COLSUM_BW = 128, 32  # rows per step and columns per program of the weight-gradient sums
+# the float32 casts of the x_proj and dt_proj weight gradients (strided diagonal blocks of the
+# matmuls' products) done by extra programs of the conv backward's column-sum launch, COLSUM_BC
+# elements each, instead of by two copy kernels per layer
+WGRAD_CAST_IN_COLSUM = True
+COLSUM_BC = 1024
 PREP_BE = 64  # channels per program of the derived-weights kernel
 # training: whether out_proj runs inside the core's Function, whose backward then rebuilds the
 # gated output y (the scan backward writes it again, from the kept branch sum and z) instead of
@@ -124,6 +129,9 @@ PREP_BE = 64  # channels per program of the derived-weights kernel
 # when the forward saves its carries (SEQ_SAVE_CARRY), so that the long sequences that keep them
 # keep (B, L, E) less per layer; True / False: always / never
 Y_REBUILD: bool | None = None
+# out_proj's weight gradient written as float32 by its matmul (half precision inputs on the GPU,
+# float32 weight) instead of a half precision product and a cast
+OUT_WGRAD_F32 = True
 # fill of the chunk carries' buffers before scan_state_kernel writes them: None leaves them
 # uninitialised; the interpreter check sets NaN, so that reading a carry no program wrote (the
 # last chunk's, which it skips) shows in the results
@@ -183,10 +191,11 @@ def conv_fwd(
     return out
 
 
-def conv_bwd(x, w, bias, g, dx):
-    """Gradients of :func:`conv_fwd`: writes dx (B, L, E); returns dw (2E, K), dbias (2E,) float32.
-    ``g`` (the SiLU outputs' gradient) may be overwritten (the tile kernels write the
-    pre-activation gradient over it)."""
+def conv_bwd(x, w, bias, g, dx, casts: tuple = ()):
+    """Gradients of :func:`conv_fwd`: writes dx (B, L, E); returns dw (2E, K), dbias (2E,) float32
+    and ``casts`` (up to two strided 3-D tensors) cast to contiguous float32 in its column-sum
+    launch (:func:`colsum`). ``g`` (the SiLU outputs' gradient) may be overwritten (the tile
+    kernels write the pre-activation gradient over it)."""
     bsz, seqlen, e = x.shape
     k = w.shape[1]
     if _walks(w):
@@ -211,8 +220,10 @@ def conv_bwd(x, w, bias, g, dx):
             g, w, dx, seqlen, e, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
             K=k, BT=CONV_BT, BE=CONV_BE, num_warps=CONV_WARPS,
         )  # fmt: skip
-    dw, db = colsum(dwb.view(bsz * n_split, k + 1, 2 * e), k)  # contiguous, as the parameters are
-    return dw, db[0]
+    dw, db, cast = colsum(
+        dwb.view(bsz * n_split, k + 1, 2 * e), k, casts
+    )  # contiguous, as the parameters are
+    return dw, db[0], cast
 
 
 def _conv_span(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> int:
@@ -230,14 +241,29 @@ def _conv_span(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> int:
     return CONV_GP_BT * cdiv(cdiv(seqlen, max(n, 1)), CONV_GP_BT)
 
 
-def colsum(src: torch.Tensor, n_a: int) -> tuple[torch.Tensor, torch.Tensor]:
+def colsum(src: torch.Tensor, n_a: int, casts: tuple = ()) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """src (R, T, W) float32 partials summed over R (:func:`K.colsum_kernel`): rows t < n_a
-    transposed, (W, n_a), and the rest, (T - n_a, W); both contiguous float32."""
+    transposed, (W, n_a), and the rest, (T - n_a, W); both contiguous float32. Also ``casts``
+    (up to two 3-D tensors of any strides with unit stride along the last dimension, any
+    dtype) as contiguous float32 copies, made by the same launch."""
     r, t, w = src.shape
-    a = torch.empty(w, n_a, device=src.device, dtype=torch.float32)
-    b = torch.empty(t - n_a, w, device=src.device, dtype=torch.float32)
-    K.colsum_kernel[(cdiv(w, COLSUM_BW), t)](src, a, b, r, t, w, n_a, BR=COLSUM_BR, BW=COLSUM_BW, num_warps=4)
-    return a, b
+    f32 = dict(device=src.device, dtype=torch.float32)
+    a, b = torch.empty(w, n_a, **f32), torch.empty(t - n_a, w, **f32)
+    if len(casts) > 2 or any(c.dim() != 3 or c.stride(-1) != 1 for c in casts):
+        raise ValueError("colsum casts: up to two 3-D tensors with unit stride along the last dimension")
+    outs = tuple(torch.empty(c.shape, **f32) for c in casts)
+    jobs = [
+        (c, o, c.numel(), c.shape[1] * c.shape[2], c.shape[2], c.stride(0), c.stride(1))
+        for c, o in zip(casts, outs)
+    ]
+    jobs += [(src, src, 0, 1, 1, 0, 0)] * (2 - len(jobs))  # (no elements: never read)
+    n_w = cdiv(w, COLSUM_BW)
+    n_c = cdiv(cdiv(sum(c.numel() for c in casts), COLSUM_BC), t)
+    K.colsum_kernel[(n_w + n_c, t)](
+        src, a, b, r, t, w, n_a, n_w, *jobs[0], *jobs[1],
+        BR=COLSUM_BR, BW=COLSUM_BW, CAST=bool(casts), BC=COLSUM_BC, num_warps=4,
+    )  # fmt: skip
+    return a, b, outs
 
 
 def _seq_channels(x: torch.Tensor, bsz: int, e: int, widest: int) -> int:
@@ -586,7 +612,7 @@ def scan_bwd(
         TICKET=SEQ_WSELF_TICKET,
         num_warps=SEQ_WARPS,
     )  # fmt: skip
-    dA_log, rest = colsum(acc, d_state)
+    dA_log, rest, _ = colsum(acc, d_state)
     dbc = sum_dbc_parts(part, xc.dtype) if sum_parts else part
     return du, ddt, dbc, dA_log, rest[0], rest[1]
 
@@ -710,7 +736,7 @@ class BiMambaCoreFn(torch.autograd.Function):
         )  # fmt: skip
         d_out_w = None
         if ctx.out and ctx.needs_input_grad[3]:
-            d_out_w = (g_out.t() @ y_out.view(bl, e)).to(ctx.out_dtype)
+            d_out_w = _wgrad(g_out.t(), y_out.view(bl, e), ctx.out_dtype)
         # dt_proj: dt = dbc @ dt_w.T (+ bias inside the kernel), dt_w zero in the B/C columns.
         # The gradient of the x_proj output [dt_in | B | C] per branch: d dt_in from the matmul
         # (zeros in the B/C columns), then dB, dC written into their columns
@@ -718,16 +744,27 @@ class BiMambaCoreFn(torch.autograd.Function):
         d_dbc2 = ddt2 @ dt_w  # (B*L, 2P)
         sum_dbc_parts(part, xz.dtype, d_dbc2.view(bsz, seqlen, 2, p)[..., r:])
         # the weight gradient's diagonal blocks, cast to float32 contiguous per branch as the
-        # parameters are
-        d_dt_w = _blocks(ddt2.t() @ dbc, 2, e, r, p).float()  # (2, E, R)
+        # parameters are (by the conv backward's column-sum launch, WGRAD_CAST_IN_COLSUM)
+        d_dt_w = _blocks(ddt2.t() @ dbc, 2, e, r, p)  # (2, E, R)
         # x_proj: dbc = xc @ x_w.T
         du = du.view(bl, e2).addmm_(d_dbc2, x_w).view(bsz, seqlen, e2)
-        d_x_w = _blocks(d_dbc2.t() @ xc.view(bl, e2), 2, p, e).float()  # (2, P, E)
-        dcw, dcb = conv_bwd(x, cw, cb, du, dxz[..., :e])
+        d_x_w = _blocks(d_dbc2.t() @ xc.view(bl, e2), 2, p, e)  # (2, P, E)
+        casts = (d_x_w, d_dt_w) if WGRAD_CAST_IN_COLSUM else ()
+        dcw, dcb, cast = conv_bwd(x, cw, cb, du, dxz[..., :e], casts)
+        d_x_w, d_dt_w = cast or (d_x_w.float(), d_dt_w.float())
         dcw = dcw.unsqueeze(1)  # (2E, 1, K)
         grads = (dcw[:e], dcw[e:], dcb[:e], dcb[e:], d_x_w[0], d_x_w[1], d_dt_w[0], d_dt_w[1],
                  d_dt_bias[:e], d_dt_bias[e:], dA_log[:e], dA_log[e:], dD[:e], dD[e:])  # fmt: skip
         return (dxz, None, None, d_out_w) + tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes))
+
+
+def _wgrad(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b in ``dtype`` (a weight gradient in its parameter's dtype): with OUT_WGRAD_F32, half
+    precision inputs on the GPU, and a float32 parameter, written as float32 by the matmul itself
+    (no cast kernel; float32 accumulation either way, one rounding fewer)."""
+    if OUT_WGRAD_F32 and a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).to(dtype)
 
 
 def _blocks(m: torch.Tensor, n: int, rows: int, cols: int, col_step: int | None = None) -> torch.Tensor:

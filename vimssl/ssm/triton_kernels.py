@@ -1296,13 +1296,20 @@ def part_sum_kernel(part_ptr, out_ptr, L, n_parts, so_b, so_l, so_d, N2, BT: tl.
 
 
 @triton.jit
-def colsum_kernel(src_ptr, a_ptr, b_ptr, R, T, W, n_a, BR: tl.constexpr, BW: tl.constexpr):
-    """Per-program partial sums (R, T, W) float32 summed over R in order (deterministic): rows
-    t < n_a written transposed to a (W, n_a), the others as they are to b (T - n_a, W). One
-    program per (BW columns, row t). What the weight gradients need: the scan backward's dA_log
-    partials (t < N) become dA_log (2E, N) and its dD / dt-bias rows two (2E,) vectors; the
-    conv backward's tap partials the conv weight (2E, K) and its bias row the bias (2E,)."""
-    pid_w, t = tl.program_id(0), tl.program_id(1)
+def _cast_job(src, dst, k, n, rc, c, sb, sr):
+    """Elements k (of n) of a strided (blocks, rows, cols) tensor at src (rc = rows * cols
+    elements a block, block stride sb, row stride sr, unit column stride) stored to the same
+    elements of a contiguous float32 tensor at dst."""
+    m = (k >= 0) & (k < n)
+    blk = k // rc
+    rem = k - blk * rc
+    row = rem // c
+    off = blk.to(tl.int64) * sb + row.to(tl.int64) * sr + (rem - row * c)
+    tl.store(dst + k, tl.load(src + off, mask=m, other=0.0).to(tl.float32), mask=m)
+
+
+@triton.jit
+def _colsum(src_ptr, a_ptr, b_ptr, R, T, W, n_a, pid_w, t, BR: tl.constexpr, BW: tl.constexpr):
     w = pid_w * BW + tl.arange(0, BW)
     mw = w < W
     r = tl.arange(0, BR)[:, None]
@@ -1316,3 +1323,32 @@ def colsum_kernel(src_ptr, a_ptr, b_ptr, R, T, W, n_a, BR: tl.constexpr, BW: tl.
         tl.store(a_ptr + w * n_a + t, s, mask=mw)
     else:
         tl.store(b_ptr + (t - n_a) * W + w, s, mask=mw)
+
+
+@triton.jit
+def colsum_kernel(
+    src_ptr, a_ptr, b_ptr, R, T, W, n_a, n_w,
+    c0_ptr, c0_dst_ptr, c0_n, c0_rc, c0_c, c0_sb, c0_sr, c1_ptr, c1_dst_ptr, c1_n, c1_rc, c1_c, c1_sb, c1_sr,
+    BR: tl.constexpr, BW: tl.constexpr, CAST: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """Per-program partial sums (R, T, W) float32 summed over R in order (deterministic): rows
+    t < n_a written transposed to a (W, n_a), the others as they are to b (T - n_a, W). One
+    program per (BW columns, row t), n_w of them along the first axis. What the weight gradients
+    need: the scan backward's dA_log partials (t < N) become dA_log (2E, N) and its dD / dt-bias
+    rows two (2E,) vectors; the conv backward's tap partials the conv weight (2E, K) and its bias
+    row the bias (2E,).
+
+    With CAST, the programs past the first n_w along the first axis instead copy two strided
+    tensors (c0, then c1: :func:`_cast_job`'s arguments), any dtype, to contiguous float32, BC
+    elements a program: the block-diagonal weight gradients of x_proj and dt_proj, cast in a
+    launch that runs anyway rather than in two copy kernels of their own."""
+    pid_w, t = tl.program_id(0), tl.program_id(1)
+    if CAST:
+        if pid_w >= n_w:
+            i = ((pid_w - n_w) * T + t) * BC + tl.arange(0, BC)
+            _cast_job(c0_ptr, c0_dst_ptr, i, c0_n, c0_rc, c0_c, c0_sb, c0_sr)
+            _cast_job(c1_ptr, c1_dst_ptr, i - c0_n, c1_n, c1_rc, c1_c, c1_sb, c1_sr)
+        else:
+            _colsum(src_ptr, a_ptr, b_ptr, R, T, W, n_a, pid_w, t, BR, BW)
+    else:
+        _colsum(src_ptr, a_ptr, b_ptr, R, T, W, n_a, pid_w, t, BR, BW)
