@@ -353,3 +353,35 @@ def test_fused_add_rms_norm_matches_float64(d, amp):
     tol = [1e-2, 1e-6, 1e-2, 1e-2, 1e-2] if amp else [1e-5, 1e-6, 1e-5, 1e-5, 1e-5]
     errs = [rel_err(a, b) for a, b in zip(got, ref)]
     assert all(e < t for e, t in zip(errs, tol)), errs
+
+
+def test_linear_wgrad_f32_matches_autocast_linear(monkeypatch):
+    # LINEAR_WGRAD_F32: in_proj / out_proj through HalfLinearFn under autocast give autocast's
+    # output, and a weight gradient written as float32 by its matmul: closer to float64 than
+    # autocast's bf16 product cast to float32 (one rounding fewer)
+    from vimssl.ssm import triton_core as tc
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 192, bias=False).cuda()
+    x = torch.randn(4, 50, 96, device="cuda").to(torch.bfloat16)
+    g = torch.randn(4, 50, 192, device="cuda").to(torch.bfloat16)
+    dw_ref = g.double().reshape(-1, 192).t() @ x.double().reshape(-1, 96)
+
+    def run(flag: bool):
+        monkeypatch.setattr(tc, "LINEAR_WGRAD_F32", flag)
+        lin.weight.grad = None
+        xt = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = tc.linear(xt, lin)
+        out.backward(g)
+        return out, xt.grad, lin.weight.grad
+
+    used = []
+    real_apply = tc.HalfLinearFn.apply
+    monkeypatch.setattr(tc.HalfLinearFn, "apply", lambda *a: used.append(1) or real_apply(*a))
+    out0, dx0, dw0 = run(False)
+    assert not used
+    out1, dx1, dw1 = run(True)
+    assert used and dw1.dtype == torch.float32
+    assert rel_err(out1, out0) < 1e-6 and rel_err(dx1, dx0) < 1e-6
+    assert rel_err(dw1, dw_ref) < 1e-5 < rel_err(dw0, dw_ref)

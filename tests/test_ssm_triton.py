@@ -696,3 +696,39 @@ def test_scan_launchers_name_bad_carry_arguments():
         ValueError, match=r"shape \(2, 12, 4\), got shape \(2, 12, 4\) with strides \(48, 1, 12\)"
     ):
         tc.scan_bwd(*bwd_args, chunk=4, y_out=torch.empty(bsz, e, seqlen).transpose(1, 2))
+
+
+def test_half_linear_fn_writes_a_float32_weight_gradient():
+    # in_proj / out_proj under autocast through HalfLinearFn (LINEAR_WGRAD_F32): the product in x's
+    # dtype, as autocast's; the weight gradient float32. On the CPU its matmul falls back to a
+    # half precision product cast to float32 (torch.mm's out_dtype is CUDA-only); the GPU test
+    # checks the float32-output matmul
+    from vimssl.ssm import triton_core as tc
+
+    torch.manual_seed(0)
+    w = torch.randn(12, 8, requires_grad=True)
+    x = torch.randn(3, 5, 8).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(3, 5, 12).to(torch.bfloat16)
+    out = tc.HalfLinearFn.apply(x, w)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, x @ w.to(torch.bfloat16).t())
+    out.backward(g)
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    assert torch.equal(x.grad, g @ w.detach().to(torch.bfloat16))
+    ref = g.double().reshape(-1, 12).t() @ x.detach().double().reshape(-1, 8)
+    assert torch.allclose(w.grad.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_linear_is_the_module_call_off_the_gpu(monkeypatch):
+    from torch import nn
+
+    from vimssl.ssm import triton_core as tc
+
+    def no_apply(*args):
+        raise AssertionError("HalfLinearFn used for CPU tensors")
+
+    monkeypatch.setattr(tc.HalfLinearFn, "apply", no_apply)
+    monkeypatch.setattr(tc, "LINEAR_WGRAD_F32", True)
+    lin = nn.Linear(8, 4, bias=False)
+    x = torch.randn(2, 8).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(tc.linear(x, lin), lin(x))

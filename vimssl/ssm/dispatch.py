@@ -32,6 +32,8 @@ class SSMOps:
     core: Callable | None = None
     # ... and with the mixer's out_proj applied, (xz, mixer) -> out_proj(y), when set
     core_out: Callable | None = None
+    # the mixer's in_proj, (hidden, linear module) -> its output, when set (else the module's call)
+    linear: Callable | None = None
 
 
 def check_backend(backend: str) -> str:
@@ -170,6 +172,7 @@ def get_ops(name: str) -> SSMOps:
             triton_core.add_rms_norm,
             core=triton_core.bimamba_core_triton,
             core_out=triton_core.bimamba_core_out_triton,
+            linear=triton_core.linear,
         )
     raise ValueError(f"no kernel ops for backend {name!r}; resolve 'auto' first")
 

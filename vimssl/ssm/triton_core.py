@@ -132,6 +132,10 @@ Y_REBUILD: bool | None = None
 # out_proj's weight gradient written as float32 by its matmul (half precision inputs on the GPU,
 # float32 weight) instead of a half precision product and a cast
 OUT_WGRAD_F32 = True
+# ... and so in_proj's, and out_proj's where it runs as a module after the core, through
+# HalfLinearFn (see linear) instead of autocast's cast of the weight and of its gradient.
+# Prepared in the twentieth session, not yet measured on a GPU: off
+LINEAR_WGRAD_F32 = False
 # fill of the chunk carries' buffers before scan_state_kernel writes them: None leaves them
 # uninitialised; the interpreter check sets NaN, so that reading a carry no program wrote (the
 # last chunk's, which it skips) shows in the results
@@ -841,12 +845,52 @@ def bimamba_core_out_triton(xz: torch.Tensor, m) -> torch.Tensor:
     wants_grad = xz.requires_grad or lin.weight.requires_grad or any(p.requires_grad for p in params)
     plain = type(lin) is torch.nn.Linear and lin.bias is None and not _hooked(lin)
     if not (plain and torch.is_grad_enabled() and wants_grad):
-        return lin(bimamba_core_triton(xz, m))
+        return linear(bimamba_core_triton(xz, m), lin)
     _check(xz, m.d_inner)
     chunks = chunk_lengths(xz, xz.shape[0], xz.shape[1], m.d_inner)  # (once: the Function takes them)
     if not (Y_REBUILD if Y_REBUILD is not None else saves_carries(xz.shape[1], chunks)):
-        return lin(bimamba_core_triton(xz, m))
+        return linear(bimamba_core_triton(xz, m), lin)
     return BiMambaCoreFn.apply(xz.contiguous(), m.d_state, chunks, lin.weight, *params)
+
+
+class HalfLinearFn(torch.autograd.Function):
+    """x @ w.T for a half precision x (..., in) and a float32 weight w (out, in): the product in x's
+    dtype, as autocast computes it, with the weight's gradient written as float32 by its matmul
+    (:func:`_wgrad`) instead of a half precision product that autocast's cast then converts."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        wh = w.to(x.dtype)
+        ctx.save_for_backward(x, wh)
+        return x @ wh.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, wh = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        dx = (g2 @ wh).view(x.shape) if ctx.needs_input_grad[0] else None
+        dw = _wgrad(g2.t(), x.reshape(-1, x.shape[-1]), torch.float32) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def linear(x: torch.Tensor, lin: torch.nn.Module) -> torch.Tensor:
+    """``lin(x)``; with LINEAR_WGRAD_F32, for a plain ``nn.Linear`` without bias or hooks whose
+    float32 weight trains, under CUDA autocast with x in autocast's dtype, the same product
+    through :class:`HalfLinearFn`."""
+    if (
+        LINEAR_WGRAD_F32
+        and x.is_cuda
+        and torch.is_grad_enabled()
+        and type(lin) is torch.nn.Linear
+        and lin.bias is None
+        and lin.weight.dtype == torch.float32
+        and lin.weight.requires_grad
+        and torch.is_autocast_enabled("cuda")
+        and x.dtype == torch.get_autocast_dtype("cuda")
+        and not _hooked(lin)
+    ):
+        return HalfLinearFn.apply(x, lin.weight)
+    return lin(x)
 
 
 def _hooked(lin: torch.nn.Module) -> bool:
