@@ -278,6 +278,23 @@ def test_model_with_saved_carries_matches_torch_path(monkeypatch, wself, y_rebui
     model_parity("vim_tiny_patch16_224", 160, 2, "triton", amp)
 
 
+# the weight gradients of out_proj (inside the core's Function, or as a module) and in_proj written
+# as float32 by their matmuls (OUT_WGRAD_F32, LINEAR_WGRAD_F32), at the model level under autocast
+@pytest.mark.parametrize("inside", [True, False])
+def test_model_with_float32_output_weight_gradients_matches_torch_path(monkeypatch, inside, model_parity):
+    from vimssl.ssm import triton_core as tc
+
+    monkeypatch.setattr(tc, "OUT_WGRAD_F32", True)
+    monkeypatch.setattr(tc, "LINEAR_WGRAD_F32", True)
+    monkeypatch.setattr(tc, "SEQ_CHUNK", (8, 24) if inside else 0)
+    monkeypatch.setattr(tc, "Y_REBUILD", inside)
+    used = []
+    real_apply = tc.HalfLinearFn.apply
+    monkeypatch.setattr(tc.HalfLinearFn, "apply", lambda *a: used.append(1) or real_apply(*a))
+    model_parity("vim_tiny_patch16_224", 160, 2, "triton", True)
+    assert used  # (in_proj, and out_proj where it runs as a module)
+
+
 def test_masked_subset_of_tokens():
     # MAE hands the encoder an arbitrary-length subset of the tokens
     model = create_model("vim_tiny_patch16_224", backend="triton").cuda()

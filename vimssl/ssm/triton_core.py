@@ -129,12 +129,13 @@ PREP_BE = 64  # channels per program of the derived-weights kernel
 # when the forward saves its carries (SEQ_SAVE_CARRY), so that the long sequences that keep them
 # keep (B, L, E) less per layer; True / False: always / never
 Y_REBUILD: bool | None = None
-# out_proj's weight gradient written as float32 by its matmul (half precision inputs on the GPU,
-# float32 weight) instead of a half precision product and a cast
-OUT_WGRAD_F32 = True
-# ... and so in_proj's, and out_proj's where it runs as a module after the core, through
-# HalfLinearFn (see linear) instead of autocast's cast of the weight and of its gradient.
-# Prepared in the twentieth session, not yet measured on a GPU: off
+# out_proj's weight gradient, where out_proj runs inside the core's Function, written as float32
+# by its matmul (half precision inputs on the GPU, float32 weight) instead of a half precision
+# product and a cast; and with LINEAR_WGRAD_F32 so in_proj's, and out_proj's where it runs as a
+# module after the core, through HalfLinearFn (see linear) instead of autocast's casts of the
+# weight's gradient. Prepared in the twentieth session, not yet measured on a GPU (v25's float32
+# output batched matmul was much slower than cuBLAS's split-K kernels): off
+OUT_WGRAD_F32 = False
 LINEAR_WGRAD_F32 = False
 # fill of the chunk carries' buffers before scan_state_kernel writes them: None leaves them
 # uninitialised; the interpreter check sets NaN, so that reading a carry no program wrote (the
@@ -740,7 +741,7 @@ class BiMambaCoreFn(torch.autograd.Function):
         )  # fmt: skip
         d_out_w = None
         if ctx.out and ctx.needs_input_grad[3]:
-            d_out_w = _wgrad(g_out.t(), y_out.view(bl, e), ctx.out_dtype)
+            d_out_w = _wgrad(g_out.t(), y_out.view(bl, e), ctx.out_dtype, OUT_WGRAD_F32)
         # dt_proj: dt = dbc @ dt_w.T (+ bias inside the kernel), dt_w zero in the B/C columns.
         # The gradient of the x_proj output [dt_in | B | C] per branch: d dt_in from the matmul
         # (zeros in the B/C columns), then dB, dC written into their columns
@@ -762,11 +763,11 @@ class BiMambaCoreFn(torch.autograd.Function):
         return (dxz, None, None, d_out_w) + tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes))
 
 
-def _wgrad(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """a @ b in ``dtype`` (a weight gradient in its parameter's dtype): with OUT_WGRAD_F32, half
+def _wgrad(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, f32_out: bool) -> torch.Tensor:
+    """a @ b in ``dtype`` (a weight gradient in its parameter's dtype): with ``f32_out``, half
     precision inputs on the GPU, and a float32 parameter, written as float32 by the matmul itself
     (no cast kernel; float32 accumulation either way, one rounding fewer)."""
-    if OUT_WGRAD_F32 and a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+    if f32_out and a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
         return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).to(dtype)
 
@@ -869,7 +870,11 @@ class HalfLinearFn(torch.autograd.Function):
         x, wh = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
         dx = (g2 @ wh).view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = _wgrad(g2.t(), x.reshape(-1, x.shape[-1]), torch.float32) if ctx.needs_input_grad[1] else None
+        dw = (
+            _wgrad(g2.t(), x.reshape(-1, x.shape[-1]), torch.float32, True)
+            if ctx.needs_input_grad[1]
+            else None
+        )
         return dx, dw
 
 
