@@ -95,6 +95,24 @@ def test_core_matches_float64_reference(shape, dtype):
     assert not bad, bad
 
 
+# the x_proj / dt_proj weight-gradient casts in the conv backward's column-sum launch or by copies
+# of their own (WGRAD_CAST_IN_COLSUM), both ways whatever the default
+@pytest.mark.parametrize("cast_in_colsum", [False, True])
+@pytest.mark.parametrize(
+    "shape,dtype", [(s, d) for s in SHAPES[1:4] for d in (torch.float32, torch.bfloat16)]
+)
+def test_core_with_either_weight_gradient_cast_matches_float64_reference(
+    monkeypatch, cast_in_colsum, shape, dtype
+):
+    from vimssl.ssm import triton_core as tc
+
+    monkeypatch.setattr(tc, "WGRAD_CAST_IN_COLSUM", cast_in_colsum)
+    err_out, errs = core_errors(shape, dtype)
+    tol_grad = 1e-4 if dtype == torch.float32 else 3e-2
+    bad = {name: e for name, e in errs.items() if not e < tol_grad}
+    assert not bad, bad
+
+
 # every scan variant at full program width (the shapes above are small batches, so the launchers
 # narrow their programs); 160 inner channels leave a partial channel block
 @pytest.mark.parametrize(
@@ -350,9 +368,14 @@ def test_model_on_a_gpu_that_is_not_current():
 
 @pytest.mark.parametrize("d", [192, 384, 1024, 1000])
 @pytest.mark.parametrize("amp", [False, True])
-def test_fused_add_rms_norm_matches_float64(d, amp):
+@pytest.mark.parametrize(
+    "dw_rows", [False, True]
+)  # the weight gradient's partials (D, programs) or transposed
+def test_fused_add_rms_norm_matches_float64(monkeypatch, d, amp, dw_rows):
     from vimssl.layers.norm import add_rms_norm as plain
     from vimssl.ssm import triton_norm
+
+    monkeypatch.setattr(triton_norm, "NORM_DW_ROWS", dw_rows)
 
     torch.manual_seed(d)
     weight = 1 + 0.2 * torch.randn(d, device="cuda")
