@@ -226,9 +226,8 @@ def conv_bwd(x, w, bias, g, dx, casts: tuple = ()):
             g, w, dx, seqlen, e, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
             K=k, BT=CONV_BT, BE=CONV_BE, num_warps=CONV_WARPS,
         )  # fmt: skip
-    dw, db, cast = colsum(
-        dwb.view(bsz * n_split, k + 1, 2 * e), k, casts
-    )  # contiguous, as the parameters are
+    # contiguous, as the parameters are
+    dw, db, cast = colsum(dwb.view(bsz * n_split, k + 1, 2 * e), k, casts)
     return dw, db[0], cast
 
 
