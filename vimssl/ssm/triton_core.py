@@ -119,9 +119,9 @@ PART_BT = 32  # tokens per program of the dB/dC partial sum
 COLSUM_BR, COLSUM_BW = 128, 32  # rows per step and columns per program of the weight-gradient sums
 # the float32 casts of the x_proj and dt_proj weight gradients (strided diagonal blocks of the
 # matmuls' products) done by extra programs of the conv backward's column-sum launch, COLSUM_BC
-# elements each, instead of by two copy kernels per layer. Prepared in the twentieth session, not
-# yet measured on a GPU: off
-WGRAD_CAST_IN_COLSUM = False
+# elements each, instead of by two copy kernels per layer. With triton_norm's NORM_DW_ROWS +1.2%
+# Vim-T training at 224 px on an H100 (v26, docs/kernel-notes.md)
+WGRAD_CAST_IN_COLSUM = True
 COLSUM_BC = 1024
 PREP_BE = 64  # channels per program of the derived-weights kernel
 # training: whether out_proj runs inside the core's Function, whose backward then rebuilds the
@@ -130,14 +130,15 @@ PREP_BE = 64  # channels per program of the derived-weights kernel
 # when the forward saves its carries (SEQ_SAVE_CARRY), so that the long sequences that keep them
 # keep (B, L, E) less per layer; True / False: always / never
 Y_REBUILD: bool | None = None
-# out_proj's weight gradient, where out_proj runs inside the core's Function, written as float32
-# by its matmul (half precision inputs on the GPU, float32 weight) instead of a half precision
-# product and a cast; and with LINEAR_WGRAD_F32 so in_proj's, and out_proj's where it runs as a
-# module after the core, through HalfLinearFn (see linear) instead of autocast's casts of the
-# weight's gradient. Prepared in the twentieth session, not yet measured on a GPU (v25's float32
-# output batched matmul was much slower than cuBLAS's split-K kernels): off
+# in_proj's weight gradient, and out_proj's where it runs as a module after the core (short
+# sequences), written as float32 by their matmuls (half precision inputs on the GPU, float32
+# weights) through HalfLinearFn (see linear) instead of autocast's half precision product and
+# cast: +0.6% Vim-T training at 224 px on an H100, even at Vim-B 1024 px (v26)
+LINEAR_WGRAD_F32 = True
+# ... and out_proj's where it runs inside the core's Function (long sequences, Y_REBUILD). Not yet
+# measured on a GPU (v25's float32-output batched matmul was much slower than cuBLAS's split-K
+# kernels; the plain matmul of LINEAR_WGRAD_F32 was not): off
 OUT_WGRAD_F32 = False
-LINEAR_WGRAD_F32 = False
 # fill of the chunk carries' buffers before scan_state_kernel writes them: None leaves them
 # uninitialised; the interpreter check sets NaN, so that reading a carry no program wrote (the
 # last chunk's, which it skips) shows in the results

@@ -21,9 +21,9 @@ from vimssl.ssm.dispatch import cdiv, sm_count
 MAX_WIDTH = 16384  # wider rows fall back to the plain PyTorch version
 # The backward's weight-gradient partials stored (D, programs), summed along contiguous rows,
 # instead of (programs, D) summed down columns (torch's column sum of a (528, 192) float32 tensor
-# took 12 us on an H100, 0.85% of a Vim-T 224 px step). Prepared in the twentieth session, not
-# yet measured on a GPU: off
-NORM_DW_ROWS = False
+# took 12 us on an H100, 0.85% of a Vim-T 224 px step). With WGRAD_CAST_IN_COLSUM (triton_core)
+# +1.2% Vim-T training at 224 px on an H100 (v26, docs/kernel-notes.md)
+NORM_DW_ROWS = True
 
 
 @triton.jit
