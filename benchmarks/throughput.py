@@ -217,7 +217,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--set", nargs="*", default=[], metavar="NAME=VALUE",
-        help="triton path settings (vimssl.ssm.triton_core constants) for this run, recorded in it",
+        help="triton path settings (vimssl.ssm.triton_core or triton_norm constants) for this run, recorded in it",
     )  # fmt: skip
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one job, as JSON (internal)
     args = ap.parse_args()

@@ -74,9 +74,8 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: (B, L, D) -> (B, L, D)
         ops = get_ops(resolve_backend(self.backend, hidden.device))
-        xz = (
-            ops.linear(hidden, self.in_proj) if ops.linear is not None else self.in_proj(hidden)
-        )  # (B, L, 2E)
+        # (B, L, 2E); the triton path applies in_proj itself (see triton_core.linear)
+        xz = ops.linear(hidden, self.in_proj) if ops.linear is not None else self.in_proj(hidden)
         if ops.core_out is not None:
             return ops.core_out(xz, self)  # out_proj inside (see bimamba_core_out_triton)
         y = ops.core(xz, self) if ops.core is not None else bimamba_core(xz, self, ops)  # (B, L, E)

@@ -158,8 +158,8 @@ class AddRMSNormFn(torch.autograd.Function):
             dout, drout if drout is not None else dout, rout, rstd, weight, dres, dx, dw,
             mask if mask is not None else rstd, m, d, n_tiles, 1.0 / ctx.keep, ctx.rows_per_s,
             dout.stride(0), drout.stride(0) if drout is not None else 0, rout.stride(0), dres.stride(0),
-            dx.stride(0), *((1, grid) if rows_dw else (d, 1)), HAS_DROUT=drout is not None, HAS_DX=has_dx, HAS_S=mask is not None, ROWS=rows,
-            BD=bd, num_warps=warps,
+            dx.stride(0), *((1, grid) if rows_dw else (d, 1)),
+            HAS_DROUT=drout is not None, HAS_DX=has_dx, HAS_S=mask is not None, ROWS=rows, BD=bd, num_warps=warps,
         )  # fmt: skip
         dweight = dw.sum(1 if rows_dw else 0).to(weight.dtype) if ctx.needs_input_grad[2] else None
         return (
