@@ -13,9 +13,9 @@ Each step is one string; its first word says what it runs:
   ``OUT/side.json``; the summary also gets each run's ratios (``benchmarks/ratios.py``).
 - ``ab RUNS CONFIG [CONFIG ...]``: an A/B (or A/B/C...) of triton-path settings: every RUN
   (``model:px``, comma-separated) with every CONFIG (``tag:NAME=VALUE[,NAME=VALUE...]`` of
-  ``vimssl.ssm.triton_core`` or ``triton_norm``, values as Python literals, e.g. ``SEQ_CHUNK=(128,256)``; ``tag:``
-  alone for the defaults), the triton path only, the configs of one run back to back. Records in
-  ``OUT/ab.json``, each with its config's tag as ``config``.
+  ``vimssl.ssm.triton_core`` or ``triton_norm``, values as Python literals, e.g.
+  ``SEQ_CHUNK=(128,256)``; ``tag:`` alone for the defaults), the triton path only, the configs of
+  one run back to back. Records in ``OUT/ab.json``, each with its config's tag as ``config``.
 - ``tests [PYTEST_K]``: ``tests/test_gpu_triton.py`` and ``tests/test_gpu_graphs.py`` (those
   matching ``-k PYTEST_K``); the summary in ``OUT/tests.txt``.
 - ``profile RUNS [PATH] [infer]``: where the GPU time of a step goes (``benchmarks/profile_step.py``,
