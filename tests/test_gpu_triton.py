@@ -296,6 +296,16 @@ def test_model_with_saved_carries_matches_torch_path(monkeypatch, wself, y_rebui
     model_parity("vim_tiny_patch16_224", 160, 2, "triton", amp)
 
 
+def _half_linear_calls(monkeypatch) -> list:
+    """A list that gets an entry for every HalfLinearFn call from now on (the test's monkeypatch)."""
+    from vimssl.ssm import triton_core as tc
+
+    used = []
+    real_apply = tc.HalfLinearFn.apply
+    monkeypatch.setattr(tc.HalfLinearFn, "apply", lambda *a: used.append(1) or real_apply(*a))
+    return used
+
+
 # the weight gradients of out_proj (inside the core's Function, or as a module) and in_proj written
 # as float32 by their matmuls (OUT_WGRAD_F32, LINEAR_WGRAD_F32), at the model level under autocast
 @pytest.mark.parametrize("inside", [True, False])
@@ -306,9 +316,7 @@ def test_model_with_float32_output_weight_gradients_matches_torch_path(monkeypat
     monkeypatch.setattr(tc, "LINEAR_WGRAD_F32", True)
     monkeypatch.setattr(tc, "SEQ_CHUNK", (8, 24) if inside else 0)
     monkeypatch.setattr(tc, "Y_REBUILD", inside)
-    used = []
-    real_apply = tc.HalfLinearFn.apply
-    monkeypatch.setattr(tc.HalfLinearFn, "apply", lambda *a: used.append(1) or real_apply(*a))
+    used = _half_linear_calls(monkeypatch)
     model_parity("vim_tiny_patch16_224", 160, 2, "triton", True)
     assert used  # (in_proj, and out_proj where it runs as a module)
 
@@ -416,9 +424,7 @@ def test_linear_wgrad_f32_matches_autocast_linear(monkeypatch):
         out.backward(g)
         return out, xt.grad, lin.weight.grad
 
-    used = []
-    real_apply = tc.HalfLinearFn.apply
-    monkeypatch.setattr(tc.HalfLinearFn, "apply", lambda *a: used.append(1) or real_apply(*a))
+    used = _half_linear_calls(monkeypatch)
     out0, dx0, dw0 = run(False)
     assert not used
     out1, dx1, dw1 = run(True)

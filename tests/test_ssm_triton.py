@@ -732,3 +732,15 @@ def test_linear_is_the_module_call_off_the_gpu(monkeypatch):
     x = torch.randn(2, 8).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(tc.linear(x, lin), lin(x))
+
+
+def test_colsum_names_casts_it_cannot_take():
+    # launcher side, raised before the kernel runs
+    from vimssl.ssm import triton_core as tc
+
+    src = torch.zeros(2, 3, 4)
+    for casts in [(torch.zeros(2, 3),), (torch.zeros(2, 3, 4).transpose(1, 2),), (torch.zeros(1, 1, 1),) * 3]:
+        with pytest.raises(
+            ValueError, match="up to two 3-D tensors with unit stride along the last dimension"
+        ):
+            tc.colsum(src, 1, casts)

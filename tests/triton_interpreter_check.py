@@ -21,6 +21,7 @@ import torch
 
 from vimssl.models.mixer import BiMambaMixer, bimamba_core
 from vimssl.ssm import triton_core as tc
+from vimssl.ssm import triton_norm as tn
 from vimssl.ssm.dispatch import get_ops
 
 # (batch, tokens, d_model, d_state): odd lengths, batch 1, one token, a non-power-of-two state,
@@ -87,9 +88,9 @@ def main() -> None:
     if not 0 <= part < parts:
         raise SystemExit(f"--part {part}/{parts}: I must be in 0..N-1")
     tc.CARRY_FILL = float("nan")  # a look-back reading a carry no program wrote gives NaN
-    # every check starts from the library's settings (what an earlier check switched is undone)
-    # with its tiles on top
-    defaults = {name: value for name, value in vars(tc).items() if name.isupper()}
+    # every check starts from the library's settings, triton_core's and triton_norm's (what an
+    # earlier check switched is undone), with its tiles on top
+    defaults = [(mod, name, value) for mod in (tc, tn) for name, value in vars(mod).items() if name.isupper()]
     # the last flag (twice): the core runs a second time and the bits are compared on the first two
     # shapes and on the first shape of each chunked group (see shape_check)
     runs_cfg = [(s, False, 0, False, True, True, True, k < 2) for k, s in enumerate(SHAPES)]
@@ -114,7 +115,9 @@ def main() -> None:
     for k, (name, check, tiles) in enumerate(checks):
         if k % parts != part:
             continue
-        for setting, value in {**defaults, **tiles}.items():
+        for mod, setting, value in defaults:
+            setattr(mod, setting, value)
+        for setting, value in tiles.items():
             setattr(tc, setting, value)
         torch.manual_seed(k)
         start = time.perf_counter()
@@ -355,9 +358,8 @@ def norm_errors() -> list[dict]:
     into the returned residual, and with a drop-path draw (one sample dropped, one kept and
     rescaled)."""
     from vimssl.layers.norm import add_rms_norm as plain
-    from vimssl.ssm import triton_norm as tn
 
-    out, dw_rows = [], tn.NORM_DW_ROWS
+    out = []
     for rows, d, x_dtype, d_res, drop in [
         (37, 24, torch.float32, True, None),
         (5, 48, None, True, None),
@@ -375,7 +377,6 @@ def norm_errors() -> list[dict]:
         names = ["out", "residual", "d_residual", "d_weight", "d_x"]
         out.append(dict(rows=rows, d=d, x_dtype=str(x_dtype), drop=drop is not None, dw_rows=tn.NORM_DW_ROWS,
                         dtypes=[str(t.dtype) for t in got], errors={k: rel(a, b) for k, a, b in zip(names, got, ref)}))  # fmt: skip
-    tn.NORM_DW_ROWS = dw_rows
     return out
 
 

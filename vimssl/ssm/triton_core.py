@@ -845,8 +845,7 @@ def bimamba_core_out_triton(xz: torch.Tensor, m) -> torch.Tensor:
     lin = m.out_proj
     params = _core_params(m)
     wants_grad = xz.requires_grad or lin.weight.requires_grad or any(p.requires_grad for p in params)
-    plain = type(lin) is torch.nn.Linear and lin.bias is None and not _hooked(lin)
-    if not (plain and torch.is_grad_enabled() and wants_grad):
+    if not (_plain_linear(lin) and torch.is_grad_enabled() and wants_grad):
         return linear(bimamba_core_triton(xz, m), lin)
     _check(xz, m.d_inner)
     chunks = chunk_lengths(xz, xz.shape[0], xz.shape[1], m.d_inner)  # (once: the Function takes them)
@@ -887,16 +886,20 @@ def linear(x: torch.Tensor, lin: torch.nn.Module) -> torch.Tensor:
         LINEAR_WGRAD_F32
         and x.is_cuda
         and torch.is_grad_enabled()
-        and type(lin) is torch.nn.Linear
-        and lin.bias is None
-        and lin.weight.dtype == torch.float32
-        and lin.weight.requires_grad
         and torch.is_autocast_enabled("cuda")
         and x.dtype == torch.get_autocast_dtype("cuda")
-        and not _hooked(lin)
+        and _plain_linear(lin)
+        and lin.weight.dtype == torch.float32
+        and lin.weight.requires_grad
     ):
         return HalfLinearFn.apply(x, lin.weight)
     return lin(x)
+
+
+def _plain_linear(lin: torch.nn.Module) -> bool:
+    """Whether ``lin`` is an ``nn.Linear`` itself (not a subclass such as an adapter), without bias
+    or hooks: what the core may compute in place of calling it."""
+    return type(lin) is torch.nn.Linear and lin.bias is None and not _hooked(lin)
 
 
 def _hooked(lin: torch.nn.Module) -> bool:
