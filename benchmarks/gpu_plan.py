@@ -7,10 +7,11 @@
 
 Each step is one string; its first word says what it runs:
 
-- ``side MODELS PXS [PATHS]``: the kernel paths side by side (``benchmarks/throughput.py
-  --graphs``): every model of MODELS (comma-separated) at every image size of PXS
-  (comma-separated), with PATHS (comma-separated; default ``cuda,triton,deit``). Records in
-  ``OUT/side.json``; the summary also gets each run's ratios (``benchmarks/ratios.py``).
+- ``side MODELS PXS [PATHS] [set:NAME=VALUE[,...]]``: the kernel paths side by side
+  (``benchmarks/throughput.py --graphs``): every model of MODELS (comma-separated) at every image
+  size of PXS (comma-separated), with PATHS (comma-separated; default ``cuda,triton,deit``), the
+  triton path with ``set:``'s settings (as in ``ab``; the records get them as ``config``). Records
+  in ``OUT/side.json``; the summary also gets each run's ratios (``benchmarks/ratios.py``).
 - ``ab RUNS CONFIG [CONFIG ...]``: an A/B (or A/B/C...) of triton-path settings: every RUN
   (``model:px``, comma-separated) with every CONFIG (``tag:NAME=VALUE[,NAME=VALUE...]`` of
   ``vimssl.ssm.triton_core`` or ``triton_norm``, values as Python literals, e.g.
@@ -100,12 +101,15 @@ def parse_step(text: str) -> Step:
     if kind == "tests":
         return Step("tests", k=" ".join(args))
     if kind == "side":
-        if len(args) not in (2, 3):
-            raise ValueError(f"step {text!r}: expected 'side MODELS PXS [PATHS]'")
-        models = [m for m in args[0].split(",") if m]
-        paths = tuple(p for p in args[2].split(",") if p) if len(args) == 3 else DEFAULT_PATHS
-        runs = [(m, px) for m in models for px in _ints(args[1], f"step {text!r}")]
-        return Step("side", runs=runs, paths=paths)
+        sets = [a for a in args[2:] if a.startswith("set:")]
+        rest = [a for a in args if not a.startswith("set:")]
+        if len(rest) not in (2, 3) or len(sets) > 1 or (sets and args[-1] != sets[0]):
+            raise ValueError(f"step {text!r}: expected 'side MODELS PXS [PATHS] [set:NAME=VALUE[,...]]'")
+        models = [m for m in rest[0].split(",") if m]
+        paths = tuple(p for p in rest[2].split(",") if p) if len(rest) == 3 else DEFAULT_PATHS
+        runs = [(m, px) for m in models for px in _ints(rest[1], f"step {text!r}")]
+        configs = [("set", _settings(sets[0][len("set:") :], text, sets[0]))] if sets else []
+        return Step("side", runs=runs, paths=paths, configs=configs)
     if kind == "profile":
         if not 1 <= len(args) <= 3 or any(a not in ("infer", *PATHS) for a in args[1:]):
             raise ValueError(
@@ -127,11 +131,7 @@ def parse_step(text: str) -> Step:
             tag, sep, sets = cfg.partition(":")
             if not sep or not tag:
                 raise ValueError(f"step {text!r}: config {cfg!r} is not TAG:NAME=VALUE[,NAME=VALUE]")
-            pairs = [p for p in _SETTING_SEP.split(sets) if p]
-            bad = [p for p in pairs if "=" not in p]
-            if bad:
-                raise ValueError(f"step {text!r}: config {cfg!r}: {bad[0]!r} is not NAME=VALUE")
-            configs.append((tag, pairs))
+            configs.append((tag, _settings(sets, text, cfg)))
         tags = [t for t, _ in configs]
         if len(set(tags)) != len(tags):
             raise ValueError(
@@ -139,6 +139,15 @@ def parse_step(text: str) -> Step:
             )
         return Step("ab", runs=runs, configs=configs)
     raise ValueError(f"step {text!r}: unknown kind {kind!r}; expected side, ab, tests, profile or ncu")
+
+
+def _settings(sets: str, step: str, cfg: str) -> list[str]:
+    """``NAME=VALUE[,NAME=VALUE]`` as ["NAME=VALUE", ...] (a value may hold commas: ``(128,256)``)."""
+    pairs = [p for p in _SETTING_SEP.split(sets) if p]
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise ValueError(f"step {step!r}: config {cfg!r}: {bad[0]!r} is not NAME=VALUE")
+    return pairs
 
 
 def _runs(text: str, step: str) -> list[tuple[str, int]]:
@@ -248,10 +257,12 @@ class Plan:
 
     def run(self, step: Step) -> None:
         if step.kind == "side":
+            sets = step.configs[0][1] if step.configs else []
             for model, px in step.runs:
-                recs = self._measure(
-                    f"[side {px}]", ["--models", model, "--img-sizes", str(px), "--paths", *step.paths]
-                )
+                args = ["--models", model, "--img-sizes", str(px), "--paths", *step.paths]
+                recs = self._measure(f"[side {px}]", args + (["--set", *sets] if sets else []))
+                if sets:  # the records say which settings the triton path ran with
+                    recs = [dict(r, config=",".join(sets)) for r in recs]
                 self.side += recs
                 self._save("side.json", self.side)
                 for r in _ratios().ratios(recs):

@@ -30,6 +30,11 @@ def test_steps_parse_into_runs_configs_and_test_selections():
         ("vim_tiny_patch16_224", 1024),
     ]
     assert gpu_plan.parse_step("side vim_small_patch16_224 224 triton,deit").paths == ("triton", "deit")
+    assert side.configs == []
+    tuned = gpu_plan.parse_step("side vim_base_patch16_224 1024 cuda,triton set:SEQ_CHUNK=(260,520),X=1")
+    assert tuned.paths == ("cuda", "triton") and tuned.configs == [("set", ["SEQ_CHUNK=(260,520)", "X=1"])]
+    tuned = gpu_plan.parse_step("side vim_base_patch16_224 1024 set:X=1")
+    assert tuned.paths == ("cuda", "triton", "deit") and tuned.configs == [("set", ["X=1"])]
     ab = gpu_plan.parse_step("ab vim_tiny_patch16_224:512 base: off:SEQ_WSELF=False both:A=1,B=(2,3)")
     assert ab.runs == [("vim_tiny_patch16_224", 512)]
     assert ab.configs == [("base", []), ("off", ["SEQ_WSELF=False"]), ("both", ["A=1", "B=(2,3)"])]
@@ -49,6 +54,9 @@ def test_steps_parse_into_runs_configs_and_test_selections():
         ("bench vim_small_patch16_224 224", "unknown kind 'bench'"),
         ("side vim_small_patch16_224", "expected 'side MODELS PXS"),
         ("side vim_small_patch16_224 big", "comma-separated image sizes"),
+        ("side vim_small_patch16_224 224 set:X=1 cuda", "expected 'side MODELS PXS"),
+        ("side vim_small_patch16_224 224 set:X=1 set:Y=2", "expected 'side MODELS PXS"),
+        ("side vim_small_patch16_224 224 set:X", "'X' is not NAME=VALUE"),
         ("ab vim_small_patch16_224 off:SEQ_WSELF=False", "run 'vim_small_patch16_224' is not MODEL:PX"),
         ("ab vim_small_patch16_224:512 SEQ_WSELF=False", "is not TAG:NAME=VALUE"),
         ("ab vim_small_patch16_224:512 off:SEQ_WSELF", "'SEQ_WSELF' is not NAME=VALUE"),
@@ -153,6 +161,18 @@ def test_a_plan_runs_its_steps_in_order_and_tags_ab_records(tmp_path, stub_throu
     assert f"[side 1024] {line}" in summary
     assert summary.rstrip().endswith("done")
     assert (out / "gpu.txt").exists()
+
+
+def test_a_side_step_with_settings_passes_them_and_tags_its_records(tmp_path, stub_throughput):
+    out = tmp_path / "out"
+    gpu_plan.main([str(out), "side vim_base_patch16_224 1024 cuda,triton set:SEQ_CHUNK=(260,520),X=1"])
+    side = json.loads((out / "side.json").read_text())
+    assert [(r["path"], r["settings"], r["config"]) for r in side] == [
+        (path, ["SEQ_CHUNK=(260,520)", "X=1"], "SEQ_CHUNK=(260,520),X=1") for path in ("cuda", "triton")
+    ]
+    assert (
+        "[side 1024] vim_base_patch16_224 b8 triton/cuda: training 1.00x" in (out / "summary.md").read_text()
+    )
 
 
 def test_steps_past_the_deadline_are_skipped_and_say_so(tmp_path, stub_throughput):
