@@ -13,14 +13,15 @@ Each step is one string; its first word says what it runs:
   triton path with ``set:``'s settings (as in ``ab``; the records get them as ``config``). Records
   in ``OUT/side.json``; the summary also gets each run's ratios (``benchmarks/ratios.py``).
 - ``ab RUNS CONFIG [CONFIG ...]``: an A/B (or A/B/C...) of triton-path settings: every RUN
-  (``model:px``, comma-separated) with every CONFIG (``tag:NAME=VALUE[,NAME=VALUE...]`` of
+  (``model:px`` or ``model:px:batch``, comma-separated; without a batch, throughput.py's for the
+  size) with every CONFIG (``tag:NAME=VALUE[,NAME=VALUE...]`` of
   ``vimssl.ssm.triton_core`` or ``triton_norm``, values as Python literals, e.g.
   ``SEQ_CHUNK=(128,256)``; ``tag:`` alone for the defaults), the triton path only, the configs of
   one run back to back. Records in ``OUT/ab.json``, each with its config's tag as ``config``.
 - ``tests [PYTEST_K]``: ``tests/test_gpu_triton.py`` and ``tests/test_gpu_graphs.py`` (those
   matching ``-k PYTEST_K``); the summary in ``OUT/tests.txt``.
 - ``profile RUNS [PATH] [infer]``: where the GPU time of a step goes (``benchmarks/profile_step.py``,
-  torch.profiler, eager): every RUN (``model:px``, comma-separated) on PATH (default ``triton``),
+  torch.profiler, eager): every RUN (``model:px[:batch]``, comma-separated) on PATH (default ``triton``),
   the training step or with ``infer`` the inference step, at throughput.py's batch for the size.
   Kernels by time in ``OUT/profile.json`` (one object per run), the top five in the summary.
 - ``ncu RUNS [KERNELS]``: Nsight Compute's counters (``--set full``, clocks as they run) for the
@@ -57,6 +58,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
@@ -71,10 +73,16 @@ PATHS = ("torch", "cuda", "triton", "deit")
 _SETTING_SEP = re.compile(r",(?=[A-Za-z_][A-Za-z0-9_]*=)")
 
 
+class Run(NamedTuple):
+    model: str
+    px: int
+    batch: int | None = None  # None: throughput.py's batch for the size (BATCH)
+
+
 @dataclass
 class Step:
     kind: str  # "side", "ab", "tests", "profile" or "ncu"
-    runs: list[tuple[str, int]] = field(default_factory=list)  # (model, px)
+    runs: list[Run] = field(default_factory=list)
     paths: tuple[str, ...] = DEFAULT_PATHS
     configs: list[tuple[str, list[str]]] = field(default_factory=list)  # (tag, ["NAME=VALUE", ...])
     k: str = ""  # tests: the -k selection; ncu: the kernel filter
@@ -107,7 +115,7 @@ def parse_step(text: str) -> Step:
             raise ValueError(f"step {text!r}: expected 'side MODELS PXS [PATHS] [set:NAME=VALUE[,...]]'")
         models = [m for m in rest[0].split(",") if m]
         paths = tuple(p for p in rest[2].split(",") if p) if len(rest) == 3 else DEFAULT_PATHS
-        runs = [(m, px) for m in models for px in _ints(rest[1], f"step {text!r}")]
+        runs = [Run(m, px) for m in models for px in _ints(rest[1], f"step {text!r}")]
         configs = [("set", _settings(sets[0][len("set:") :], text, sets[0]))] if sets else []
         return Step("side", runs=runs, paths=paths, configs=configs)
     if kind == "profile":
@@ -150,14 +158,21 @@ def _settings(sets: str, step: str, cfg: str) -> list[str]:
     return pairs
 
 
-def _runs(text: str, step: str) -> list[tuple[str, int]]:
-    """``model:px[,model:px]`` as (model, px) pairs."""
+def _runs(text: str, step: str) -> list[Run]:
+    """``model:px[:batch][,model:px[:batch]]`` as runs."""
     runs = []
     for run in text.split(","):
-        model, sep, px = run.partition(":")
-        if not sep or not model:
-            raise ValueError(f"step {step!r}: run {run!r} is not MODEL:PX")
-        runs.append((model, _ints(px, f"step {step!r}, run {run!r}")[0]))
+        model, sep, rest = run.partition(":")
+        px, _, batch = rest.partition(":")
+        if not sep or not model or not px:
+            raise ValueError(f"step {step!r}: run {run!r} is not MODEL:PX or MODEL:PX:BATCH")
+        try:
+            runs.append(Run(model, int(px), int(batch) if batch else None))
+        except ValueError:
+            raise ValueError(
+                f"step {step!r}: run {run!r}: expected an image size and optionally a batch, "
+                "both integers (vim_small_patch16_224:1024:16)"
+            ) from None
     return runs
 
 
@@ -258,7 +273,7 @@ class Plan:
     def run(self, step: Step) -> None:
         if step.kind == "side":
             sets = step.configs[0][1] if step.configs else []
-            for model, px in step.runs:
+            for model, px, _ in step.runs:
                 args = ["--models", model, "--img-sizes", str(px), "--paths", *step.paths]
                 recs = self._measure(f"[side {px}]", args + (["--set", *sets] if sets else []))
                 if sets:  # the records say which settings the triton path ran with
@@ -268,18 +283,19 @@ class Plan:
                 for r in _ratios().ratios(recs):
                     self.log(f"[side {px}] {ratio_line(r)}")
         elif step.kind == "ab":
-            for model, px in step.runs:
+            for model, px, batch in step.runs:
                 for tag, sets in step.configs:
                     args = ["--models", model, "--img-sizes", str(px), "--paths", "triton"]
+                    args += ["--batch", str(batch)] if batch else []
                     recs = self._measure(f"[ab {tag}]", args + (["--set", *sets] if sets else []))
                     self.ab += [dict(r, config=tag) for r in recs]
                     self._save("ab.json", self.ab)
         elif step.kind == "profile":
-            for model, px in step.runs:
-                self._profile(model, px, step.paths[0], step.infer)
+            for model, px, batch in step.runs:
+                self._profile(model, px, step.paths[0], step.infer, batch)
         elif step.kind == "ncu":
-            for model, px in step.runs:
-                self._ncu(model, px, step.k)
+            for model, px, batch in step.runs:
+                self._ncu(model, px, step.k, batch)
         else:
             left = self.left()
             if left < self.min_left:
@@ -292,13 +308,13 @@ class Plan:
             self.log(f"[tests{' ' + shlex.quote(step.k) if step.k else ''}] "
                      f"{'stopped at the deadline: ' if timed_out else ''}{tail[-1] if tail else 'no output'}")  # fmt: skip
 
-    def _profile(self, model: str, px: int, path: str, infer: bool) -> None:
+    def _profile(self, model: str, px: int, path: str, infer: bool, batch: int | None = None) -> None:
         what = f"[profile {model} {px} {path} {'inference' if infer else 'training'}]"
         left = self.left()
         if left < self.min_left:
             self.log(f"{what}: skipped, {left:.0f} s left")
             return
-        batch = BATCH.get(px, 8)
+        batch = batch or BATCH.get(px, 8)
         with tempfile.TemporaryDirectory() as tmp:  # (not in OUT, whose files all come back)
             table = Path(tmp) / "profile.json"
             cmd = [sys.executable, str(PROFILE), "--model", model, "--img", str(px), "--batch", str(batch),
@@ -315,7 +331,7 @@ class Plan:
             f"{what} {prof['total_ms']:.1f} ms of kernels in a {prof['wall_ms']:.1f} ms step; top: {top}"
         )
 
-    def _ncu(self, model: str, px: int, kernels: str) -> None:
+    def _ncu(self, model: str, px: int, kernels: str, batch: int | None = None) -> None:
         what = f"[ncu {model} {px}]"
         ncu, left = find_ncu(), self.left()
         if ncu is None or left < self.min_left:
@@ -325,7 +341,7 @@ class Plan:
             rep = Path(tmp) / "step"
             cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "-k", kernels, "--set", "full",
                    "-f", "-o", str(rep), sys.executable, str(NCU_STEP), "--model", model, "--img", str(px),
-                   "--batch", str(BATCH.get(px, 8)), "--depth", "2"]  # fmt: skip
+                   "--batch", str(batch or BATCH.get(px, 8)), "--depth", "2"]  # fmt: skip
             report = rep.with_name("step.ncu-rep")
             if not self._produce(what, cmd, min(left, self.run_limit), report, "report"):
                 return

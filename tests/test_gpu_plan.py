@@ -24,10 +24,10 @@ def test_steps_parse_into_runs_configs_and_test_selections():
     side = gpu_plan.parse_step("side vim_small_patch16_224,vim_tiny_patch16_224 512,1024")
     assert side.kind == "side" and side.paths == ("cuda", "triton", "deit")
     assert side.runs == [
-        ("vim_small_patch16_224", 512),
-        ("vim_small_patch16_224", 1024),
-        ("vim_tiny_patch16_224", 512),
-        ("vim_tiny_patch16_224", 1024),
+        ("vim_small_patch16_224", 512, None),
+        ("vim_small_patch16_224", 1024, None),
+        ("vim_tiny_patch16_224", 512, None),
+        ("vim_tiny_patch16_224", 1024, None),
     ]
     assert gpu_plan.parse_step("side vim_small_patch16_224 224 triton,deit").paths == ("triton", "deit")
     assert side.configs == []
@@ -36,12 +36,14 @@ def test_steps_parse_into_runs_configs_and_test_selections():
     tuned = gpu_plan.parse_step("side vim_base_patch16_224 1024 set:X=1")
     assert tuned.paths == ("cuda", "triton", "deit") and tuned.configs == [("set", ["X=1"])]
     ab = gpu_plan.parse_step("ab vim_tiny_patch16_224:512 base: off:SEQ_WSELF=False both:A=1,B=(2,3)")
-    assert ab.runs == [("vim_tiny_patch16_224", 512)]
+    assert ab.runs == [("vim_tiny_patch16_224", 512, None)]
+    ab16 = gpu_plan.parse_step("ab vim_small_patch16_224:1024:16,vim_tiny_patch16_224:512 d:")
+    assert ab16.runs == [("vim_small_patch16_224", 1024, 16), ("vim_tiny_patch16_224", 512, None)]
     assert ab.configs == [("base", []), ("off", ["SEQ_WSELF=False"]), ("both", ["A=1", "B=(2,3)"])]
     assert gpu_plan.parse_step("tests gradient_carr or wself").k == "gradient_carr or wself"
     assert gpu_plan.parse_step("tests").k == ""
     prof = gpu_plan.parse_step("profile vim_small_patch16_224:1024,vim_tiny_patch16_224:224 cuda infer")
-    assert prof.runs == [("vim_small_patch16_224", 1024), ("vim_tiny_patch16_224", 224)]
+    assert prof.runs == [("vim_small_patch16_224", 1024, None), ("vim_tiny_patch16_224", 224, None)]
     assert prof.paths == ("cuda",) and prof.infer
     prof = gpu_plan.parse_step("profile vim_small_patch16_224:224")
     assert prof.paths == ("triton",) and not prof.infer
@@ -59,6 +61,8 @@ def test_steps_parse_into_runs_configs_and_test_selections():
         ("side vim_small_patch16_224 224 set:X", "'X' is not NAME=VALUE"),
         ("ab vim_small_patch16_224 off:SEQ_WSELF=False", "run 'vim_small_patch16_224' is not MODEL:PX"),
         ("ab vim_small_patch16_224:512 SEQ_WSELF=False", "is not TAG:NAME=VALUE"),
+        ("ab vim_small_patch16_224:512:x d:", "expected an image size and optionally a batch"),
+        ("ab vim_small_patch16_224: d:", "is not MODEL:PX"),
         ("ab vim_small_patch16_224:512 off:SEQ_WSELF", "'SEQ_WSELF' is not NAME=VALUE"),
         ("ab vim_small_patch16_224:512 a:X=1 a:X=2", "config tags repeat"),
         ("profile", "expected 'profile MODEL:PX"),
@@ -112,11 +116,13 @@ import json, sys
 args = sys.argv[1:]
 models = args[args.index("--models") + 1]
 px = int(args[args.index("--img-sizes") + 1])
-paths = args[args.index("--paths") + 1: args.index("--set") if "--set" in args else len(args)]
+batch = int(args[args.index("--batch") + 1]) if "--batch" in args else 8
+paths = [a for a in args[args.index("--paths") + 1: args.index("--set") if "--set" in args else len(args)]
+         if a in ("torch", "cuda", "triton", "deit")]
 sets = args[args.index("--set") + 1:] if "--set" in args else []
 speed = 100.0 + 10 * len(sets)
 for path in paths:
-    rec = dict(model=models, img_size=px, batch=8, path=path, train_img_s=speed, infer_img_s=4 * speed,
+    rec = dict(model=models, img_size=px, batch=batch, path=path, train_img_s=speed, infer_img_s=4 * speed,
                train_peak_gib=1.5)
     if sets:
         rec["settings"] = sets
@@ -139,6 +145,7 @@ def test_a_plan_runs_its_steps_in_order_and_tags_ab_records(tmp_path, stub_throu
             str(out),
             "side vim_small_patch16_224 1024 cuda,triton",
             "ab vim_tiny_patch16_224:512,vim_small_patch16_224:1024 base: off:SEQ_WSELF=False",
+            "ab vim_small_patch16_224:1024:16 b16:",
         ]
     )
     side = json.loads((out / "side.json").read_text())
@@ -152,7 +159,9 @@ def test_a_plan_runs_its_steps_in_order_and_tags_ab_records(tmp_path, stub_throu
         ("vim_tiny_patch16_224", 512, "off"),
         ("vim_small_patch16_224", 1024, "base"),
         ("vim_small_patch16_224", 1024, "off"),
+        ("vim_small_patch16_224", 1024, "b16"),
     ]
+    assert [r["batch"] for r in ab] == [8, 8, 8, 8, 16]  # a run's own batch reaches throughput.py
     assert [r.get("settings") for r in ab][:2] == [None, ["SEQ_WSELF=False"]]
     summary = (out / "summary.md").read_text()
     assert "| vim_small_patch16_224 | 1024 | 8 | triton | 100.0 | 400.0 | 1.50 |" in summary
@@ -212,10 +221,13 @@ def test_the_profile_step_keeps_each_runs_kernels(tmp_path, monkeypatch):
     stub.write_text(PROFILE_STUB)
     monkeypatch.setattr(gpu_plan, "PROFILE", stub)
     out = tmp_path / "out"
-    gpu_plan.main([str(out), "profile vim_small_patch16_224:1024,broken:224 triton infer"])
+    gpu_plan.main(
+        [str(out), "profile vim_small_patch16_224:1024,broken:224,vim_tiny_patch16_224:512:2 triton infer"]
+    )
     profiles = json.loads((out / "profile.json").read_text())
     assert [(p["model"], p["img_size"], p["batch"], p["batch_seen"], p["infer"]) for p in profiles] == [
-        ("vim_small_patch16_224", 1024, 8, 8, True)  # throughput.py's batch for the size
+        ("vim_small_patch16_224", 1024, 8, 8, True),  # throughput.py's batch for the size
+        ("vim_tiny_patch16_224", 512, 2, 2, True),  # the run's own
     ]
     summary = (out / "summary.md").read_text()
     assert (
