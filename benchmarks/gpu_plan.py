@@ -22,7 +22,8 @@ Each step is one string; its first word says what it runs:
   matching ``-k PYTEST_K``); the summary in ``OUT/tests.txt``.
 - ``profile RUNS [PATH] [infer]``: where the GPU time of a step goes (``benchmarks/profile_step.py``,
   torch.profiler, eager): every RUN (``model:px[:batch]``, comma-separated) on PATH (default ``triton``),
-  the training step or with ``infer`` the inference step, at throughput.py's batch for the size.
+  the training step or with ``infer`` the inference step, at the run's batch (default:
+  throughput.py's for the size).
   Kernels by time in ``OUT/profile.json`` (one object per run), the top five in the summary.
 - ``ncu RUNS [KERNELS]``: Nsight Compute's counters (``--set full``, clocks as they run) for the
   triton path's kernels of one eager training step of a two-block model at each RUN's shapes
