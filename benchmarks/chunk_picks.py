@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import _setting_owner, apply_settings, triton_settings  # noqa: E402
+from throughput import parse_settings, triton_settings  # noqa: E402
 
 WIDTHS = {"Vim-T": 384, "Vim-S": 768, "Vim-B": 1536, "Vim-L": 2048}  # inner channels (2 d_model)
 PXS = (224, 256, 384, 512, 640, 768, 1024, 1280, 2048)
@@ -71,10 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         for (name, tokens, batch), (f, b) in base.items():
             print(f"| {name} | {tokens} | {batch} | {f} | {b} |")
         return 0
-    names = [pair.partition("=")[0] for pair in args.set]
-    current = {n: getattr(_setting_owner(n), n) for n in names if _setting_owner(n) is not None}
-    with triton_settings(**current):  # (restored after: main() also runs inside the tests)
-        applied = apply_settings(args.set)  # (SystemExit naming a setting that does not exist)
+    applied = parse_settings(args.set)  # (SystemExit naming a setting that does not exist)
+    with triton_settings(**applied):  # (put back after: main() also runs inside the tests)
         new = picks(args.sms, widths)
     changed = [(k, base[k], new[k]) for k in base if base[k] != new[k]]
     print(f"settings: {applied}; {args.sms} SMs")

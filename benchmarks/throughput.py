@@ -145,24 +145,31 @@ def triton_settings(**values):
             setattr(mod, k, v)
 
 
-def apply_settings(pairs: list[str]) -> dict:
-    """``NAME=VALUE`` pairs set on :mod:`vimssl.ssm.triton_core` or :mod:`vimssl.ssm.triton_norm`
-    (the triton path's tuning constants, e.g. ``SEQ_SKIP_UNREAD=False``), VALUE a Python
-    literal; for A/B runs."""
-    done = {}
+def parse_settings(pairs: list[str]) -> dict:
+    """``NAME=VALUE`` pairs as {NAME: value}: settings of :mod:`vimssl.ssm.triton_core` or
+    :mod:`vimssl.ssm.triton_norm` (the triton path's tuning constants, e.g.
+    ``SEQ_SKIP_UNREAD=False``), VALUE a Python literal; SystemExit naming a pair that is not."""
+    values = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
-        mod = _setting_owner(name)
-        if mod is None:
+        if _setting_owner(name) is None:
             raise SystemExit(f"--set {pair}: vimssl.ssm.triton_core / triton_norm have no setting {name!r}")
         try:
-            setattr(mod, name, ast.literal_eval(value))
+            values[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             raise SystemExit(
                 f"--set {pair}: expected NAME=VALUE with VALUE a Python literal (True, 256, (12, 24))"
             ) from None
-        done[name] = getattr(mod, name)
-    return done
+    return values
+
+
+def apply_settings(pairs: list[str]) -> dict:
+    """:func:`parse_settings`'s settings set on their modules, for the rest of the process (A/B
+    runs); returns them."""
+    values = parse_settings(pairs)
+    for name, value in values.items():
+        setattr(_setting_owner(name), name, value)
+    return values
 
 
 def measure_safely(name: str, path: str, img: int, batch: int, iters: int, graphs: bool) -> dict:
