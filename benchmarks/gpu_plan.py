@@ -168,12 +168,15 @@ def _runs(text: str, step: str) -> list[Run]:
         if not sep or not model or not px:
             raise ValueError(f"step {step!r}: run {run!r} is not MODEL:PX or MODEL:PX:BATCH")
         try:
-            runs.append(Run(model, int(px), int(batch) if batch else None))
+            size, rows = int(px), int(batch) if batch else None
         except ValueError:
+            size = rows = 0
+        if size < 1 or (rows is not None and rows < 1):
             raise ValueError(
                 f"step {step!r}: run {run!r}: expected an image size and optionally a batch, "
-                "both integers (vim_small_patch16_224:1024:16)"
-            ) from None
+                "both positive integers (vim_small_patch16_224:1024:16)"
+            )
+        runs.append(Run(model, size, rows))
     return runs
 
 

@@ -62,6 +62,8 @@ def test_steps_parse_into_runs_configs_and_test_selections():
         ("ab vim_small_patch16_224 off:SEQ_WSELF=False", "run 'vim_small_patch16_224' is not MODEL:PX"),
         ("ab vim_small_patch16_224:512 SEQ_WSELF=False", "is not TAG:NAME=VALUE"),
         ("ab vim_small_patch16_224:512:x d:", "expected an image size and optionally a batch"),
+        ("ab vim_small_patch16_224:512:0 d:", "both positive integers"),
+        ("profile vim_small_patch16_224:-224", "both positive integers"),
         ("ab vim_small_patch16_224: d:", "is not MODEL:PX"),
         ("ab vim_small_patch16_224:512 off:SEQ_WSELF", "'SEQ_WSELF' is not NAME=VALUE"),
         ("ab vim_small_patch16_224:512 a:X=1 a:X=2", "config tags repeat"),
