@@ -70,6 +70,8 @@ BATCH = {224: 128, 512: 32, 1024: 8}  # throughput.py's batch per image size (8 
 GPU_TESTS = ("tests/test_gpu_triton.py", "tests/test_gpu_graphs.py")
 DEFAULT_PATHS = ("cuda", "triton", "deit")
 PATHS = ("torch", "cuda", "triton", "deit")
+# pytest's closing line, e.g. "120 passed, 1 skipped, 4 warnings in 436.58s (0:07:16)"
+PYTEST_SUMMARY = re.compile(r"\b\d+ (passed|failed|skipped|deselected|errors?)\b.* in [\d.]+s\b")
 # commas between settings, not inside a value such as SEQ_CHUNK=(128,256)
 _SETTING_SEP = re.compile(r",(?=[A-Za-z_][A-Za-z0-9_]*=)")
 
@@ -309,8 +311,11 @@ class Plan:
             stdout, timed_out = run_limited(cmd + (["-k", step.k] if step.k else []), left)
             tail = stdout.strip().splitlines()[-15:]
             (self.out / "tests.txt").write_text("\n".join(tail) + "\n")
-            self.log(f"[tests{' ' + shlex.quote(step.k) if step.k else ''}] "
-                     f"{'stopped at the deadline: ' if timed_out else ''}{tail[-1] if tail else 'no output'}")  # fmt: skip
+            last = tail[-1] if tail else "no output"
+            if timed_out:  # pytest's closing summary printed: every test ran, only the exit was cut
+                cut = "killed at the deadline after its summary: " if PYTEST_SUMMARY.search(last) else None
+                last = (cut or "stopped at the deadline: ") + last
+            self.log(f"[tests{' ' + shlex.quote(step.k) if step.k else ''}] {last}")
 
     def _profile(self, model: str, px: int, path: str, infer: bool, batch: int | None = None) -> None:
         what = f"[profile {model} {px} {path} {'inference' if infer else 'training'}]"

@@ -206,6 +206,29 @@ def test_the_tests_step_runs_pytest_with_its_selection(tmp_path, monkeypatch):
     assert "[tests kept] " in (out / "summary.md").read_text()
 
 
+def test_a_test_run_killed_after_its_summary_says_every_test_ran(tmp_path, monkeypatch):
+    # (the H100's whole suite printed its summary a moment before the deadline, and the plan
+    # called it "stopped at the deadline")
+    suite = tmp_path / "test_slow_exit.py"
+    suite.write_text("import atexit, time\n\natexit.register(time.sleep, 60)\n\n\n"
+                     "def test_quick():\n    assert True\n")  # fmt: skip
+    monkeypatch.setattr(gpu_plan, "GPU_TESTS", (str(suite),))
+    out = tmp_path / "out"
+    gpu_plan.main([str(out), "--deadline", "8", "--min-left", "1", "tests"])
+    summary = (out / "summary.md").read_text()
+    assert "[tests] killed at the deadline after its summary: 1 passed" in summary
+    assert "stopped at the deadline" not in summary
+
+
+def test_a_test_run_cut_before_its_summary_says_it_stopped(tmp_path, monkeypatch):
+    suite = tmp_path / "test_slow.py"
+    suite.write_text("import time\n\n\ndef test_slow():\n    time.sleep(60)\n")
+    monkeypatch.setattr(gpu_plan, "GPU_TESTS", (str(suite),))
+    out = tmp_path / "out"
+    gpu_plan.main([str(out), "--deadline", "5", "--min-left", "1", "tests"])
+    assert "[tests] stopped at the deadline: " in (out / "summary.md").read_text()
+
+
 PROFILE_STUB = """
 import json, sys
 args = sys.argv[1:]
