@@ -206,12 +206,28 @@ def table_row(rec: dict) -> str:
 
 
 @functools.cache
-def _ratios():
-    """benchmarks/ratios.py, by path (this script runs from anywhere, its tests load it by path)."""
-    spec = importlib.util.spec_from_file_location("ratios", ROOT / "benchmarks" / "ratios.py")
+def _by_path(name: str):
+    """benchmarks/NAME.py, by path (this script runs from anywhere, its tests load it by path)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def kernel_line(kernel: str, m: dict) -> str:
+    """One kernel's averaged counters (:func:`ncu_table.kernel_means`) as a summary line."""
+    parts = [f"{kernel} x{m['calls']}"]
+    for label, metric, fmt in (
+        ("", "Duration", "{:,.1f} us"),
+        ("waves", "Waves Per SM", "{:.2f}"),
+        ("issue", "Issue Slots Busy", "{:.1f}%"),
+        ("eligible", "Eligible Warps Per Scheduler", "{:.2f}"),
+        ("DRAM", "DRAM Throughput", "{:.1f}%"),
+        ("spills", "Local Memory Spilling Requests", "{:,.0f}"),
+    ):
+        if metric in m:
+            parts.append(f"{label} {fmt.format(m[metric])}".strip())
+    return ", ".join(parts)
 
 
 def ratio_line(r: dict) -> str:
@@ -286,7 +302,7 @@ class Plan:
                     recs = [dict(r, config=",".join(sets)) for r in recs]
                 self.side += recs
                 self._save("side.json", self.side)
-                for r in _ratios().ratios(recs):
+                for r in _by_path("ratios").ratios(recs):
                     self.log(f"[side {px}] {ratio_line(r)}")
         elif step.kind == "ab":
             for model, px, batch in step.runs:
@@ -358,6 +374,13 @@ class Plan:
         name = f"ncu_{model}_{px}.csv.gz"
         (self.out / name).write_bytes(gzip.compress(csv.encode()))
         self.log(f"{what} {len(csv.splitlines())} lines of counters in {name}")
+        try:  # the counters the kernel notes use, per kernel (benchmarks/ncu_table.py)
+            means = _by_path("ncu_table").kernel_means(_by_path("ncu_table").parse_page(csv))
+        except ValueError as err:
+            self.log(f"{what} counters not summarised: {err}")
+            return
+        for kernel, m in means.items():
+            self.log(f"{what} {kernel_line(kernel, m)}")
 
     def _produce(self, what: str, cmd: list[str], seconds: float, file: Path, noun: str) -> bool:
         """Run ``cmd`` (at most ``seconds``) for the ``file`` it writes; whether it wrote it (if not,

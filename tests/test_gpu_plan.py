@@ -275,8 +275,9 @@ NCU_STUB = """#!{python}
 import sys
 args = sys.argv[1:]
 if "--import" in args:
-    print('"ID","Kernel Name","Metric Name","Metric Value"')
-    print('"0","scan_fwd_kernel","Duration","12.5"')
+    print('"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"')
+    print('"0","scan_fwd_kernel","Duration","us","12.5"')
+    print('"0","scan_fwd_kernel","Waves Per SM","","1.94"')
     sys.exit(0)
 out = args[args.index("-o") + 1]
 step = args[args.index("-o") + 2:]
@@ -299,12 +300,13 @@ def test_the_ncu_step_keeps_each_runs_counters(tmp_path, monkeypatch):
     out = tmp_path / "out"
     gpu_plan.main([str(out), "ncu vim_small_patch16_224:1024,broken:1024 regex:scan"])
     csv = gzip.decompress((out / "ncu_vim_small_patch16_224_1024.csv.gz").read_bytes()).decode()
-    assert '"0","scan_fwd_kernel","Duration","12.5"' in csv
+    assert '"0","scan_fwd_kernel","Duration","us","12.5"' in csv
     summary = (out / "summary.md").read_text()
     assert (
-        "[ncu vim_small_patch16_224 1024] 2 lines of counters in ncu_vim_small_patch16_224_1024.csv.gz"
+        "[ncu vim_small_patch16_224 1024] 3 lines of counters in ncu_vim_small_patch16_224_1024.csv.gz"
         in summary
     )
+    assert "[ncu vim_small_patch16_224 1024] scan_fwd_kernel x1, 12.5 us, waves 1.94" in summary
     assert "[ncu broken 1024]: no report; last output: ['==PROF== done']" in summary
     assert not (out / "ncu_broken_1024.csv.gz").exists()
     # without Nsight Compute the step says so
