@@ -29,7 +29,8 @@ Each step is one string; its first word says what it runs:
   triton path's kernels of one eager training step of a two-block model at each RUN's shapes
   (``benchmarks/ncu_step.py``), KERNELS an ncu ``-k`` filter (default: the scan, conv, combine,
   prep and norm kernels). Each run's details page as ``OUT/ncu_MODEL_PX.csv.gz`` (the device
-  brings back 8 files at most: keep the runs few).
+  brings back 8 files at most: keep the runs few), and each kernel's main counters in the summary
+  (``benchmarks/ncu_table.py`` prints them all as a table).
 
 Every measurement is a ``throughput.py`` process of its own (which measures each path in a fresh
 worker process), killed with its workers when its time is up: what it measured by then is kept.
@@ -328,9 +329,11 @@ class Plan:
             tail = stdout.strip().splitlines()[-15:]
             (self.out / "tests.txt").write_text("\n".join(tail) + "\n")
             last = tail[-1] if tail else "no output"
-            if timed_out:  # pytest's closing summary printed: every test ran, only the exit was cut
-                cut = "killed at the deadline after its summary: " if PYTEST_SUMMARY.search(last) else None
-                last = (cut or "stopped at the deadline: ") + last
+            if timed_out:  # with pytest's closing summary printed every test ran: only the exit was cut
+                finished = PYTEST_SUMMARY.search(last)
+                last = (
+                    "killed at the deadline after its summary: " if finished else "stopped at the deadline: "
+                ) + last
             self.log(f"[tests{' ' + shlex.quote(step.k) if step.k else ''}] {last}")
 
     def _profile(self, model: str, px: int, path: str, infer: bool, batch: int | None = None) -> None:
