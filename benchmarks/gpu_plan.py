@@ -215,22 +215,6 @@ def _by_path(name: str):
     return mod
 
 
-def kernel_line(kernel: str, m: dict) -> str:
-    """One kernel's averaged counters (:func:`ncu_table.kernel_means`) as a summary line."""
-    parts = [f"{kernel} x{m['calls']}"]
-    for label, metric, fmt in (
-        ("", "Duration", "{:,.1f} us"),
-        ("waves", "Waves Per SM", "{:.2f}"),
-        ("issue", "Issue Slots Busy", "{:.1f}%"),
-        ("eligible", "Eligible Warps Per Scheduler", "{:.2f}"),
-        ("DRAM", "DRAM Throughput", "{:.1f}%"),
-        ("spills", "Local Memory Spilling Requests", "{:,.0f}"),
-    ):
-        if metric in m:
-            parts.append(f"{label} {fmt.format(m[metric])}".strip())
-    return ", ".join(parts)
-
-
 def ratio_line(r: dict) -> str:
     """One comparison of :func:`ratios.ratios` as a summary line."""
     deit = "" if r["deit_train"] is None else f", DeiT/triton training {r['deit_train']:.2f}x"
@@ -377,13 +361,14 @@ class Plan:
         name = f"ncu_{model}_{px}.csv.gz"
         (self.out / name).write_bytes(gzip.compress(csv.encode()))
         self.log(f"{what} {len(csv.splitlines())} lines of counters in {name}")
-        try:  # the counters the kernel notes use, per kernel (benchmarks/ncu_table.py)
-            means = _by_path("ncu_table").kernel_means(_by_path("ncu_table").parse_page(csv))
+        table = _by_path("ncu_table")  # the counters the kernel notes use, per kernel
+        try:
+            means = table.kernel_means(table.parse_page(csv))
         except ValueError as err:
             self.log(f"{what} counters not summarised: {err}")
             return
         for kernel, m in means.items():
-            self.log(f"{what} {kernel_line(kernel, m)}")
+            self.log(f"{what} {table.kernel_line(kernel, m)}")
 
     def _produce(self, what: str, cmd: list[str], seconds: float, file: Path, noun: str) -> bool:
         """Run ``cmd`` (at most ``seconds``) for the ``file`` it writes; whether it wrote it (if not,

@@ -106,6 +106,25 @@ def table(means: dict[str, dict]) -> list[str]:
     return lines
 
 
+# the few counters of a one-line summary (gpu_plan.py's log): (label, ncu metric name, format)
+LINE = (
+    ("", "Duration", "{:,.1f} us"),
+    ("waves", "Waves Per SM", "{:.2f}"),
+    ("issue", "Issue Slots Busy", "{:.1f}%"),
+    ("eligible", "Eligible Warps Per Scheduler", "{:.2f}"),
+    ("DRAM", "DRAM Throughput", "{:.1f}%"),
+    ("spills", "Local Memory Spilling Requests", "{:,.0f}"),
+)
+
+
+def kernel_line(kernel: str, m: dict) -> str:
+    """One kernel's averaged counters (:func:`kernel_means`) as one line: its calls, time, waves,
+    issue-slot use, eligible warps, DRAM throughput and spills (those the page has)."""
+    parts = [f"{kernel} x{m['calls']}"]
+    parts += [f"{label} {fmt.format(m[metric])}".strip() for label, metric, fmt in LINE if metric in m]
+    return ", ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pages", nargs="+", type=Path, help="details pages, .csv or .csv.gz")

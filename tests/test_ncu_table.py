@@ -87,3 +87,11 @@ def test_the_committed_h100_page_reads():
     means = ncu_table.kernel_means(ncu_table.read_page(path))
     assert set(means) == {"scan_fwd_kernel", "scan_bwd_kernel", "part_sum_kernel"}
     assert all(m["calls"] == 2 for m in means.values())
+
+
+def test_a_kernel_line_has_the_counters_the_page_has():
+    means = ncu_table.kernel_means(ncu_table.parse_page(page(ROWS)))
+    assert ncu_table.kernel_line("scan_bwd_kernel", means["scan_bwd_kernel"]) == (
+        "scan_bwd_kernel x2, 4,970.0 us, issue 45.5%, spills 18,500,000"
+    )
+    assert ncu_table.kernel_line("part_sum_kernel", means["part_sum_kernel"]) == "part_sum_kernel x1, 69.4 us"
