@@ -47,7 +47,12 @@ def interpreter_report(parts: int = 2) -> dict:
 def test_kernels_match_reference_under_interpreter():
     report = interpreter_report()
     results = report["shapes"]
-    assert [r["index"] for r in results] == list(range(18))
+    assert [r["index"] for r in results] == list(range(20))
+    # the scan backward's dB/dC sums by the lane reduce-scatter (the GPU's default) in the last two
+    # checks (32-channel blocks, 16 states), chunked with the backward's own gradient carries and
+    # unchunked; by per-state sums over the channel block in the others
+    assert [set(r["rs"]) for r in results] == [{False}] * 18 + [{True}] * 2
+    assert [(r["chunk"], r["wself"]) for r in results[18:]] == [([4, 12], True), (0, False)]
     assert sum(r["keep"] for r in results) == 2
     assert sum(not r["bc_in_conv"] for r in results) == 1  # the packed B/C kept from the forward
     assert sum(r["split"] for r in results) == 2  # the forward's branches in separate programs
@@ -61,7 +66,7 @@ def test_kernels_match_reference_under_interpreter():
     # states saved for the backward (SEQ_SAVE_CARRY) or computed by the backward itself
     chunked = [(r["chunk"], r["save_carry"]) for r in results if r["chunk"]]
     assert chunked == [(3, True), (4, True), (8, True), ([2, 4], True), ([3, 6], True), ([4, 12], True),
-                       (4, False), ([4, 12], False)]  # fmt: skip
+                       (4, False), ([4, 12], False), ([4, 12], True)]  # fmt: skip
     # with the states saved, the gradient carries from their own pass or from the scan backward's
     # first pass (SEQ_WSELF: no gradient pass ran)
     saved = [r for r in results if r["chunk"] and r["save_carry"]]

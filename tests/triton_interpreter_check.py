@@ -21,6 +21,7 @@ import torch
 
 from vimssl.models.mixer import BiMambaMixer, bimamba_core
 from vimssl.ssm import triton_core as tc
+from vimssl.ssm import triton_kernels as K
 from vimssl.ssm import triton_norm as tn
 from vimssl.ssm.dispatch import get_ops
 
@@ -45,6 +46,11 @@ TILE_CONV_SHAPES = [(3, 13, 6, 3)]
 PAIR_SHAPES = [((2, 7, 8, 4), (2, 4)), ((3, 13, 6, 3), (3, 6)), ((1, 37, 8, 16), (4, 12))]
 # ... and the two-level scan whose backward computes the states itself (SEQ_SAVE_CARRY off)
 OWN_STATE_SHAPES = [((3, 13, 6, 3), 4), ((1, 37, 8, 16), (4, 12))]
+# the scan backward's dB/dC sums by the lane reduce-scatter (SEQ_RS: 32-channel programs and 16
+# states, the GPU's default; its lanes are the block's channel columns here), with a (forward,
+# backward) chunk pair whose backward sums its own gradient carries (SEQ_WSELF, even index), and
+# unchunked; run with WIDE_TILES
+RS_SHAPES = [((1, 21, 16, 16), (4, 12)), ((2, 9, 16, 16), 0)]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -103,8 +109,10 @@ def main() -> None:
     runs_cfg += [(s, False, 0, True, True, True, True, False) for s in SPLIT_SHAPES]
     runs_cfg += [(s, False, 0, False, False, True, True, False) for s in BC_KEPT_SHAPES]
     runs_cfg += [(s, False, 0, False, True, True, False, False) for s in TILE_CONV_SHAPES]
+    tiles = [SMALL_TILES] * len(runs_cfg) + [WIDE_TILES] * len(RS_SHAPES)
+    runs_cfg += [(s, False, chunk, False, True, True, True, False) for s, chunk in RS_SHAPES]
     checks = [
-        (f"shape {k}", functools.partial(shape_check, k, *cfg), SMALL_TILES) for k, cfg in enumerate(runs_cfg)
+        (f"shape {k}", functools.partial(shape_check, k, *cfg), tiles[k]) for k, cfg in enumerate(runs_cfg)
     ]
     checks += [
         ("half", half_precision, SMALL_TILES), ("norm", norm_errors, SMALL_TILES),
@@ -159,18 +167,22 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_w
     names, params, ref, g, gref = core_reference(m, xz)
 
     tc.LAST.clear()  # which kernels ran
-    runs = []
-    # twice: chunked, the second run walks every chunk's carries (SEQ_SKIP_UNREAD off), which must
-    # give the same bits as skipping the unread ones; unchunked, it only checks that two runs
-    # agree, which the interpreter (programs one after another) makes all but certain, so only
-    # for buffers read before they are written (the GPU test of determinism is
-    # test_gpu_triton.py's)
-    for k in range(2 if twice else 1):
-        tc.SEQ_SKIP_UNREAD = not (chunk and k == 1)
-        xzt = xz.clone().requires_grad_()
-        out = tc.bimamba_core_triton(xzt, m)
-        grads = torch.autograd.grad(out, [xzt] + params, g.float())
-        runs.append((out, grads))
+    rs = []  # ... and whether the scan backward took the lane reduce-scatter
+    launch = K.scan_bwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                rs.append(kwargs["RS"])
+                return launch[grid](*args, **kwargs)
+
+            return run
+
+    K.scan_bwd_kernel = Spy()
+    try:
+        runs = run_core(m, xz, g, params, chunk, twice)
+    finally:
+        K.scan_bwd_kernel = launch
     out, grads = runs[0]
     same = None  # (one run)
     if twice:
@@ -182,8 +194,26 @@ def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_w
     return dict(
         index=index, shape=[bsz, seqlen, d, n], keep=keep, chunk=chunk, split=split,
         bc_in_conv=bc_in_conv, save_carry=save_carry, conv_walk=conv_walk, pack_spread=tc.CONV_PACK_SPREAD,
-        wself=tc.SEQ_WSELF, ticket=tc.SEQ_WSELF_TICKET, cast_in_colsum=tc.WGRAD_CAST_IN_COLSUM, kernels=sorted(tc.LAST), errors=errs, deterministic=same, finite=finite,
+        wself=tc.SEQ_WSELF, ticket=tc.SEQ_WSELF_TICKET, rs=rs, cast_in_colsum=tc.WGRAD_CAST_IN_COLSUM, kernels=sorted(tc.LAST), errors=errs, deterministic=same, finite=finite,
     )  # fmt: skip
+
+
+def run_core(m, xz, g, params, chunk, twice) -> list:
+    """The fused core's output and gradients of xz and params under cotangent g, once or (twice)
+    two times."""
+    # twice: chunked, the second run walks every chunk's carries (SEQ_SKIP_UNREAD off), which must
+    # give the same bits as skipping the unread ones; unchunked, it only checks that two runs
+    # agree, which the interpreter (programs one after another) makes all but certain, so only
+    # for buffers read before they are written (the GPU test of determinism is
+    # test_gpu_triton.py's)
+    runs = []
+    for k in range(2 if twice else 1):
+        tc.SEQ_SKIP_UNREAD = not (chunk and k == 1)
+        xzt = xz.clone().requires_grad_()
+        out = tc.bimamba_core_triton(xzt, m)
+        grads = torch.autograd.grad(out, [xzt] + params, g.float())
+        runs.append((out, grads))
+    return runs
 
 
 def half_precision() -> dict:

@@ -547,9 +547,9 @@ def _grad_cap(x: torch.Tensor, programs: int, n_ch: int) -> bool:
 
 
 def _rs(be: int, d_state: int) -> bool:
-    """Whether the scan backward uses the lane reduce-scatter (inline PTX: not under the CPU
-    interpreter)."""
-    return SEQ_RS and be == 32 and d_state == 16 and SEQ_WARPS == 1 and bool(K._PTX.value)
+    """Whether the scan backward uses the lane reduce-scatter (inline PTX on a GPU; under the CPU
+    interpreter, the same arithmetic on the block's 32 channel columns)."""
+    return SEQ_RS and be == 32 and d_state == 16 and SEQ_WARPS == 1
 
 
 def scan_bwd(

@@ -958,9 +958,34 @@ _BFLY1: tl.constexpr = tl.constexpr(_bfly_asm(1))
 
 
 @triton.jit
+def _lane_partner(x, M: tl.constexpr):
+    """x (R, 32) with column l holding column l ^ M's values: what lane l reads from lane l ^ M
+    with a butterfly shuffle, for the CPU interpreter (where column = lane)."""
+    R: tl.constexpr = x.shape[0]
+    a, b = tl.split(tl.permute(tl.reshape(x, (R, 16 // M, 2, M)), (0, 1, 3, 2)))  # (R, 16/M, M)
+    return tl.reshape(tl.permute(tl.join(b, a), (0, 1, 3, 2)), (R, 32))
+
+
+@triton.jit
+def _lane_ids(x):
+    """The lane of each of x's (R, 32) elements, as int32 (1, 32): %laneid, or the column under
+    the CPU interpreter."""
+    if _PTX:
+        return tl.inline_asm_elementwise(
+            "mov.u32 $0, %laneid;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1
+        )
+    else:
+        return tl.arange(0, 32)[None, :]
+
+
+@triton.jit
 def _bfly(lo, hi, M: tl.constexpr):
-    """One reduce-scatter step between lanes l and l ^ M (elementwise over lo and hi)."""
-    if M == 16:
+    """One reduce-scatter step between lanes l and l ^ M (elementwise over lo and hi): the lanes
+    with bit M clear keep lo plus their partner's lo, the others hi plus their partner's hi."""
+    if not _PTX:  # the same arithmetic on columns, for the CPU interpreter
+        up = (tl.arange(0, 32)[None, :] & M) != 0
+        return tl.where(up, hi, lo) + _lane_partner(tl.where(up, lo, hi), M)
+    elif M == 16:
         return tl.inline_asm_elementwise(_BFLY16, "=r,r,r", [lo, hi], dtype=tl.float32, is_pure=True, pack=1)
     elif M == 8:
         return tl.inline_asm_elementwise(_BFLY8, "=r,r,r", [lo, hi], dtype=tl.float32, is_pure=True, pack=1)
@@ -989,8 +1014,7 @@ def _store_dbc_rs(part, t, ok, dBp, dCp):
     v = _halve(v, 4)
     v = _halve(v, 2)
     v = _halve(v, 1)  # (1, 32): lane l holds value l of [dB | dC], summed over the 32 lanes
-    lid = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
-    tl.store(part + t * 32 + lid, v.to(part.dtype.element_ty), mask=ok)
+    tl.store(part + t * 32 + _lane_ids(v), v.to(part.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -1089,7 +1113,8 @@ def scan_bwd_kernel(
     checkpoint) before computing the current one. KEEP keeps the four recomputed decays in
     registers instead of computing them again (one exp per state and token fewer, more
     registers; FRESH: how they are computed again, see :func:`_decay_again`). RS sums dB and dC
-    over the channels with the lane reduce-scatter (needs N == 16, BE == 32, one warp, PTX)."""
+    over the channels with the lane reduce-scatter (needs N == 16, BE == 32, one warp;
+    :func:`_bfly`)."""
     pid_e, b, pid2 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     if WSELF:  # gradient order, by ticket (TICKET: the chunks a program's look-back waits for hold
         # earlier tickets, so they are running or done whatever order the GPU starts programs in)
