@@ -18,15 +18,16 @@ from vimssl.ssm.dispatch import auto_gpu_path
 triton = pytest.importorskip("triton", reason="triton is installed with PyTorch on Linux")
 
 
-def interpreter_report(parts: int = 2) -> dict:
+def interpreter_report(claims: Path, parts: int = 2) -> dict:
     """The interpreter check's report, its checks shared among ``parts`` processes run at once (the
-    interpreter runs on one core), merged: shapes in their order, the other checks by name."""
+    interpreter runs on one core; each takes the next check no other took, by a file in
+    ``claims``), merged: shapes in their order, the other checks by name."""
     script = Path(__file__).with_name("triton_interpreter_check.py")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parents[1]))
     procs = [
-        subprocess.Popen([sys.executable, str(script), "--part", f"{i}/{parts}"], env=env, text=True,
+        subprocess.Popen([sys.executable, str(script), "--claims", str(claims)], env=env, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for i in range(parts)
+        for _ in range(parts)
     ]  # fmt: skip
     report = {"shapes": []}
     try:
@@ -44,8 +45,8 @@ def interpreter_report(parts: int = 2) -> dict:
     return report
 
 
-def test_kernels_match_reference_under_interpreter():
-    report = interpreter_report()
+def test_kernels_match_reference_under_interpreter(tmp_path):
+    report = interpreter_report(tmp_path)
     results = report["shapes"]
     assert [r["index"] for r in results] == list(range(20))
     # the scan backward's dB/dC sums by the lane reduce-scatter (the GPU's default) in the last two

@@ -5,17 +5,21 @@ Prints one JSON object: the relative error of the fused core's output and of eve
 against the float64 pure-PyTorch core, whether two runs gave identical bits, and whether every
 output element was written.
 
-``--part I/N`` runs only the I-th of N interleaved shares of the checks (the test runs the shares
-in parallel processes, one per core, and merges their reports; each check seeds its own random
-numbers, so a check's inputs do not depend on the split). Each check's time goes to stderr."""
+``--claims DIR`` runs only the checks that no other process given the same folder has taken: a
+process takes a check by creating its file there first (the test runs one process per core and
+merges their reports, so a core that finishes its checks early takes more; each check seeds its
+own random numbers, so its inputs do not depend on which process ran it). Each check's time goes
+to stderr."""
 
 from __future__ import annotations
 
 import argparse
 import functools
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -89,10 +93,10 @@ WIDE_TILES = dict(
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", default="0/1", help="I/N: run the I-th of N interleaved shares of the checks")
-    part, parts = (int(v) for v in ap.parse_args().part.split("/"))
-    if not 0 <= part < parts:
-        raise SystemExit(f"--part {part}/{parts}: I must be in 0..N-1")
+    ap.add_argument(
+        "--claims", type=Path, help="a folder shared with other processes: run the checks none took"
+    )
+    claims = ap.parse_args().claims
     tc.CARRY_FILL = float("nan")  # a look-back reading a carry no program wrote gives NaN
     # every check starts from the library's settings, triton_core's and triton_norm's (what an
     # earlier check switched is undone), with its tiles on top
@@ -119,9 +123,13 @@ def main() -> None:
         ("cache", inference_cache, SMALL_TILES), ("conv_widths", conv_widths, SMALL_TILES),
         ("drop", drop_path_model, WIDE_TILES), ("core_out", core_out, WIDE_TILES),
     ]  # fmt: skip
+    # the checks other than shapes first (the longest among them, a quarter of the time), so that
+    # processes sharing the checks end at about the same time; each seeded by its place above
+    order = sorted(range(len(checks)), key=lambda k: (checks[k][0].startswith("shape"), -k))
     report = {"shapes": []}
-    for k, (name, check, tiles) in enumerate(checks):
-        if k % parts != part:
+    for k in order:
+        name, check, tiles = checks[k]
+        if claims is not None and not claim(claims / name.replace(" ", "_")):
             continue
         for mod, setting, value in defaults:
             setattr(mod, setting, value)
@@ -136,6 +144,16 @@ def main() -> None:
         else:
             report[name] = result
     print(json.dumps(report))
+
+
+def claim(path: Path) -> bool:
+    """Whether this process took the check whose claim file is ``path`` (created now, by this
+    process and no other)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def shape_check(index, shape, keep, chunk, split, bc_in_conv, save_carry, conv_walk, twice) -> dict:
