@@ -968,8 +968,8 @@ def _lane_partner(x, M: tl.constexpr):
 
 @triton.jit
 def _lane_ids(x):
-    """The lane of each of x's (R, 32) elements, as int32 (1, 32): %laneid, or the column under
-    the CPU interpreter."""
+    """The lane of each of x's (1, 32) elements, as int32: %laneid, or the column under the CPU
+    interpreter."""
     if _PTX:
         return tl.inline_asm_elementwise(
             "mov.u32 $0, %laneid;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1
