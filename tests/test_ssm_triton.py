@@ -382,7 +382,40 @@ def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
         return tc.chunk_lengths(gpu, batch, tokens, 2 * d_model)
 
     # Vim-S, Vim-T and Vim-B at 1024 px, batch 8: chunk lengths by the wave model, the backward's
-    # a multiple of the forward's so that the forward can save the states its chunks start from
+    # a multiple of the forward's so that the forward can save the states its chunks start from.
+    # In training the pair is picked together (SEQ_JOINT): Vim-T and Vim-B 188 and 376 tokens (the
+    # backward's 11 chunks fill its waves); inference keeps the forward's own pick
+    monkeypatch.setattr(tc, "SEQ_JOINT", True)
+    assert picks(8, 4097, 384) == (128, 384)
+    assert picks(8, 4097, 192) == (188, 376)
+    assert picks(8, 4097, 768) == (188, 376)
+    assert tc.chunk_lengths(gpu, 8, 4097, 2 * 192, training=False)[0] == 128
+    assert tc.chunk_lengths(gpu, 8, 4097, 2 * 768, training=False)[0] == 260
+    assert picks(32, 1025, 192) == (132, 264)  # Vim-T 512 px, batch 32
+    # the joint pick models less time than the forward's own pick with the backward aligned to it
+    programs = (8 * 1536 // tc.SEQ_BE_FWD, 2 * 8 * 1536 // tc.SEQ_BE_BWD)
+    joint = tc._joint_chunks(4097, *programs, 132, (260, 520))
+    assert joint == (188, 376)
+
+    def modelled(f, b):
+        slots, state_slots, weight = tc.SEQ_WAVE_FWD
+        f_cost = tc._makespan(4097, f, programs[0], slots * 132)
+        f_cost += weight * tc._makespan(4097, f, 2 * programs[0], state_slots * 132)
+        return tc.SEQ_JOINT_FWD * f_cost + tc._bwd_cost(4097, b, programs[1], 132)
+
+    assert modelled(*joint) < modelled(260, 520) < modelled(344, 688)
+    monkeypatch.setattr(tc, "SEQ_JOINT_FWD", 3.0)  # a forward weighted 3x keeps its own 260 tokens
+    assert picks(8, 4097, 768)[0] == 260
+    monkeypatch.setattr(tc, "SEQ_JOINT_FWD", 1.0)
+    # ... and the pair picked apart stays unless the joint one models SEQ_JOINT_GAIN less time
+    gain = 1 - modelled(*joint) / modelled(260, 520)  # (1.8%)
+    monkeypatch.setattr(tc, "SEQ_JOINT_GAIN", gain + 0.001)
+    assert picks(8, 4097, 768) == (260, 520)
+    monkeypatch.setattr(tc, "SEQ_JOINT_GAIN", gain - 0.001)
+    assert picks(8, 4097, 768) == (188, 376)
+    monkeypatch.setattr(tc, "SEQ_JOINT_GAIN", 0.0)
+    # without the joint pick (the v27 rule): the forward's own pick, the backward aligned to it
+    monkeypatch.setattr(tc, "SEQ_JOINT", False)
     assert picks(8, 4097, 384) == (128, 384)
     assert picks(8, 4097, 192) == (128, 384)
     # Vim-B: 520 tokens model 0.03% more time than 260, within SEQ_ALIGN_TIE: the longer (measured

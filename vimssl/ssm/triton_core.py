@@ -92,6 +92,15 @@ SEQ_SAVE_CARRY = True
 # Vim-B at 1024 px, batch 8 (twenty-first session): 520 tokens (modelled 0.03% more than 260)
 # trained 0.5% faster in two calls, with 2% less memory; 0 keeps the exact least
 SEQ_ALIGN_TIE = 0.001
+# ... and in training, the (forward, backward) pair picked together (see _joint_chunks): the pair
+# with the least modelled time of both scans and their carry passes, a forward token step of the
+# model weighted SEQ_JOINT_FWD against a backward one (H100, Vim-B at 1024 px, batch 8, v27
+# profile: 34.4 against 34.6 us of step time per modelled token step); False: the forward's own
+# pick, the backward's aligned to it (_aligned_chunk, the v27 rule). Inference keeps the forward's
+# own pick either way.
+SEQ_JOINT = True
+SEQ_JOINT_FWD = 1.0
+SEQ_JOINT_GAIN = 0.0  # ... which replaces the pair picked apart when it models this much less time
 CONV_BT, CONV_BE, CONV_WARPS = 8, 128, 4
 # conv backward's first kernel: one program per (batch row, channels) walking the tokens (H100 sweep,
 # Vim-S layer, with the second kernel and the sum: 221 us at 8 x 128, one warp; 233 at 16 x 64)
@@ -329,16 +338,19 @@ def _chunk_len(x: torch.Tensor, seqlen: int, programs: int, fill: tuple[int, int
     return max(SEQ_MIN_CHUNK, 4 * cdiv(cdiv(seqlen, n_ch), 4))
 
 
-def chunk_lengths(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> tuple[int, int]:
+def chunk_lengths(x: torch.Tensor, bsz: int, seqlen: int, e: int, training: bool = True) -> tuple[int, int]:
     """Tokens per chunk of the forward and backward scans of ``bsz`` rows of ``seqlen`` tokens and
     ``e`` inner channels (``seqlen``: one chunk), from their full-width program counts: the
     forward has one program per (row, SEQ_BE_FWD channels), the backward one per (row,
     SEQ_BE_BWD channels, branch). Whether to chunk follows SEQ_FILL's first numbers; how long
     the chunks are, :func:`_wave_chunk` (unless SEQ_WAVES is off or SEQ_CHUNK forces a length).
     The carry passes run the backward's grid, and the forward's with both branches as programs.
-    With SEQ_SAVE_CARRY and both scans chunked, the backward's length is the multiple of the
-    forward's that models the least time (:func:`_aligned_chunk`), so that the forward can store
-    the states its backward chunks start from."""
+    With SEQ_SAVE_CARRY and both scans chunked, the backward's length is a multiple of the
+    forward's, so that the forward can store the states its backward chunks start from: in
+    ``training`` (SEQ_JOINT) the pair that models the least time of both scans together
+    (:func:`_joint_chunks`), otherwise the multiple of the forward's own pick that models the
+    least time of the backward (:func:`_aligned_chunk`). Inference (``training`` False) uses only
+    the forward's length, which is then the forward's own pick."""
     fwd_programs, bwd_programs = bsz * cdiv(e, SEQ_BE_FWD), 2 * bsz * cdiv(e, SEQ_BE_BWD)
 
     def pick(programs: int, fill: tuple, wave: tuple, state_programs: int) -> int:
@@ -351,8 +363,11 @@ def chunk_lengths(x: torch.Tensor, bsz: int, seqlen: int, e: int) -> tuple[int, 
 
     fwd = pick(fwd_programs, SEQ_FILL_FWD, SEQ_WAVE_FWD, 2 * fwd_programs)
     bwd = pick(bwd_programs, SEQ_FILL_BWD, SEQ_WAVE_BWD, bwd_programs)
-    if SEQ_SAVE_CARRY and SEQ_CHUNK is None and max(fwd, bwd) < seqlen and bwd % fwd:
-        bwd = _aligned_chunk(seqlen, fwd, bwd, bwd_programs, sm_count(x.device))
+    if SEQ_SAVE_CARRY and SEQ_CHUNK is None and max(fwd, bwd) < seqlen:
+        if bwd % fwd:
+            bwd = _aligned_chunk(seqlen, fwd, bwd, bwd_programs, sm_count(x.device))
+        if training and SEQ_JOINT and SEQ_WAVES:
+            return _joint_chunks(seqlen, fwd_programs, bwd_programs, sm_count(x.device), (fwd, bwd))
     return fwd, bwd
 
 
@@ -374,15 +389,57 @@ def _aligned_chunk(seqlen: int, fwd: int, bwd: int, programs: int, sms: int) -> 
     cands = range(fwd, seqlen, fwd)
     if not SEQ_WAVES:
         return min(cands, key=lambda c: (abs(c - bwd), -c))
-    slots, state_slots, weight = SEQ_WAVE_BWD
-
-    def cost(chunk: int) -> float:
-        scan = _makespan(seqlen, chunk, programs, slots * sms)
-        return scan + weight / 2 * _makespan(seqlen, chunk, programs, state_slots * sms)
-
-    costs = {c: cost(c) for c in cands}
+    costs = {c: _bwd_cost(seqlen, c, programs, sms) for c in cands}
     least = min(costs.values())
     return max(c for c, t in costs.items() if t <= (1 + SEQ_ALIGN_TIE) * least)
+
+
+def _bwd_cost(seqlen: int, chunk: int, programs: int, sms: int) -> float:
+    """The wave model's time (token steps) of the scan backward in chunks of ``chunk`` tokens,
+    ``programs`` per chunk, with its one carry pass (the gradient's: the states come from the
+    forward)."""
+    slots, state_slots, weight = SEQ_WAVE_BWD
+    scan = _makespan(seqlen, chunk, programs, slots * sms)
+    return scan + weight / 2 * _makespan(seqlen, chunk, programs, state_slots * sms)
+
+
+@_cached_under(
+    "SEQ_WAVE_FWD", "SEQ_WAVE_BWD", "SEQ_PROGRAM_STEPS", "SEQ_ALIGN_TIE", "SEQ_MIN_CHUNK", "SEQ_JOINT_FWD",
+    "SEQ_JOINT_GAIN",
+)  # fmt: skip
+def _joint_chunks(
+    seqlen: int, fwd_programs: int, bwd_programs: int, sms: int, base: tuple[int, int]
+) -> tuple[int, int]:
+    """The (forward, backward) chunk lengths of a training step whose scans are both chunked, picked
+    together: the forward's a multiple of 4 of at least SEQ_MIN_CHUNK tokens, the backward's a
+    multiple of it, shorter than ``seqlen``; the pair with the least modelled time, SEQ_JOINT_FWD
+    times the forward's (its scan on ``fwd_programs`` per chunk and its state pass on twice as
+    many, :func:`_wave_chunk`'s cost) plus the backward's (:func:`_bwd_cost`). Among the pairs
+    within SEQ_ALIGN_TIE of the least, the longest backward chunk, then the longest forward one
+    (fewer carries, less memory). ``base`` (the pair picked apart) unless the joint pair models
+    SEQ_JOINT_GAIN less time.
+
+    Picked apart, each scan's length fills its own waves, but the backward's must then be a
+    multiple of the forward's, which may fill its waves badly: Vim-B at 1024 px, batch 8, H100,
+    the forward's own 260 tokens (16 chunks) leave the backward 520 (8 chunks, 6,144 programs on
+    1,056 slots: 5.8 waves, 6 waves' time); 188 and 376 (11 chunks, 8,448 programs) fill 8 waves
+    exactly, for a forward that models 5% more time."""
+    f_slots, f_state_slots, f_weight = SEQ_WAVE_FWD
+
+    def fwd_cost(chunk: int) -> float:
+        scan = _makespan(seqlen, chunk, fwd_programs, f_slots * sms)
+        return scan + f_weight * _makespan(seqlen, chunk, 2 * fwd_programs, f_state_slots * sms)
+
+    bwd = functools.lru_cache(maxsize=None)(lambda chunk: _bwd_cost(seqlen, chunk, bwd_programs, sms))
+    costs = {
+        (f, b): SEQ_JOINT_FWD * fwd_cost(f) + bwd(b)
+        for f in range(SEQ_MIN_CHUNK, seqlen, 4)
+        for b in range(f, seqlen, f)
+    }
+    least = min(costs.values())
+    best = max((b, f) for (f, b), t in costs.items() if t <= (1 + SEQ_ALIGN_TIE) * least)[::-1]
+    base_cost = SEQ_JOINT_FWD * fwd_cost(base[0]) + bwd(base[1])
+    return best if costs[best] <= (1 - SEQ_JOINT_GAIN) * base_cost else base
 
 
 def _makespan(seqlen: int, chunk: int, programs: int, slots: int) -> int:
@@ -457,7 +514,9 @@ def scan_fwd(
     y = torch.empty(bsz, seqlen, e, device=xc.device, dtype=xc.dtype)
     ysum = torch.empty_like(y) if save_sum else y
     bn = next_pow2(d_state)
-    chunk, carry_chunk = chunks if chunks is not None else chunk_lengths(xc, bsz, seqlen, e)
+    chunk, carry_chunk = (
+        chunks if chunks is not None else chunk_lengths(xc, bsz, seqlen, e, save_sum or save_carry)
+    )
     if save_carry and not saves_carries(seqlen, (chunk, carry_chunk)):
         raise ValueError(
             f"save_carry needs both scans chunked (< {seqlen} tokens) and the backward's chunk a multiple of "
@@ -685,7 +744,7 @@ def core_forward(xz, weights, d_state: int, save_sum: bool, chunks: tuple[int, i
     dbc = xc.view(-1, e2) @ x_w.t()  # (B*L, 2P)
     dt = (dbc @ dt_w.t()).view(bsz, seqlen, e2)  # dt_proj reads the dt columns (zero weights elsewhere)
     bc = _bc_pack(dbc.view(bsz, seqlen, 2, p), p - 2 * d_state)
-    chunks = chunks or chunk_lengths(xc, bsz, seqlen, e)
+    chunks = chunks or chunk_lengths(xc, bsz, seqlen, e, training=save_sum)
     carry = save_sum and saves_carries(seqlen, chunks)
     y, ysum, hin = scan_fwd(xc, dt, bc, z, At2, D32, dtb32, save_sum, chunks=chunks, save_carry=carry)
     return y, dbc, bc, ysum, (chunks[1], hin)
