@@ -32,18 +32,18 @@ def test_picks_are_the_launchers_at_the_measured_shapes():
 def test_a_setting_lists_the_shapes_it_moves_and_is_put_back(capsys):
     from vimssl.ssm import triton_core as tc
 
-    before = tc.SEQ_ALIGN_TIE
-    assert chunk_picks.main(["--models", "Vim-B", "--set", "SEQ_ALIGN_TIE=0"]) == 0
+    before = tc.SEQ_JOINT
+    assert chunk_picks.main(["--models", "Vim-B", "--set", "SEQ_JOINT=True"]) == 0
     out = capsys.readouterr().out
-    assert tc.SEQ_ALIGN_TIE == before
-    assert "| Vim-B | 4097 | 8 | (260, 520) | (260, 260) |" in out  # the twenty-first session's A/B
+    assert tc.SEQ_JOINT == before
+    assert "| Vim-B | 4097 | 8 | (260, 520) | (188, 376) |" in out  # the joint pick (SEQ_JOINT)
     assert "| Vim-B | 197 |" not in out
     n_changed = sum(line.startswith("| Vim-B |") for line in out.splitlines())
     assert out.rstrip().endswith(
         f"{n_changed} of {len(chunk_picks.token_counts()) * 8} shapes pick other chunk lengths"
     )
     # the default value moves nothing
-    assert chunk_picks.main(["--models", "Vim-T", "--set", f"SEQ_ALIGN_TIE={before}"]) == 0
+    assert chunk_picks.main(["--models", "Vim-T", "--set", f"SEQ_JOINT={before}"]) == 0
     out = capsys.readouterr().out
     assert out.rstrip().endswith(
         f"\n0 of {len(chunk_picks.token_counts()) * 8} shapes pick other chunk lengths"

@@ -97,8 +97,9 @@ SEQ_ALIGN_TIE = 0.001
 # model weighted SEQ_JOINT_FWD against a backward one (H100, Vim-B at 1024 px, batch 8, v27
 # profile: 34.4 against 34.6 us of step time per modelled token step); False: the forward's own
 # pick, the backward's aligned to it (_aligned_chunk, the v27 rule). Inference keeps the forward's
-# own pick either way.
-SEQ_JOINT = True
+# own pick either way. Off until measured on a GPU (twenty-fourth session: no machine was lent):
+# it moves 101 of chunk_picks.py's 704 shapes, Vim-B and Vim-T at 1024 px, batch 8, to (188, 376)
+SEQ_JOINT = False
 SEQ_JOINT_FWD = 1.0
 SEQ_JOINT_GAIN = 0.0  # ... which replaces the pair picked apart when it models this much less time
 CONV_BT, CONV_BE, CONV_WARPS = 8, 128, 4
