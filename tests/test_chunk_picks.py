@@ -23,7 +23,7 @@ def test_picks_are_the_launchers_at_the_measured_shapes():
     got = chunk_picks.picks(132, {"Vim-T": 384, "Vim-B": 1536}, batches=(8, 128))
     assert tc.sm_count is real  # put back
     assert got[("Vim-T", 4097, 8)] == (128, 384)  # 1024 px, batch 8 (docs/benchmarks.md)
-    assert got[("Vim-B", 4097, 8)] == (260, 520)
+    assert got[("Vim-B", 4097, 8)] == (188, 376)
     assert got[("Vim-T", 197, 128)] == (197, 197)  # 224 px: not chunked
     assert {t for _, t, _ in got} == set(chunk_picks.token_counts())
     assert 50 in chunk_picks.token_counts()  # a quarter of 224 px's patches and the class token
@@ -33,10 +33,10 @@ def test_a_setting_lists_the_shapes_it_moves_and_is_put_back(capsys):
     from vimssl.ssm import triton_core as tc
 
     before = tc.SEQ_JOINT
-    assert chunk_picks.main(["--models", "Vim-B", "--set", "SEQ_JOINT=True"]) == 0
+    assert chunk_picks.main(["--models", "Vim-B", "--set", "SEQ_JOINT=False"]) == 0
     out = capsys.readouterr().out
     assert tc.SEQ_JOINT == before
-    assert "| Vim-B | 4097 | 8 | (260, 520) | (188, 376) |" in out  # the joint pick (SEQ_JOINT)
+    assert "| Vim-B | 4097 | 8 | (188, 376) | (260, 520) |" in out  # the twenty-fourth session's A/B
     assert "| Vim-B | 197 |" not in out
     n_changed = sum(line.startswith("| Vim-B |") for line in out.splitlines())
     assert out.rstrip().endswith(

@@ -225,15 +225,18 @@ def test_gradient_carries_match_float64_reference(monkeypatch, cap, wself, ticke
 
 
 # SEQ_WSELF at Vim-S's 1024 px training shape (11 backward chunks of 384 tokens, 4,224 programs:
-# four waves, so programs wait on programs of earlier waves): the same gradients as with the
+# four waves, so programs wait on programs of earlier waves) and Vim-B's (the joint pick, 188 and
+# 376 tokens: 11 backward chunks, 8,448 programs, 8 waves): the same gradients as with the
 # gradient carry pass, run to run the same bits, by program id or by ticket
-def test_wself_matches_the_gradient_pass_at_full_scale(monkeypatch):
+@pytest.mark.parametrize("d_model,chunks", [(384, (128, 384)), (768, (188, 376))])
+def test_wself_matches_the_gradient_pass_at_full_scale(monkeypatch, d_model, chunks):
     from vimssl.ssm import triton_core as tc
 
-    m = perturbed_mixer(384, 16, seed=3)
+    m = perturbed_mixer(d_model, 16, seed=3)
     xz = torch.randn(8, 4097, 2 * m.d_inner, device="cuda")
     g = torch.randn(8, 4097, m.d_inner, device="cuda")
-    assert tc.saves_carries(4097, tc.chunk_lengths(xz, 8, 4097, m.d_inner))
+    assert tc.chunk_lengths(xz, 8, 4097, m.d_inner) == chunks
+    assert tc.saves_carries(4097, chunks)
     runs = []
     for wself, ticket in ((False, False), (True, False), (True, False), (True, True)):
         monkeypatch.setattr(tc, "SEQ_WSELF", wself)

@@ -95,13 +95,17 @@ SEQ_ALIGN_TIE = 0.001
 # ... and in training, the (forward, backward) pair picked together (see _joint_chunks): the pair
 # with the least modelled time of both scans and their carry passes, a forward token step of the
 # model weighted SEQ_JOINT_FWD against a backward one (H100, Vim-B at 1024 px, batch 8, v27
-# profile: 34.4 against 34.6 us of step time per modelled token step); False: the forward's own
-# pick, the backward's aligned to it (_aligned_chunk, the v27 rule). Inference keeps the forward's
-# own pick either way. Off until measured on a GPU (twenty-fourth session: no machine was lent):
-# it moves 101 of chunk_picks.py's 704 shapes, Vim-B and Vim-T at 1024 px, batch 8, to (188, 376)
-SEQ_JOINT = False
+# profile: 34.4 against 34.6 us of step time per modelled token step), where it models at least
+# SEQ_JOINT_GAIN less time than the pair picked apart; False: the forward's own pick, the
+# backward's aligned to it (_aligned_chunk, the v27 rule). Inference keeps the forward's own pick
+# either way. H100 (twenty-fourth session), training img/s picked apart -> together: Vim-B 1024 px
+# batch 8 (260, 520) -> (188, 376), modelled -1.8%: 36.6 -> 36.8 (three calls each); Vim-S 1024 px
+# batch 16, the same pairs: 75.8 -> 76.0; Vim-T 512 px batch 32 (128, 128) -> (132, 264), modelled
+# -2.7%: 562.8 -> 561.4; Vim-T 1024 px batch 8 (128, 384) -> (188, 376), modelled -0.5%: 139.8 ->
+# 137.8, which the gain of 1% keeps apart
+SEQ_JOINT = True
 SEQ_JOINT_FWD = 1.0
-SEQ_JOINT_GAIN = 0.0  # ... which replaces the pair picked apart when it models this much less time
+SEQ_JOINT_GAIN = 0.01
 CONV_BT, CONV_BE, CONV_WARPS = 8, 128, 4
 # conv backward's first kernel: one program per (batch row, channels) walking the tokens (H100 sweep,
 # Vim-S layer, with the second kernel and the sum: 221 us at 8 x 128, one warp; 233 at 16 x 64)
