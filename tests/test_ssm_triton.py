@@ -402,10 +402,9 @@ def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
     assert joint == (188, 376)
 
     def modelled(f, b):
-        slots, state_slots, weight = tc.SEQ_WAVE_FWD
-        f_cost = tc._makespan(4097, f, programs[0], slots * 132)
-        f_cost += weight * tc._makespan(4097, f, 2 * programs[0], state_slots * 132)
-        return tc.SEQ_JOINT_FWD * f_cost + tc._bwd_cost(4097, b, programs[1], 132)
+        return tc.SEQ_JOINT_FWD * tc._fwd_cost(4097, f, programs[0], 132) + tc._bwd_cost(
+            4097, b, programs[1], 132
+        )
 
     assert modelled(*joint) < modelled(260, 520) < modelled(344, 688)
     monkeypatch.setattr(tc, "SEQ_JOINT_FWD", 3.0)  # a forward weighted 3x keeps its own 260 tokens

@@ -399,13 +399,34 @@ def _aligned_chunk(seqlen: int, fwd: int, bwd: int, programs: int, sms: int) -> 
     return max(c for c, t in costs.items() if t <= (1 + SEQ_ALIGN_TIE) * least)
 
 
+def _scan_cost(
+    seqlen: int,
+    chunk: int,
+    programs: int,
+    slots: int,
+    state_programs: int,
+    state_slots: int,
+    state_weight: float,
+) -> float:
+    """The wave model's time (token steps) of a scan in chunks of ``chunk`` tokens: its
+    :func:`_makespan` (``programs`` per chunk on ``slots``) plus ``state_weight`` times that of its
+    carry passes (``state_programs`` per chunk on ``state_slots``)."""
+    scan = _makespan(seqlen, chunk, programs, slots)
+    return scan + state_weight * _makespan(seqlen, chunk, state_programs, state_slots)
+
+
+def _fwd_cost(seqlen: int, chunk: int, programs: int, sms: int) -> float:
+    """:func:`_scan_cost` of the scan forward (``programs`` per chunk) with its state pass (both
+    branches as programs) on ``sms`` SMs: what :func:`_wave_chunk` minimises for the forward."""
+    slots, state_slots, weight = SEQ_WAVE_FWD
+    return _scan_cost(seqlen, chunk, programs, slots * sms, 2 * programs, state_slots * sms, weight)
+
+
 def _bwd_cost(seqlen: int, chunk: int, programs: int, sms: int) -> float:
-    """The wave model's time (token steps) of the scan backward in chunks of ``chunk`` tokens,
-    ``programs`` per chunk, with its one carry pass (the gradient's: the states come from the
-    forward)."""
+    """:func:`_scan_cost` of the scan backward (``programs`` per chunk) with its one carry pass
+    (the gradient's: the states come from the forward) on ``sms`` SMs."""
     slots, state_slots, weight = SEQ_WAVE_BWD
-    scan = _makespan(seqlen, chunk, programs, slots * sms)
-    return scan + weight / 2 * _makespan(seqlen, chunk, programs, state_slots * sms)
+    return _scan_cost(seqlen, chunk, programs, slots * sms, programs, state_slots * sms, weight / 2)
 
 
 @_cached_under(
@@ -419,7 +440,7 @@ def _joint_chunks(
     together: the forward's a multiple of 4 of at least SEQ_MIN_CHUNK tokens, the backward's a
     multiple of it, shorter than ``seqlen``; the pair with the least modelled time, SEQ_JOINT_FWD
     times the forward's (its scan on ``fwd_programs`` per chunk and its state pass on twice as
-    many, :func:`_wave_chunk`'s cost) plus the backward's (:func:`_bwd_cost`). Among the pairs
+    many, :func:`_fwd_cost`) plus the backward's (:func:`_bwd_cost`). Among the pairs
     within SEQ_ALIGN_TIE of the least, the longest backward chunk, then the longest forward one
     (fewer carries, less memory). ``base`` (the pair picked apart) unless the joint pair models
     SEQ_JOINT_GAIN less time.
@@ -429,21 +450,15 @@ def _joint_chunks(
     the forward's own 260 tokens (16 chunks) leave the backward 520 (8 chunks, 6,144 programs on
     1,056 slots: 5.8 waves, 6 waves' time); 188 and 376 (11 chunks, 8,448 programs) fill 8 waves
     exactly, for a forward that models 5% more time."""
-    f_slots, f_state_slots, f_weight = SEQ_WAVE_FWD
-
-    def fwd_cost(chunk: int) -> float:
-        scan = _makespan(seqlen, chunk, fwd_programs, f_slots * sms)
-        return scan + f_weight * _makespan(seqlen, chunk, 2 * fwd_programs, f_state_slots * sms)
-
     bwd = functools.lru_cache(maxsize=None)(lambda chunk: _bwd_cost(seqlen, chunk, bwd_programs, sms))
     costs = {
-        (f, b): SEQ_JOINT_FWD * fwd_cost(f) + bwd(b)
+        (f, b): SEQ_JOINT_FWD * _fwd_cost(seqlen, f, fwd_programs, sms) + bwd(b)
         for f in range(SEQ_MIN_CHUNK, seqlen, 4)
         for b in range(f, seqlen, f)
     }
     least = min(costs.values())
     best = max((b, f) for (f, b), t in costs.items() if t <= (1 + SEQ_ALIGN_TIE) * least)[::-1]
-    base_cost = SEQ_JOINT_FWD * fwd_cost(base[0]) + bwd(base[1])
+    base_cost = SEQ_JOINT_FWD * _fwd_cost(seqlen, base[0], fwd_programs, sms) + bwd(base[1])
     return best if costs[best] <= (1 - SEQ_JOINT_GAIN) * base_cost else base
 
 
@@ -491,8 +506,7 @@ def _wave_chunk(
     two lengths within 1% of each other."""
 
     def cost(chunk: int) -> float:
-        scan = _makespan(seqlen, chunk, programs, slots)
-        return scan + state_weight * _makespan(seqlen, chunk, state_programs, state_slots)
+        return _scan_cost(seqlen, chunk, programs, slots, state_programs, state_slots, state_weight)
 
     # the least cost; among equal costs the longest chunk (fewer carries)
     best = min(range(SEQ_MIN_CHUNK, seqlen, 4), key=lambda chunk: (cost(chunk), -chunk))
