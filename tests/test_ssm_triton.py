@@ -96,6 +96,8 @@ def test_kernels_match_reference_under_interpreter(tmp_path):
     cache = report["cache"]
     assert cache["cached"] and cache["first_vs_second"] > 1e-3, cache  # the changed D_b is seen
     assert cache["second_vs_grad_path"] == 0 and cache["inference_mode_vs_grad_path"] == 0, cache
+    # the forward asks for a training step's chunk pair only when a backward will follow (SEQ_JOINT)
+    assert cache["training"] == {"no_grad": [False, False], "grad": [True], "inference_mode": [False]}, cache
     norms = report["norm"]
     assert len(norms) == 4 and sum(r["drop"] for r in norms) == 1
     assert {r["dw_rows"] for r in norms} == {False, True}  # the weight gradient's two partial layouts

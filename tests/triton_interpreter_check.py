@@ -362,19 +362,34 @@ def inference_cache() -> dict:
     output as the autograd path, and a changed parameter is seen on the next call."""
     m = BiMambaMixer(8, d_state=4)
     xz = torch.randn(2, 9, 2 * m.d_inner)
-    with torch.no_grad():
-        first = tc.bimamba_core_triton(xz, m)
-        cached = "_triton_weights" in m.__dict__
-        m.D_b.add_(1.0)  # in place, as an optimizer step or load_state_dict would
-        second = tc.bimamba_core_triton(xz, m)
-    grad_path = tc.bimamba_core_triton(xz.clone().requires_grad_(), m)
-    with torch.inference_mode():
-        third = tc.bimamba_core_triton(xz, m)
+    # what each call asks chunk_lengths for: a training step's chunk pair or the forward's own
+    asked = {"no_grad": [], "grad": [], "inference_mode": []}
+    phase, real = "no_grad", tc.chunk_lengths
+
+    def spy(x, bsz, seqlen, e, training=True):
+        asked[phase].append(training)
+        return real(x, bsz, seqlen, e, training)
+
+    tc.chunk_lengths = spy
+    try:
+        with torch.no_grad():
+            first = tc.bimamba_core_triton(xz, m)
+            cached = "_triton_weights" in m.__dict__
+            m.D_b.add_(1.0)  # in place, as an optimizer step or load_state_dict would
+            second = tc.bimamba_core_triton(xz, m)
+        phase = "grad"
+        grad_path = tc.bimamba_core_triton(xz.clone().requires_grad_(), m)
+        phase = "inference_mode"
+        with torch.inference_mode():
+            third = tc.bimamba_core_triton(xz, m)
+    finally:
+        tc.chunk_lengths = real
     return dict(
         cached=cached,
         first_vs_second=rel(first, second),
         second_vs_grad_path=rel(second, grad_path.detach()),
         inference_mode_vs_grad_path=rel(third, grad_path.detach()),
+        training=asked,
     )
 
 
