@@ -45,17 +45,12 @@ def picks(sms: int, widths: dict[str, int], batches=BATCHES) -> dict[tuple[str, 
     from vimssl.ssm import triton_core as tc
 
     gpu = SimpleNamespace(device=torch.device("cuda", 0))  # chunk_lengths reads only the device
-    real_sm_count = tc.sm_count
-    tc.sm_count = lambda device: sms
-    try:
-        return {
-            (name, tokens, batch): tc.chunk_lengths(gpu, batch, tokens, e)
-            for name, e in widths.items()
-            for tokens in token_counts()
-            for batch in batches
-        }
-    finally:
-        tc.sm_count = real_sm_count
+    return {
+        (name, tokens, batch): tc.chunk_lengths(gpu, batch, tokens, e, sms=sms)
+        for name, e in widths.items()
+        for tokens in token_counts()
+        for batch in batches
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

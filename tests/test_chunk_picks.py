@@ -17,16 +17,15 @@ _spec.loader.exec_module(chunk_picks)
 
 
 def test_picks_are_the_launchers_at_the_measured_shapes():
-    from vimssl.ssm import triton_core as tc
 
-    real = tc.sm_count
     got = chunk_picks.picks(132, {"Vim-T": 384, "Vim-B": 1536}, batches=(8, 128))
-    assert tc.sm_count is real  # put back
     assert got[("Vim-T", 4097, 8)] == (128, 384)  # 1024 px, batch 8 (docs/benchmarks.md)
     assert got[("Vim-B", 4097, 8)] == (188, 376)
     assert got[("Vim-T", 197, 128)] == (197, 197)  # 224 px: not chunked
     assert {t for _, t, _ in got} == set(chunk_picks.token_counts())
     assert 50 in chunk_picks.token_counts()  # a quarter of 224 px's patches and the class token
+    # the SM count given, not this machine's: an H100 PCIe (114 SMs) gets other picks
+    assert chunk_picks.picks(114, {"Vim-B": 1536}, batches=(8,))[("Vim-B", 4097, 8)] == (296, 592)
 
 
 def test_a_setting_lists_the_shapes_it_moves_and_is_put_back(capsys):

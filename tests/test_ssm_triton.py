@@ -377,11 +377,14 @@ def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
 
     from vimssl.ssm import triton_core as tc
 
-    monkeypatch.setattr(tc, "sm_count", lambda device: 132)
+    def no_gpu(device):
+        raise AssertionError("chunk_lengths asked the device for its SM count although sms was given")
+
+    monkeypatch.setattr(tc, "sm_count", no_gpu)
     gpu = SimpleNamespace(device=torch.device("cuda", 0))
 
-    def picks(batch, tokens, d_model):
-        return tc.chunk_lengths(gpu, batch, tokens, 2 * d_model)
+    def picks(batch, tokens, d_model, sms=132):
+        return tc.chunk_lengths(gpu, batch, tokens, 2 * d_model, sms=sms)
 
     # Vim-S, Vim-T and Vim-B at 1024 px, batch 8: chunk lengths by the wave model, the backward's
     # a multiple of the forward's so that the forward can save the states its chunks start from.
@@ -393,11 +396,11 @@ def test_long_sequences_are_chunked_by_occupancy(monkeypatch):
     assert picks(8, 4097, 384) == (128, 384)
     assert picks(8, 4097, 192) == (128, 384)
     assert picks(8, 4097, 768) == (188, 376)
-    assert tc.chunk_lengths(gpu, 8, 4097, 2 * 768, training=False)[0] == 260
+    assert tc.chunk_lengths(gpu, 8, 4097, 2 * 768, training=False, sms=132)[0] == 260
     assert picks(32, 1025, 192) == (132, 264)  # Vim-T 512 px, batch 32 (modelled -2.7%)
     monkeypatch.setattr(tc, "SEQ_JOINT_GAIN", 0.0)
     assert picks(8, 4097, 192) == (188, 376)
-    assert tc.chunk_lengths(gpu, 8, 4097, 2 * 192, training=False)[0] == 128
+    assert tc.chunk_lengths(gpu, 8, 4097, 2 * 192, training=False, sms=132)[0] == 128
     # the joint pick models less time than the forward's own pick with the backward aligned to it
     programs = (8 * 1536 // tc.SEQ_BE_FWD, 2 * 8 * 1536 // tc.SEQ_BE_BWD)
     joint = tc._joint_chunks(4097, *programs, 132, (260, 520))

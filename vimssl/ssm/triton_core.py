@@ -323,19 +323,22 @@ def _cached_under(*names: str):
     return wrap
 
 
-def _chunk_len(x: torch.Tensor, seqlen: int, programs: int, fill: tuple[int, int]) -> int:
+def _chunk_len(
+    x: torch.Tensor, seqlen: int, programs: int, fill: tuple[int, int], sms: int | None = None
+) -> int:
     """Tokens per chunk of the two-level scan (``seqlen``: no chunking). A sequential scan runs
     one warp per (batch row, channel block, branch): batch 8 at 1024 px gives a few hundred
     programs of 4,097 steps each, too few to fill an H100's warp slots (about 12 per SM for the
     forward, 8 for the backward, by registers). Splitting the tokens into chunks multiplies the
     programs; the cost is one more pass over the tokens for the chunk-local carries. More
-    programs than fit at once still help (shorter tails, more latency hidden), hence ``aim``."""
+    programs than fit at once still help (shorter tails, more latency hidden), hence ``aim``.
+    ``sms``: the GPU's SM count (default: ``x``'s device's)."""
     if SEQ_CHUNK is not None:
         forced = SEQ_CHUNK if isinstance(SEQ_CHUNK, int) else SEQ_CHUNK[fill is SEQ_FILL_BWD]
         return min(forced, seqlen) if forced > 0 else seqlen
     if x.device.type != "cuda":
         return seqlen
-    sms = sm_count(x.device)
+    sms = sms or sm_count(x.device)
     start, aim = fill
     if programs >= start * sms or seqlen < 2 * SEQ_MIN_CHUNK:
         return seqlen
@@ -343,7 +346,9 @@ def _chunk_len(x: torch.Tensor, seqlen: int, programs: int, fill: tuple[int, int
     return max(SEQ_MIN_CHUNK, 4 * cdiv(cdiv(seqlen, n_ch), 4))
 
 
-def chunk_lengths(x: torch.Tensor, bsz: int, seqlen: int, e: int, training: bool = True) -> tuple[int, int]:
+def chunk_lengths(
+    x: torch.Tensor, bsz: int, seqlen: int, e: int, training: bool = True, sms: int | None = None
+) -> tuple[int, int]:
     """Tokens per chunk of the forward and backward scans of ``bsz`` rows of ``seqlen`` tokens and
     ``e`` inner channels (``seqlen``: one chunk), from their full-width program counts: the
     forward has one program per (row, SEQ_BE_FWD channels), the backward one per (row,
@@ -355,24 +360,28 @@ def chunk_lengths(x: torch.Tensor, bsz: int, seqlen: int, e: int, training: bool
     ``training`` (SEQ_JOINT) the pair that models the least time of both scans together
     (:func:`_joint_chunks`), otherwise the multiple of the forward's own pick that models the
     least time of the backward (:func:`_aligned_chunk`). Inference (``training`` False) uses only
-    the forward's length, which is then the forward's own pick."""
+    the forward's length, which is then the forward's own pick. ``sms``: the GPU's SM count
+    (default: ``x``'s device's; ``benchmarks/chunk_picks.py`` lists the picks for a GPU it names)."""
     fwd_programs, bwd_programs = bsz * cdiv(e, SEQ_BE_FWD), 2 * bsz * cdiv(e, SEQ_BE_BWD)
 
+    def gpu_sms() -> int:  # (asked only where the scans chunk: x is then a CUDA tensor)
+        return sms or sm_count(x.device)
+
     def pick(programs: int, fill: tuple, wave: tuple, state_programs: int) -> int:
-        chunk = _chunk_len(x, seqlen, programs, fill)
+        chunk = _chunk_len(x, seqlen, programs, fill, sms)
         if chunk == seqlen or not SEQ_WAVES or SEQ_CHUNK is not None:
             return chunk
         slots, state_slots, weight = wave
-        sms = sm_count(x.device)  # (chunked: a CUDA tensor)
-        return _wave_chunk(seqlen, chunk, programs, slots * sms, state_programs, state_slots * sms, weight)
+        n = gpu_sms()
+        return _wave_chunk(seqlen, chunk, programs, slots * n, state_programs, state_slots * n, weight)
 
     fwd = pick(fwd_programs, SEQ_FILL_FWD, SEQ_WAVE_FWD, 2 * fwd_programs)
     bwd = pick(bwd_programs, SEQ_FILL_BWD, SEQ_WAVE_BWD, bwd_programs)
     if SEQ_SAVE_CARRY and SEQ_CHUNK is None and max(fwd, bwd) < seqlen:
         if bwd % fwd:
-            bwd = _aligned_chunk(seqlen, fwd, bwd, bwd_programs, sm_count(x.device))
+            bwd = _aligned_chunk(seqlen, fwd, bwd, bwd_programs, gpu_sms())
         if training and SEQ_JOINT and SEQ_WAVES:
-            return _joint_chunks(seqlen, fwd_programs, bwd_programs, sm_count(x.device), (fwd, bwd))
+            return _joint_chunks(seqlen, fwd_programs, bwd_programs, gpu_sms(), (fwd, bwd))
     return fwd, bwd
 
 
