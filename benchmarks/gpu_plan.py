@@ -68,6 +68,13 @@ PROFILE = ROOT / "benchmarks" / "profile_step.py"
 NCU_STEP = ROOT / "benchmarks" / "ncu_step.py"
 NCU_KERNELS = "regex:scan|conv_|combine|prep|add_rms"
 BATCH = {224: 128, 512: 32, 1024: 8}  # throughput.py's batch per image size (8 for others)
+
+
+def batch_for(px: int, batch: int | None = None) -> int:
+    """``batch``, or throughput.py's batch for the image size ``px`` when None."""
+    return batch or BATCH.get(px, 8)
+
+
 GPU_TESTS = ("tests/test_gpu_triton.py", "tests/test_gpu_graphs.py")
 DEFAULT_PATHS = ("cuda", "triton", "deit")
 PATHS = ("torch", "cuda", "triton", "deit")
@@ -326,7 +333,7 @@ class Plan:
         if left < self.min_left:
             self.log(f"{what}: skipped, {left:.0f} s left")
             return
-        batch = batch or BATCH.get(px, 8)
+        batch = batch_for(px, batch)
         with tempfile.TemporaryDirectory() as tmp:  # (not in OUT, whose files all come back)
             table = Path(tmp) / "profile.json"
             cmd = [sys.executable, str(PROFILE), "--model", model, "--img", str(px), "--batch", str(batch),
@@ -353,7 +360,7 @@ class Plan:
             rep = Path(tmp) / "step"
             cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "-k", kernels, "--set", "full",
                    "-f", "-o", str(rep), sys.executable, str(NCU_STEP), "--model", model, "--img", str(px),
-                   "--batch", str(batch or BATCH.get(px, 8)), "--depth", "2"]  # fmt: skip
+                   "--batch", str(batch_for(px, batch)), "--depth", "2"]  # fmt: skip
             report = rep.with_name("step.ncu-rep")
             if not self._produce(what, cmd, min(left, self.run_limit), report, "report"):
                 return

@@ -269,6 +269,7 @@ def test_the_plans_batches_are_throughputs():
     throughput = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(throughput)
     assert gpu_plan.BATCH == throughput.BATCH
+    assert (gpu_plan.batch_for(512), gpu_plan.batch_for(384), gpu_plan.batch_for(512, 16)) == (32, 8, 16)
 
 
 NCU_STUB = """#!{python}
