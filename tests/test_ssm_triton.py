@@ -475,8 +475,8 @@ def test_conv_walk_spans_and_widths(monkeypatch):
     monkeypatch.setattr(tc, "sm_count", lambda device: 132)
     gpu = SimpleNamespace(device=torch.device("cuda", 0))
 
-    def spans(batch, tokens, d_model, fill=8):
-        span = tc._walk_span(gpu, batch, tokens, 2 * d_model, fill)
+    def spans(batch, tokens, d_model, fill=8, wave=None):
+        span = tc._walk_span(gpu, batch, tokens, 2 * d_model, fill, wave)
         return span, -(-tokens // span)
 
     assert spans(128, 197, 384) == (99, 2)  # Vim-S 224 px, batch 128
@@ -485,6 +485,17 @@ def test_conv_walk_spans_and_widths(monkeypatch):
     assert spans(8, 4097, 384) == (187, 22)  # Vim-S 1024 px, batch 8
     assert spans(1, 40, 384) == (20, 2)  # short rows: spans of at least 16 tokens
     assert spans(1, 20, 384) == (20, 1)
+    # CONV_WALK_WAVE (off by default): more spans where one wave of that many programs per SM
+    # holds more; where even the fill's count would overflow it, the fill's count (Vim-S, Vim-B
+    # at 224 px), not the 3 and 2 spans of a fill of 16 (the H200 kernel sweep's slower picks)
+    assert tc.CONV_WALK_WAVE is None
+    assert spans(8, 4097, 768) == (373, 11)  # Vim-B 1024 px: 1,056 programs, 8 per SM
+    assert spans(8, 4097, 768, wave=16) == (187, 22) == spans(8, 4097, 768, fill=16)
+    assert spans(8, 4097, 384, wave=16) == (94, 44)  # Vim-S 1024 px: 2,112 programs, one wave
+    assert spans(128, 197, 384, wave=16) == (99, 2) != spans(128, 197, 384, fill=16)
+    assert spans(128, 197, 768, wave=16) == (197, 1) != spans(128, 197, 768, fill=16)
+    assert spans(128, 197, 192, wave=16) == (40, 5)  # Vim-T: 1,920 programs
+    assert spans(1, 40, 384, wave=16) == (20, 2)  # (still at least 16 tokens)
     cpu = SimpleNamespace(device=torch.device("cpu"))
     assert tc._walk_span(cpu, 8, 4097, 768, 8) == 4097
     monkeypatch.setattr(tc, "CONV_WALK_SPAN", 5)

@@ -126,11 +126,20 @@ CONV_WALK = True
 CONV_WALK_BE, CONV_WALK_WARPS = 128, 1
 CONV_WALK_FILL, CONV_WALK_MIN_SPAN = (8, 8), 16
 CONV_WALK_SPAN: int | None = None
+# ... and the forward walk's spans raised, where that is more, to as many as one wave of
+# CONV_WALK_WAVE programs per SM holds (16: what fits at its 128 registers on the H100 and H200;
+# None: off). Not measured as a rule: the H200 kernel sweep (v20) had 16 programs per SM 10%
+# faster than 8 for Vim-S at 1024 px, batch 8, but 7-17% slower at 224 px, batch 128, where 16
+# per SM take more than one wave; whole Vim-B at 1024 px, batch 8 trained 0.5% faster on the H100
+# with CONV_WALK_FILL (16, 8) (twenty-fifth session), where this rule gives the same spans
+CONV_WALK_WAVE: int | None = None
 CONV_PACK_BT = 8  # tokens per tile of the forward walk's B/C packing
 # ... done by every channel block's programs, a share of the span's rows each, instead of by the
-# first block's alone (which makes the backward's recompute 13 us slower than the forward per
-# Vim-S layer on an H200, v20). Prepared in the fourteenth session, not yet measured: off.
-CONV_PACK_SPREAD = False
+# first block's alone (which made the backward's recompute 13 us slower than the forward per
+# Vim-S layer on an H200, v20). Training img/s off -> on: H200 Vim-S 224 px 1,947 -> 1,955, 1024
+# px 75.9 -> 76.3 (fifteenth session); H100 Vim-B 1024 px 36.7-36.8 -> 37.0 (twenty-fifth): on
+# since the twenty-fifth session
+CONV_PACK_SPREAD = True
 # training keeps the x_proj output but not the packed float32 B/C built from it: the backward's
 # conv recompute rebuilds it in the same launch (2N float32 per token and layer less memory)
 BC_IN_CONV = True
@@ -177,14 +186,18 @@ def _walks(w: torch.Tensor) -> bool:
     return CONV_WALK and w.shape[1] <= 4
 
 
-def _walk_span(x: torch.Tensor, bsz: int, seqlen: int, e: int, fill: int) -> int:
-    """Tokens per span of a conv token walk: enough spans for ``fill`` programs per SM, of at least
-    CONV_WALK_MIN_SPAN tokens (one span per row off the GPU, unless CONV_WALK_SPAN forces it)."""
+def _walk_span(x: torch.Tensor, bsz: int, seqlen: int, e: int, fill: int, wave: int | None = None) -> int:
+    """Tokens per span of a conv token walk: enough spans for ``fill`` programs per SM, or (if
+    more) as many as one wave of ``wave`` programs per SM holds, of at least CONV_WALK_MIN_SPAN
+    tokens (one span per row off the GPU, unless CONV_WALK_SPAN forces it)."""
     if CONV_WALK_SPAN is not None:
         return CONV_WALK_SPAN
     if x.device.type != "cuda":
         return seqlen
-    n = cdiv(fill * sm_count(x.device), bsz * cdiv(e, CONV_WALK_BE))
+    sms, per_span = sm_count(x.device), bsz * cdiv(e, CONV_WALK_BE)  # programs of one span per row
+    n = cdiv(fill * sms, per_span)
+    if wave is not None:
+        n = max(n, wave * sms // per_span)
     n = max(1, min(n, seqlen // CONV_WALK_MIN_SPAN))
     return cdiv(seqlen, n)
 
@@ -200,7 +213,7 @@ def conv_fwd(
     n2, p = (bc.shape[-1], dbc.shape[1] // 2) if pack is not None else (0, 0)
     bj = next_pow2(max(n2, 1))
     if _walks(w):
-        span = _walk_span(x, bsz, seqlen, e, CONV_WALK_FILL[0])
+        span = _walk_span(x, bsz, seqlen, e, CONV_WALK_FILL[0], CONV_WALK_WAVE)
         grid = (cdiv(e, CONV_WALK_BE), bsz, cdiv(seqlen, span))
         LAST["conv_fwd_walk_kernel"] = K.conv_fwd_walk_kernel[grid](
             x, w, bias, out, dbc, bc, seqlen, e, p, r, n2, span,
