@@ -17,7 +17,6 @@ _spec.loader.exec_module(chunk_picks)
 
 
 def test_picks_are_the_launchers_at_the_measured_shapes():
-
     got = chunk_picks.picks(132, {"Vim-T": 384, "Vim-B": 1536}, batches=(8, 128))
     assert got[("Vim-T", 4097, 8)] == (128, 384)  # 1024 px, batch 8 (docs/benchmarks.md)
     assert got[("Vim-B", 4097, 8)] == (188, 376)
