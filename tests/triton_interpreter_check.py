@@ -366,9 +366,9 @@ def inference_cache() -> dict:
     asked = {"no_grad": [], "grad": [], "inference_mode": []}
     phase, real = "no_grad", tc.chunk_lengths
 
-    def spy(x, bsz, seqlen, e, training=True):
+    def spy(x, bsz, seqlen, e, training=True, **kw):
         asked[phase].append(training)
-        return real(x, bsz, seqlen, e, training)
+        return real(x, bsz, seqlen, e, training, **kw)
 
     tc.chunk_lengths = spy
     try:

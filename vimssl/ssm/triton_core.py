@@ -472,15 +472,17 @@ def _joint_chunks(
     the forward's own 260 tokens (16 chunks) leave the backward 520 (8 chunks, 6,144 programs on
     1,056 slots: 5.8 waves, 6 waves' time); 188 and 376 (11 chunks, 8,448 programs) fill 8 waves
     exactly, for a forward that models 5% more time."""
+    # each length's cost once (a forward length is paired with every multiple of it)
+    fwd = functools.lru_cache(maxsize=None)(lambda chunk: _fwd_cost(seqlen, chunk, fwd_programs, sms))
     bwd = functools.lru_cache(maxsize=None)(lambda chunk: _bwd_cost(seqlen, chunk, bwd_programs, sms))
     costs = {
-        (f, b): SEQ_JOINT_FWD * _fwd_cost(seqlen, f, fwd_programs, sms) + bwd(b)
+        (f, b): SEQ_JOINT_FWD * fwd(f) + bwd(b)
         for f in range(SEQ_MIN_CHUNK, seqlen, 4)
         for b in range(f, seqlen, f)
     }
     least = min(costs.values())
     best = max((b, f) for (f, b), t in costs.items() if t <= (1 + SEQ_ALIGN_TIE) * least)[::-1]
-    base_cost = SEQ_JOINT_FWD * _fwd_cost(seqlen, base[0], fwd_programs, sms) + bwd(base[1])
+    base_cost = SEQ_JOINT_FWD * fwd(base[0]) + bwd(base[1])
     return best if costs[best] <= (1 - SEQ_JOINT_GAIN) * base_cost else base
 
 
