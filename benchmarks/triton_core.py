@@ -418,7 +418,8 @@ def _conv_walk_row(label, bsz, seqlen, d, walks) -> dict:
     clone = do_bench(lambda: g.clone(), return_mode="median")
     configs = [("tile", dict(CONV_WALK=False))]
     for be, w, f in walks:  # f > 0: programs per SM; f < 0: -f spans per row
-        walk = dict(CONV_WALK=True, CONV_WALK_BE=be, CONV_WALK_WARPS=w)
+        # (the forward's one-wave rule off, so that each config's spans are the ones it names)
+        walk = dict(CONV_WALK=True, CONV_WALK_BE=be, CONV_WALK_WARPS=w, CONV_WALK_WAVE=None)
         if f > 0:
             configs.append((f"walk{be}x{w}f{f}", dict(walk, CONV_WALK_FILL=(f, f))))
         else:

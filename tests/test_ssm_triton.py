@@ -485,10 +485,11 @@ def test_conv_walk_spans_and_widths(monkeypatch):
     assert spans(8, 4097, 384) == (187, 22)  # Vim-S 1024 px, batch 8
     assert spans(1, 40, 384) == (20, 2)  # short rows: spans of at least 16 tokens
     assert spans(1, 20, 384) == (20, 1)
-    # CONV_WALK_WAVE (off by default): more spans where one wave of that many programs per SM
-    # holds more; where even the fill's count would overflow it, the fill's count (Vim-S, Vim-B
-    # at 224 px), not the 3 and 2 spans of a fill of 16 (the H200 kernel sweep's slower picks)
-    assert tc.CONV_WALK_WAVE is None
+    # CONV_WALK_WAVE (16 by default, for the forward walk): more spans where one wave of that
+    # many programs per SM holds more; where even the fill's count would overflow it, the fill's
+    # count (Vim-S, Vim-B at 224 px), not the 3 and 2 spans of a fill of 16 (the H200 kernel
+    # sweep's slower picks)
+    assert tc.CONV_WALK_WAVE == 16
     assert spans(8, 4097, 768) == (373, 11)  # Vim-B 1024 px: 1,056 programs, 8 per SM
     assert spans(8, 4097, 768, wave=16) == (187, 22) == spans(8, 4097, 768, fill=16)
     assert spans(8, 4097, 384, wave=16) == (94, 44)  # Vim-S 1024 px: 2,112 programs, one wave

@@ -128,11 +128,12 @@ CONV_WALK_FILL, CONV_WALK_MIN_SPAN = (8, 8), 16
 CONV_WALK_SPAN: int | None = None
 # ... and the forward walk's spans raised, where that is more, to as many as one wave of
 # CONV_WALK_WAVE programs per SM holds (16: what fits at its 128 registers on the H100 and H200;
-# None: off). Not measured as a rule: the H200 kernel sweep (v20) had 16 programs per SM 10%
-# faster than 8 for Vim-S at 1024 px, batch 8, but 7-17% slower at 224 px, batch 128, where 16
-# per SM take more than one wave; whole Vim-B at 1024 px, batch 8 trained 0.5% faster on the H100
-# with CONV_WALK_FILL (16, 8) (twenty-fifth session), where this rule gives the same spans
-CONV_WALK_WAVE: int | None = None
+# None: off). A fill of 16 was 10% faster than 8 for Vim-S at 1024 px, batch 8 in the H200 kernel
+# sweep (v20) but 7-17% slower at 224 px, batch 128, where 16 per SM take more than one wave;
+# the one-wave rule keeps 8's spans there. Training img/s off -> on, H100, two alternations each
+# (twenty-sixth session, v30): Vim-T 224 px +0.3%, 512 px 0.0%, 1024 px +0.4%; Vim-S 512 px 0.0%;
+# Vim-B 512 px +0.4%, 1024 px +0.3% (Vim-S and Vim-B at 224 px: the same spans)
+CONV_WALK_WAVE: int | None = 16
 CONV_PACK_BT = 8  # tokens per tile of the forward walk's B/C packing
 # ... done by every channel block's programs, a share of the span's rows each, instead of by the
 # first block's alone (which made the backward's recompute 13 us slower than the forward per
