@@ -117,6 +117,12 @@ def test_kernels_match_reference_under_interpreter(tmp_path):
         ["conv_bwd_dx_kernel", "conv_bwd_gp_kernel", "conv_fwd_kernel"],
     )
     assert [widths[k]["kernels"] for k in ("2", "3", "5")] == [walks, walks, tiles], widths
+    # the conv forward walk's output and B/C packing do not depend on its span count (the GPU's
+    # span rules pick it by SM count): one span per row against spans of 16, 5 and 3 tokens
+    spans = report["conv_spans"]
+    assert set(spans) == {"torch.float32", "torch.bfloat16"}
+    for r in spans.values():
+        assert r["same"] == [True] * 8 and r["packed"] and r["finite"], spans
     # out_proj inside the core's Function: the core's output kept, rebuilt by the scan backward
     # (forced, and by default with the forward's carries saved), out_proj frozen, and hooked (then
     # called as a module, so that its hook sees the core's output)

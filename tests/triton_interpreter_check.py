@@ -121,6 +121,7 @@ def main() -> None:
     checks += [
         ("half", half_precision, SMALL_TILES), ("norm", norm_errors, SMALL_TILES),
         ("cache", inference_cache, SMALL_TILES), ("conv_widths", conv_widths, SMALL_TILES),
+        ("conv_spans", conv_spans, SMALL_TILES),
         ("drop", drop_path_model, WIDE_TILES), ("core_out", core_out, WIDE_TILES),
     ]  # fmt: skip
     # the checks other than shapes first (the longest among them, a quarter of the time), so that
@@ -321,6 +322,38 @@ def conv_widths() -> dict:
         grads = torch.autograd.grad(o, [xzt] + params, g.float())
         err = max([rel(o, ref)] + [rel(a, b) for a, b in zip(grads, gref)])
         out[str(k)] = dict(error=err, kernels=sorted(n for n in tc.LAST if n.startswith("conv_")))
+    return out
+
+
+def conv_spans() -> dict:
+    """The conv forward walk with the B/C packing (both packings: SPREAD off and on) at forced
+    spans of 23 (one per row), 16, 5 and 3 tokens, float32 and bf16: whether its output and the
+    packed B/C have the same bits as with one span per row (the span count is a launch choice
+    the GPU's span rules make, CONV_WALK_FILL and CONV_WALK_WAVE), and whether the packing is
+    :func:`tc._bc_pack`'s."""
+    torch.manual_seed(23)
+    bsz, seqlen, e, n, r = 2, 23, 12, 4, 3
+    p = r + 2 * n
+    w, b = torch.randn(2 * e, 4), torch.randn(2 * e)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        xz = torch.randn(bsz, seqlen, 2 * e).to(dtype)
+        x = xz[..., :e]  # channel stride 1, row stride 2E, as the core passes it
+        dbc = torch.randn(bsz * seqlen, 2 * p).to(dtype)
+        runs = []
+        for spread in (False, True):
+            for span in (seqlen, 16, 5, 3):
+                tc.CONV_WALK_SPAN, tc.CONV_PACK_SPREAD = span, spread
+                y = torch.full((bsz, seqlen, 2 * e), float("nan"), dtype=dtype)
+                bc = torch.full((bsz, seqlen, 2, 2 * n), float("nan"))
+                tc.conv_fwd(x, w, b, y, (dbc, r, bc))
+                runs.append((y, bc))
+        y0, bc0 = runs[0]
+        out[str(dtype)] = dict(
+            same=[torch.equal(y, y0) and torch.equal(bc, bc0) for y, bc in runs],
+            packed=torch.equal(bc0, tc._bc_pack(dbc.view(bsz, seqlen, 2, p), r)),
+            finite=bool(torch.isfinite(y0).all()),
+        )
     return out
 
 
