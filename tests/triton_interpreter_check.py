@@ -327,12 +327,12 @@ def conv_widths() -> dict:
 
 def conv_spans() -> dict:
     """The conv forward walk with the B/C packing (both packings: SPREAD off and on) at forced
-    spans of 23 (one per row), 16, 5 and 3 tokens, float32 and bf16: whether its output and the
-    packed B/C have the same bits as with one span per row (the span count is a launch choice
-    the GPU's span rules make, CONV_WALK_FILL and CONV_WALK_WAVE), and whether the packing is
-    :func:`tc._bc_pack`'s."""
+    spans of 23 (one per row), 16, 5 and 3 tokens, float32 and bf16, one batch row (rows are
+    independent programs): whether its output and the packed B/C have the same bits as with one
+    span per row (the span count is a launch choice that the GPU's span rules, CONV_WALK_FILL and
+    CONV_WALK_WAVE, make), and whether the packing is :func:`tc._bc_pack`'s."""
     torch.manual_seed(23)
-    bsz, seqlen, e, n, r = 2, 23, 12, 4, 3
+    bsz, seqlen, e, n, r = 1, 23, 12, 4, 3
     p = r + 2 * n
     w, b = torch.randn(2 * e, 4), torch.randn(2 * e)
     out = {}
